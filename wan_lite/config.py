@@ -1,0 +1,83 @@
+"""Model dimensions and sampling settings as frozen dataclasses, with the official presets.
+
+`ModelConfig.a14b()` is one Wan2.2-T2V-A14B expert (both experts share it); `ModelConfig.tiny()` is
+the 2-layer, 2-head model the tests build on the CPU. `SamplingConfig()` holds the official
+text-to-video defaults of `wan/configs/wan_t2v_A14B.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SOLVERS = ("unipc", "euler")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    dim: int = 5120  # hidden width of the residual stream
+    ffn_dim: int = 13824  # FFN hidden width (GELU-tanh)
+    num_heads: int = 40  # attention heads; head_dim = dim / num_heads = 128
+    num_layers: int = 40  # transformer blocks
+    freq_dim: int = 256  # sinusoidal timestep embedding width
+    text_dim: int = 4096  # umt5-xxl hidden size
+    text_len: int = 512  # prompts are zero-padded to this many tokens inside the DiT
+    in_dim: int = 16  # latent channels in
+    out_dim: int = 16  # latent channels out
+    patch_size: tuple[int, int, int] = (1, 2, 2)  # (t, h, w) patchify of the latents
+    eps: float = 1e-6  # LayerNorm / RMSNorm epsilon
+    rope_theta: float = 10000.0
+    rope_max_len: int = 1024  # positions per axis in the RoPE table (official value)
+
+    def __post_init__(self):
+        if self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def rope_split(self) -> tuple[int, int, int]:
+        """Channels of each head given to the t / h / w rotary axes (44 / 42 / 42 for head_dim 128)."""
+        d = self.head_dim
+        return d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)
+
+    @classmethod
+    def a14b(cls) -> ModelConfig:
+        """One expert of Wan2.2-T2V-A14B (the high- and low-noise experts have the same shape)."""
+        return cls()
+
+    @classmethod
+    def tiny(cls, **overrides) -> ModelConfig:
+        """A 2-layer, 2-head model with the real structure, for CPU tests."""
+        base = dict(dim=32, ffn_dim=64, num_heads=2, num_layers=2, freq_dim=16, text_dim=24, text_len=512)
+        base.update(overrides)
+        return cls(**base)
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    steps: int = 40  # denoising steps
+    shift: float = 12.0  # flow-matching timestep shift: sigma' = s*sigma / (1 + (s-1)*sigma)
+    boundary: float = 0.875  # the high-noise expert runs while t >= boundary * 1000
+    guidance_high: float = 4.0  # CFG scale with the high-noise expert
+    guidance_low: float = 3.0  # CFG scale with the low-noise expert
+    solver: str = "unipc"  # "unipc" (official default, bh2 order 2) or "euler"
+    num_train_timesteps: int = field(default=1000, repr=False)
+
+    def __post_init__(self):
+        if self.solver not in SOLVERS:
+            raise ValueError(f"unknown solver {self.solver!r}: choose one of {', '.join(SOLVERS)}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.shift <= 0:
+            raise ValueError(f"shift must be > 0, got {self.shift}")
+        if not 0.0 <= self.boundary <= 1.0:
+            raise ValueError(f"boundary must be in [0, 1], got {self.boundary}")
+
+    @property
+    def boundary_timestep(self) -> float:
+        """The timestep at which the low-noise expert takes over (875 for A14B)."""
+        return self.boundary * self.num_train_timesteps
