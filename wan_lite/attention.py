@@ -1,15 +1,112 @@
-"""One attention entry point for the DiT.
+"""One attention entry point for the DiT: kernel choice and the memory-bounded block-wise path.
 
-`attention(q, k, v)` takes and returns (B, H, L, D) tensors. Kernel choice lives here and nowhere
-else.
+`attention(q, k, v)` takes and returns (B, H, L, D) tensors, no mask, scale 1/sqrt(D). Which kernel
+runs is decided here and nowhere else, in this order:
+
+1. the `backend=` argument of the call (tests),
+2. the environment variable `WAN_LITE_ATTENTION` (a user's explicit override),
+3. `set_backend(name)` (what the planner chose for this run),
+4. the device default: cuDNN SDPA on Hopper (1.6x its flash backend at Wan shapes, DESIGN section 2),
+   flash SDPA on other CUDA GPUs of compute capability >= 8.0, memory-efficient SDPA on older ones,
+   and the block-wise path everywhere else (the CPU's math backend materializes L x L).
+
+Backends: `sdpa-cudnn`, `sdpa-flash`, `sdpa-efficient`, `sdpa-math` pin one torch SDPA backend and
+fail loudly when it cannot run these inputs; `blockwise` is exact attention over query and head
+blocks, one math-SDPA call per block, so no tensor larger than `max_block_bytes` of scores ever
+exists (75,600^2 scores x 40 heads would be 457 GB). The device default (no override) lets torch fall
+back down a priority list (e.g. cuDNN -> flash -> efficient -> math) when the first choice does not
+support the inputs (fp32 on CUDA, say); an explicit name never falls back.
+
+Deliberately unsupported: masks, dropout, causal attention, GQA. The Wan DiT uses none of them.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+ENV = "WAN_LITE_ATTENTION"
+SDPA_BACKENDS = {
+    "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
+    "sdpa-flash": SDPBackend.FLASH_ATTENTION,
+    "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "sdpa-math": SDPBackend.MATH,
+}
+BACKENDS = (*SDPA_BACKENDS, "blockwise")
+DEFAULT_BLOCK_BYTES = 256 * 2**20  # scores one block of the block-wise path may hold
+
+_chosen: str | None = None  # set_backend()
+_block_bytes: int = DEFAULT_BLOCK_BYTES
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D)) v over all keys (no mask): (B, H, Lq, D) x (B, H, Lk, D) -> (B, H, Lq, D)."""
-    return F.scaled_dot_product_attention(q, k, v)
+def set_backend(name: str | None, *, max_block_bytes: int | None = None) -> None:
+    """Choose the kernel for this process (None: the device default); the planner calls this."""
+    global _chosen, _block_bytes
+    _chosen = _check(name) if name is not None else None
+    _block_bytes = max_block_bytes or DEFAULT_BLOCK_BYTES
+
+
+def device_default(device: torch.device) -> str:
+    """The backend that runs when nothing overrides it."""
+    if device.type != "cuda":
+        return "blockwise"
+    major, _ = torch.cuda.get_device_capability(device)
+    return "sdpa-cudnn" if major == 9 else "sdpa-flash" if major >= 8 else "sdpa-efficient"
+
+
+def resolve(device: torch.device, backend: str | None = None) -> tuple[str, bool]:
+    """(backend name, explicit?) for a call on `device`: argument > env > set_backend > device default."""
+    for name in (backend, os.environ.get(ENV) or None, _chosen):
+        if name is not None:
+            return _check(name), True
+    return device_default(device), False
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str | None = None
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v over all keys: (B, H, Lq, D) x (B, H, Lk, D) -> (B, H, Lq, D)."""
+    name, explicit = resolve(q.device, backend)
+    if name == "blockwise":
+        return blockwise_attention(q, k, v, max_block_bytes=_block_bytes)
+    first = SDPA_BACKENDS[name]
+    order = [first] if explicit else [first, *(b for b in _FALLBACK if b != first)]
+    with sdpa_kernel(order, set_priority=not explicit):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def blockwise_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, max_block_bytes: int = DEFAULT_BLOCK_BYTES
+) -> torch.Tensor:
+    """Exact attention over query and head blocks, each block one math-SDPA call over all keys.
+
+    Every query row sees every key, so each block's softmax is the full softmax: the result is the
+    plain attention, computed with at most `max_block_bytes` of fp32 scores alive at once.
+    """
+    B, H, Lq, _ = q.shape  # (B, H, Lq, D)
+    Lk = k.shape[2]
+    rows = max(1, max_block_bytes // (B * Lk * 4))  # (head, query) rows one block may hold
+    heads = min(H, max(1, rows // Lq))
+    queries = min(Lq, max(1, rows // heads))
+    out = torch.empty_like(q)
+    with sdpa_kernel([SDPBackend.MATH]):
+        for h0 in range(0, H, heads):
+            kh, vh = k[:, h0 : h0 + heads], v[:, h0 : h0 + heads]  # (B, heads, Lk, D)
+            for q0 in range(0, Lq, queries):
+                qb = q[:, h0 : h0 + heads, q0 : q0 + queries]  # (B, heads, queries, D)
+                out[:, h0 : h0 + heads, q0 : q0 + queries] = F.scaled_dot_product_attention(qb, kh, vh)
+    return out
+
+
+# tried after the device default, in this order
+_FALLBACK = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+
+
+def _check(name: str) -> str:
+    if name not in BACKENDS:
+        choices = ", ".join(BACKENDS)
+        raise ValueError(f"unknown attention backend {name!r}: choose one of {choices} (or unset {ENV})")
+    return name
