@@ -1,0 +1,49 @@
+"""`sample()`: the plain two-expert denoising loop.
+
+Read it top to bottom: the grid, then per step one visible `t >= boundary` choice of expert, two
+guided passes (cond, uncond) combined in float32, and the solver step. Where the experts' weights
+live is not this loop's business: `high` and `low` are anything callable as `model(x, t, context)`
+(a `WanModel`, or a residency wrapper that moves weights around the call).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .config import SamplingConfig
+from .scheduler import UniPC, euler_step, sigma_grid
+
+Callback = Callable[[int, int, int, str], None]  # (step, total, t, expert "high" | "low")
+
+
+def guided_velocity(model, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                    context_null: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance in float32: uncond + s * (cond - uncond), as two separate passes."""
+    cond = model(x, t, context).float()
+    uncond = model(x, t, context_null).float()
+    return uncond + scale * (cond - uncond)
+
+
+def sample(high, low, noise: torch.Tensor, context: torch.Tensor, context_null: torch.Tensor,
+           sampling: SamplingConfig, callback: Callback | None = None) -> torch.Tensor:
+    """Denoise `noise` (B, 16, F, H, W) into latents with the high- then low-noise expert.
+
+    `context` / `context_null` are (B, L, text_dim) prompt and negative-prompt embeddings.
+    Returns float32 latents of noise's shape.
+    """
+    sigmas, timesteps = sigma_grid(sampling.steps, sampling.shift, sampling.num_train_timesteps)
+    unipc = UniPC(sigmas) if sampling.solver == "unipc" else None
+    x = noise.float()
+    for i, t in enumerate(timesteps.tolist()):
+        if t >= sampling.boundary_timestep:
+            expert, model, scale = "high", high, sampling.guidance_high
+        else:
+            expert, model, scale = "low", low, sampling.guidance_low
+        t_batch = torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)
+        v = guided_velocity(model, x, t_batch, context, context_null, scale)
+        x = unipc.step(i, x, v) if unipc else euler_step(x, v, float(sigmas[i]), float(sigmas[i + 1]))
+        if callback is not None:
+            callback(i, sampling.steps, t, expert)
+    return x
