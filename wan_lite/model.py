@@ -16,6 +16,7 @@ No device logic lives here: where weights sit is `residency.py`'s business.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -102,6 +103,8 @@ class Conditioning:
     context: torch.Tensor  # (B, text_len, C): embedded text, zero-padded prompt
     rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin: (L, 1, head_dim/2) float32
     grid: tuple[int, int, int]  # (F, H, W) token grid after patchify
+    # attention over the video tokens; sequence parallelism (parallel.py) swaps in its own
+    self_attention: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = attention
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,12 +120,12 @@ class SelfAttention(nn.Module):
         self.norm_q = RMSNorm(c, cfg.eps)
         self.norm_k = RMSNorm(c, cfg.eps)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         b, n = x.shape[0], self.num_heads
-        q = apply_rope(self.norm_q(linear(self.q, x)).unflatten(2, (n, -1)), *rope)  # (B, L, H, D)
-        k = apply_rope(self.norm_k(linear(self.k, x)).unflatten(2, (n, -1)), *rope)  # (B, L, H, D)
+        q = apply_rope(self.norm_q(linear(self.q, x)).unflatten(2, (n, -1)), *cond.rope)  # (B, L, H, D)
+        k = apply_rope(self.norm_k(linear(self.k, x)).unflatten(2, (n, -1)), *cond.rope)  # (B, L, H, D)
         v = linear(self.v, x).unflatten(2, (n, -1))  # (B, L, H, D)
-        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, L, D)
+        out = cond.self_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, L, D)
         return linear(self.o, out.transpose(1, 2).reshape(b, -1, n * out.shape[-1]))  # (B, L, C)
 
 
@@ -152,7 +155,7 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """x (B, L, C) float32 residual stream -> same."""
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + cond.mod).unsqueeze(2).unbind(1)
-        x = x + self.self_attn(layer_norm(x, self.eps) * (1 + scale1) + shift1, cond.rope) * gate1
+        x = x + self.self_attn(layer_norm(x, self.eps) * (1 + scale1) + shift1, cond) * gate1
         x = x + self.cross_attn(self.norm3(x), cond.context)
         return x + self.feed_forward(layer_norm(x, self.eps) * (1 + scale2) + shift2) * gate2
 

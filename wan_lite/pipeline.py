@@ -8,7 +8,7 @@ live is not this loop's business: `high` and `low` are anything callable as `mod
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
