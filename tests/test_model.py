@@ -145,3 +145,21 @@ def test_tiny_preset_is_the_documented_one():
     cfg = ModelConfig.tiny()
     dims = (cfg.dim, cfg.ffn_dim, cfg.num_heads, cfg.num_layers, cfg.freq_dim, cfg.text_dim, cfg.text_len)
     assert dims == (32, 64, 2, 2, 16, 24, 512)
+
+
+@pytest.mark.parametrize("layout", ["official", "diffusers"])
+def test_other_dimensions_round_trip(tmp_path, layout):
+    """Nothing is hard-coded to the tiny preset: 4 heads of 12, 3 layers, other widths and eps."""
+    from builders import make_official_model, save_official_expert
+
+    cfg = ModelConfig.tiny(dim=48, ffn_dim=80, num_heads=4, num_layers=3, freq_dim=32, text_dim=20, eps=1e-5)
+    ref = make_official_model(cfg, 7)
+    if layout == "official":
+        folder = save_official_expert(ref, tmp_path / "high_noise_model")
+    else:
+        folder = save_diffusers_expert(ref, cfg, tmp_path / "transformer")
+    model = wan_lite.load_expert(folder, dtype=torch.float32)
+    assert model.cfg == cfg
+    x, t, ctx = torch.randn(2, 16, 2, 4, 6), torch.tensor([950.0, 120.0]), torch.randn(2, 9, 20)
+    with torch.no_grad():
+        assert rel_err(model(x, t, ctx), official_forward(ref, x, t, ctx)) < TOL_FP32
