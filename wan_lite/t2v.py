@@ -1,0 +1,299 @@
+"""Text to video end to end: `T2VPipeline.from_pretrained(root)(prompt) -> T2VResult` (and an mp4).
+
+The recipe, read top to bottom in `T2VPipeline.__call__`:
+1. validate every input (and the output path) before any heavy work;
+2. encode prompt + negative prompt (cached on disk), then free the text encoder;
+3. draw the noise from the seed, as the official code does: a `torch.Generator` on the run's device,
+   fp32, shape (16, (F-1)/4+1, H/8, W/8) (so CUDA and CPU runs of one seed differ, as in the reference);
+4. place the experts and `sample()`; take them off the GPU again;
+5. VAE-decode (tiled to fit the free memory), and write the mp4 when asked.
+
+A model root is either layout of Wan2.2-T2V-A14B (official: high_noise_model/, low_noise_model/,
+models_t5_umt5-xxl-enc-bf16.pth, Wan2.1_VAE.pth, google/umt5-xxl/; diffusers: model_index.json,
+transformer/, transformer_2/, text_encoder/, tokenizer/, vae/), or a Hugging Face id that is
+downloaded with `snapshot_download` when online.
+
+Expert placement here is deliberately simple: both experts on the run's device when they fit, else
+an error. Swapping and streaming for 24 GB cards belong to `wan_lite.residency`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .checkpoint import QUANT_MARKER, CheckpointError, find_experts, load_expert
+from .config import SamplingConfig
+from .pipeline import Callback, sample
+from .text import DEFAULT_NEGATIVE_PROMPT, TextEncoder, clean_text
+from .vae import STRIDE, VAE
+from .video import check_writable, write_mp4
+
+LAYOUT_FILES = {  # what each layout's root must hold (a trailing / marks a folder)
+    "official": ["high_noise_model/", "low_noise_model/", "models_t5_umt5-xxl-enc-bf16.pth", "Wan2.1_VAE.pth",
+                 "google/umt5-xxl/"],
+    "diffusers": ["model_index.json", "transformer/", "transformer_2/", "text_encoder/", "tokenizer/", "vae/"],
+}
+HUB_IDS = {"official": "Wan-AI/Wan2.2-T2V-A14B", "diffusers": "Wan-AI/Wan2.2-T2V-A14B-Diffusers"}
+BOUNDARY = 0.875  # official boundary; a diffusers root's model_index.json boundary_ratio overrides it
+
+
+# ---------------------------------------------------------------------------------------------------
+# Finding the model
+
+
+def _present(root: Path, entry: str) -> bool:
+    return (root / entry).is_dir() if entry.endswith("/") else (root / entry).is_file()
+
+
+def check_root(root: str | os.PathLike) -> str:
+    """The layout of a model root; one CheckpointError listing every missing file otherwise."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CheckpointError(f"model root {root} is not a folder")
+    found = {layout: [e for e in files if _present(root, e)] for layout, files in LAYOUT_FILES.items()}
+    layout = max(found, key=lambda k: len(found[k]))
+    if not found[layout]:
+        raise CheckpointError(
+            f"{root} is not a Wan2.2-T2V-A14B root: expected {', '.join(LAYOUT_FILES['official'])} (official "
+            f"{HUB_IDS['official']}) or {', '.join(LAYOUT_FILES['diffusers'])} ({HUB_IDS['diffusers']})"
+        )
+    missing = [e for e in LAYOUT_FILES[layout] if e not in found[layout]]
+    if missing:
+        raise CheckpointError(
+            f"{root} ({layout} layout) is missing {', '.join(missing)}: download them from "
+            f"{HUB_IDS[layout]} into {root}"
+        )
+    return layout
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and "\\" not in name
+
+
+def resolve_root(path_or_hub_id: str | os.PathLike) -> Path:
+    """A local folder as is; a Hugging Face id (owner/name) downloaded into the hub cache when online."""
+    path = Path(path_or_hub_id).expanduser()
+    name = str(path_or_hub_id)
+    if path.exists() or not _looks_like_hub_id(name):
+        if not path.exists():
+            raise FileNotFoundError(f"model root {path} does not exist")
+        return path
+    how = (f"download it first (`hf download {name} --local-dir DIR`, about 126 GB) and pass that folder "
+           "as the model path")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        raise FileNotFoundError(f"{name} is not a local folder and HF_HUB_OFFLINE is set: {how}")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=name))
+    except Exception as e:  # network down, unknown or gated repo: all end the same way for the user
+        raise FileNotFoundError(f"could not download {name} ({type(e).__name__}: {e}): {how}") from e
+
+
+def _quant_scheme(expert_folder: Path) -> str:
+    marker = expert_folder / QUANT_MARKER
+    return json.loads(marker.read_text()).get("scheme", "unknown") if marker.is_file() else "none"
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation
+
+
+def validate(prompt: str, size: tuple[int, int], frames: int) -> None:
+    """Raise ValueError naming the fix for an empty prompt, a size not a multiple of 16, frames not 4n+1."""
+    if not isinstance(prompt, str) or not clean_text(prompt):
+        raise ValueError("the prompt is empty: describe the video to generate")
+    if len(size) != 2:
+        raise ValueError(f"size must be (width, height), got {size!r}")
+    for name, value in zip(("width", "height"), size):
+        if not isinstance(value, int) or value <= 0 or value % 16:
+            lo, hi = max(16, value // 16 * 16), (value // 16 + 1) * 16
+            raise ValueError(f"{name} {value} is not a positive multiple of 16: use {lo} or {hi}")
+    if not isinstance(frames, int) or frames < 1 or (frames - 1) % 4:
+        lo, hi = max(1, (frames - 1) // 4 * 4 + 1), ((frames - 1) // 4 + 1) * 4 + 1
+        raise ValueError(f"frames {frames} is not of the form 4n+1: use {lo} or {hi} (81 is the official length)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Experts on the device
+
+
+def _place_experts(high: torch.nn.Module, low: torch.nn.Module, device: torch.device) -> None:
+    """Both experts onto `device` when they fit in its free memory; the residency module replaces this."""
+    if device.type != "cuda":
+        high.to(device), low.to(device)
+        return
+    need = sum(p.numel() * p.element_size() for m in (high, low) for p in m.parameters() if p.device != device)
+    free, _ = torch.cuda.mem_get_info(device)
+    if need > 0.9 * free:
+        raise MemoryError(
+            f"both experts need {need / 2**30:.1f} GiB on {device}, only {free / 2**30:.1f} GiB is free: use "
+            "8-bit experts (python -m wan_lite.quantize) or run on the CPU (--device cpu)"
+        )
+    high.to(device), low.to(device)
+
+
+def _evict(*modules: torch.nn.Module) -> None:
+    """Move modules off the GPU and return their memory to the driver."""
+    for m in modules:
+        m.to("cpu")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The pipeline
+
+
+@dataclass
+class T2VResult:
+    video: torch.Tensor  # (3, F, H, W) float32 in [-1, 1], on the CPU
+    latents: torch.Tensor  # (1, 16, F', H/8, W/8) float32, on the CPU
+    seed: int
+    params: dict  # everything that determines the video; written into the mp4 and its sidecar
+    timings: dict = field(default_factory=dict)  # seconds per phase: text, denoise, decode, write
+
+    def save(self, path: str | os.PathLike, extra: dict | None = None) -> Path:
+        """Write the mp4 (and `<name>.json`) with the parameters plus `extra` (e.g. a memory plan)."""
+        start = time.perf_counter()
+        out = write_mp4(path, self.video, {**self.params, **(extra or {})})
+        self.timings["write"] = time.perf_counter() - start
+        return out
+
+
+class T2VPipeline:
+    """Wan2.2-T2V-A14B: prompt -> video. Components load on first use and stay (the encoder does not)."""
+
+    def __init__(self, root: Path, *, model: str, device: torch.device, dtype: torch.dtype,
+                 text_device: torch.device, text_dtype: torch.dtype, vae_dtype: torch.dtype,
+                 cache_dir: str | os.PathLike | None):
+        self.root, self.model_name = root, model
+        self.layout = check_root(root)
+        self.device, self.dtype, self.vae_dtype = device, dtype, vae_dtype
+        self.high_path, self.low_path = find_experts(root)
+        self.boundary = BOUNDARY
+        if self.layout == "diffusers":
+            self.boundary = json.loads((root / "model_index.json").read_text()).get("boundary_ratio", BOUNDARY)
+        self.text = TextEncoder.from_pretrained(root, device=text_device, dtype=text_dtype, cache_dir=cache_dir)
+        high, low = _quant_scheme(self.high_path), _quant_scheme(self.low_path)
+        self.quantization = high if high == low else f"high: {high}, low: {low}"
+        self.experts: tuple[torch.nn.Module, torch.nn.Module] | None = None
+        self.vae: VAE | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_hub_id: str | os.PathLike,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+        text_device: str | torch.device | None = None,
+        text_dtype: torch.dtype = torch.bfloat16,
+        vae_dtype: torch.dtype = torch.float32,
+        cache_dir: str | os.PathLike | None = None,
+    ) -> T2VPipeline:
+        """Open a model root (either layout) or a hub id. `device` defaults to CUDA when present;
+        `text_device` (default: `device`) runs the umt5 encoder; `cache_dir` holds prompt embeddings."""
+        root = resolve_root(path_or_hub_id)
+        device = torch.device(device) if device is not None else _default_device()
+        text_device = torch.device(text_device) if text_device is not None else device
+        return cls(root, model=str(path_or_hub_id), device=device, dtype=dtype, text_device=text_device,
+                   text_dtype=text_dtype, vae_dtype=vae_dtype, cache_dir=cache_dir)
+
+    def load_experts(self) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """(high, low) experts in host memory, loaded once."""
+        if self.experts is None:
+            self.experts = (load_expert(self.high_path, dtype=self.dtype), load_expert(self.low_path, dtype=self.dtype))
+        return self.experts
+
+    def noise(self, seed: int, size: tuple[int, int], frames: int) -> torch.Tensor:
+        """The official initial noise: (1, 16, (F-1)/4+1, H/8, W/8) fp32 from a generator on the device."""
+        width, height = size
+        shape = (16, (frames - 1) // STRIDE[0] + 1, height // STRIDE[1], width // STRIDE[2])
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        return torch.randn(shape, generator=g, dtype=torch.float32, device=self.device).unsqueeze(0)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str,
+        negative_prompt: str | None = None,
+        size: tuple[int, int] = (1280, 720),
+        frames: int = 81,
+        steps: int = 40,
+        seed: int | None = None,
+        shift: float = 12.0,
+        guidance_high: float = 4.0,
+        guidance_low: float = 3.0,
+        solver: str = "unipc",
+        callback: Callback | None = None,
+        out: str | os.PathLike | None = None,
+        extra_metadata: dict | None = None,
+        vae_tile: int | None | str = "auto",
+    ) -> T2VResult:
+        """Generate one video. size is (width, height); seed None draws one; `out` also writes the mp4.
+
+        callback(step, total, t, expert) runs after each denoising step (expert is "high" or "low").
+        """
+        # 1. everything that can be wrong with the request fails here, before any weights load
+        size = tuple(size)
+        validate(prompt, size, frames)
+        sampling = SamplingConfig(steps=steps, shift=shift, boundary=self.boundary, guidance_high=guidance_high,
+                                  guidance_low=guidance_low, solver=solver)
+        if out is not None:
+            check_writable(out)
+        negative_prompt = DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
+        seed = random.randint(0, 2**31 - 1) if seed is None else int(seed)
+        timings = {}
+
+        # 2. text: both prompts in one pass (or from the cache), then the encoder leaves the GPU
+        start = time.perf_counter()
+        context, context_null = self.text.encode([prompt, negative_prompt])  # (L, 4096), (L', 4096)
+        self.text.unload()
+        timings["text"] = time.perf_counter() - start
+
+        # 3-4. noise and denoising
+        start = time.perf_counter()
+        noise = self.noise(seed, size, frames)  # (1, 16, F', H/8, W/8)
+        high, low = self.load_experts()
+        _place_experts(high, low, self.device)
+        context, context_null = (c.unsqueeze(0).to(self.device) for c in (context, context_null))  # (1, L, 4096)
+        latents = sample(high, low, noise, context, context_null, sampling, callback=callback).cpu()
+        if self.device.type == "cuda":
+            _evict(high, low)
+        timings["denoise"] = time.perf_counter() - start
+
+        # 5. decode
+        start = time.perf_counter()
+        if self.vae is None:
+            self.vae = VAE.from_pretrained(self.root, device=self.device, dtype=self.vae_dtype)
+        self.vae.model.to(self.device)
+        video = self.vae.decode(latents, tile=vae_tile)[0].cpu()  # (3, F, H, W)
+        if self.device.type == "cuda":
+            self.vae.unload()
+        timings["decode"] = time.perf_counter() - start
+
+        params = {
+            "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "width": size[0],
+            "height": size[1], "frames": frames, "steps": steps, "shift": shift, "guidance_high": guidance_high,
+            "guidance_low": guidance_low, "boundary": self.boundary, "solver": solver,
+            "quantization": self.quantization, "dtype": str(self.dtype).removeprefix("torch."),
+            "model": self.model_name, "layout": self.layout, "wan_lite_version": __version__,
+        }  # fmt: skip
+        result = T2VResult(video=video, latents=latents, seed=seed, params=params, timings=timings)
+        if out is not None:
+            result.save(out, extra=extra_metadata)
+        return result

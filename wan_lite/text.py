@@ -1,0 +1,278 @@
+"""The umt5-xxl text encoder: prompt -> cleaned text -> tokens -> [L, 4096] embeddings, cached on disk.
+
+The encoder is transformers' `UMT5EncoderModel` with its tokenizer (`AutoTokenizer`); this module only
+finds the weights in either checkpoint layout, renames the official keys, cleans the text the way the
+official code does and caches the results:
+
+- official: `models_t5_umt5-xxl-enc-bf16.pth` (keys of `wan/modules/t5.py` `T5Encoder`) and the
+  tokenizer folder `google/umt5-xxl/`. The .pth carries no config: the dimensions are read from the
+  tensors' shapes, so small test encoders load the same way.
+- diffusers: `text_encoder/` (a saved `UMT5EncoderModel`) and `tokenizer/`.
+
+As in the references, a prompt is cleaned (ftfy, HTML unescape, whitespace collapse), truncated to
+512 tokens with the closing `</s>` included, and its embedding is trimmed to the real token count
+(the official `[u[:v] for u, v in zip(context, seq_lens)]`). Each prompt is encoded at its own length
+rather than padded to 512: padded keys are masked, so the real positions come out the same.
+
+Embeddings are cached as safetensors under `~/.cache/wan-lite/text` (or `cache_dir`), keyed by the
+encoder's fingerprint and the cleaned text: the negative prompt and a repeated prompt are read back
+without loading the 11 GB encoder at all. The weights load only on a cache miss and stay until
+`unload()`; the pipeline unloads right after encoding so the DiT gets the GPU.
+
+Deliberately unsupported: 8-bit loading of the encoder (run it on the CPU instead when VRAM is short).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import json
+import os
+from pathlib import Path
+
+import ftfy
+import regex as re
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
+
+TEXT_LEN = 512  # prompts are truncated to this many tokens (the official text_len)
+OFFICIAL_WEIGHTS = "models_t5_umt5-xxl-enc-bf16.pth"
+OFFICIAL_TOKENIZER = "google/umt5-xxl"
+DEFAULT_CACHE_DIR = Path("~/.cache/wan-lite/text")
+CACHE_FORMAT = "wan-lite-text-v1"  # bump when cleaning or encoding changes: old cache entries stop matching
+
+# The official default negative prompt (`sample_neg_prompt` in wan/configs/shared_config.py).
+DEFAULT_NEGATIVE_PROMPT = (
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+    "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
+    "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+
+
+def clean_text(text: str) -> str:
+    """The official clean='whitespace': ftfy, HTML unescape (twice), collapse whitespace, strip."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Official .pth -> transformers UMT5EncoderModel
+
+
+def official_to_transformers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename official `T5Encoder` keys to `UMT5EncoderModel` keys (a plain renaming, no reshapes)."""
+    fixed = {
+        "token_embedding.weight": "shared.weight",
+        "norm.weight": "encoder.final_layer_norm.weight",
+    }
+    per_block = {
+        "norm1.weight": "layer.0.layer_norm.weight",
+        "attn.q.weight": "layer.0.SelfAttention.q.weight",
+        "attn.k.weight": "layer.0.SelfAttention.k.weight",
+        "attn.v.weight": "layer.0.SelfAttention.v.weight",
+        "attn.o.weight": "layer.0.SelfAttention.o.weight",
+        "pos_embedding.embedding.weight": "layer.0.SelfAttention.relative_attention_bias.weight",
+        "norm2.weight": "layer.1.layer_norm.weight",
+        "ffn.gate.0.weight": "layer.1.DenseReluDense.wi_0.weight",  # GELU branch
+        "ffn.fc1.weight": "layer.1.DenseReluDense.wi_1.weight",  # linear branch
+        "ffn.fc2.weight": "layer.1.DenseReluDense.wo.weight",
+    }
+    out = {}
+    for key, value in sd.items():
+        if key in fixed:
+            out[fixed[key]] = value
+            continue
+        m = re.fullmatch(r"blocks\.(\d+)\.(.+)", key)
+        if m is None or m.group(2) not in per_block:
+            raise KeyError(f"unexpected key {key!r} in the official umt5 checkpoint ({OFFICIAL_WEIGHTS})")
+        out[f"encoder.block.{m.group(1)}.{per_block[m.group(2)]}"] = value
+    out["encoder.embed_tokens.weight"] = out["shared.weight"]
+    return out
+
+
+def config_from_official(sd: dict[str, torch.Tensor]) -> UMT5Config:
+    """Read the encoder's dimensions from the official tensors' shapes (the .pth has no config)."""
+    vocab, dim = sd["token_embedding.weight"].shape
+    dim_attn = sd["blocks.0.attn.q.weight"].shape[0]
+    dim_ffn = sd["blocks.0.ffn.fc1.weight"].shape[0]
+    num_buckets, num_heads = sd["blocks.0.pos_embedding.embedding.weight"].shape
+    num_layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    return UMT5Config(
+        vocab_size=vocab,
+        d_model=dim,
+        d_kv=dim_attn // num_heads,
+        d_ff=dim_ffn,
+        num_layers=num_layers,
+        num_decoder_layers=num_layers,
+        num_heads=num_heads,
+        relative_attention_num_buckets=num_buckets,
+        relative_attention_max_distance=128,  # fixed in the official T5RelativeEmbedding
+        dropout_rate=0.0,
+        layer_norm_epsilon=1e-6,
+        feed_forward_proj="gated-gelu",  # GELU(tanh) gate, as the official T5FeedForward
+        is_encoder_decoder=False,
+        use_cache=False,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+
+
+def load_official_encoder(path: Path, dtype: torch.dtype) -> UMT5EncoderModel:
+    """Build `UMT5EncoderModel` on the meta device and assign the official .pth tensors (mmap, no copy)."""
+    sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    config = config_from_official(sd)
+    with torch.device("meta"):
+        model = UMT5EncoderModel(config)
+    sd = {k: v.to(dtype) for k, v in official_to_transformers(sd).items()}
+    model.load_state_dict(sd, strict=True, assign=True)
+    model.tie_weights()
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------
+# Layout
+
+
+def find_text_files(root: str | os.PathLike) -> tuple[str, Path, Path]:
+    """(layout, weights, tokenizer folder) for a model root of either layout; error names what is missing."""
+    root = Path(root)
+    official = (root / OFFICIAL_WEIGHTS, root / OFFICIAL_TOKENIZER)
+    diffusers = (root / "text_encoder", root / "tokenizer")
+    if official[0].is_file():
+        layout, (weights, tokenizer) = "official", official
+    elif diffusers[0].is_dir():
+        layout, (weights, tokenizer) = "diffusers", diffusers
+    else:
+        raise FileNotFoundError(
+            f"no text encoder in {root}: expected {OFFICIAL_WEIGHTS} + {OFFICIAL_TOKENIZER}/ (official layout) "
+            "or text_encoder/ + tokenizer/ (diffusers layout)"
+        )
+    if not tokenizer.is_dir():
+        raise FileNotFoundError(f"the {layout} text encoder in {root} has no tokenizer folder {tokenizer}")
+    return layout, weights, tokenizer
+
+
+def _fingerprint(weights: Path, tokenizer: Path, dtype: torch.dtype) -> str:
+    """A cheap content digest: size + first/last MiB of each weight file, all tokenizer files, dtype.
+
+    The tail of a .pth (a zip) holds every record's CRC32 and the tail of a safetensors file holds
+    weights, so two different checkpoints differ here without reading 11 GB.
+    """
+    h = hashlib.sha256(f"{CACHE_FORMAT}|{TEXT_LEN}|{dtype}".encode())
+    files = sorted(weights.rglob("*")) if weights.is_dir() else [weights]
+    for f in (f for f in files if f.is_file() and f.suffix in (".pth", ".safetensors", ".bin", ".json")):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(1 << 20))
+            fh.seek(max(0, size - (1 << 20)))
+            h.update(fh.read(1 << 20))
+    for f in sorted(p for p in tokenizer.rglob("*") if p.is_file()):
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:32]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The encoder
+
+
+class TextEncoder:
+    """Prompts -> list of [L_i, dim] embeddings (L_i = real token count, at most 512), cached on disk."""
+
+    def __init__(
+        self,
+        layout: str,
+        weights: Path,
+        tokenizer: Path,
+        *,
+        device: str | torch.device,
+        dtype: torch.dtype,
+        cache_dir: str | os.PathLike | None,
+        use_cache: bool,
+    ):
+        self.layout, self.weights, self.tokenizer_path = layout, weights, tokenizer
+        self.device, self.dtype = torch.device(device), dtype
+        self.cache_dir = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser()
+        self.use_cache = use_cache
+        self.fingerprint = _fingerprint(weights, tokenizer, dtype)
+        self.model: UMT5EncoderModel | None = None
+        self.tokenizer = None
+        self.encoder_calls = 0  # forward passes run (a cache hit runs none)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        root: str | os.PathLike,
+        *,
+        device: str | torch.device = "cuda",
+        dtype: torch.dtype = torch.bfloat16,
+        cache_dir: str | os.PathLike | None = None,
+        use_cache: bool = True,
+    ) -> TextEncoder:
+        """Find the encoder in a model root of either layout; the weights load on the first cache miss."""
+        layout, weights, tokenizer = find_text_files(root)
+        return cls(layout, weights, tokenizer, device=device, dtype=dtype, cache_dir=cache_dir, use_cache=use_cache)
+
+    def load(self) -> None:
+        """Load tokenizer and weights onto `device` (done on demand by `encode`)."""
+        if self.model is not None:
+            return
+        self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+        if self.layout == "official":
+            model = load_official_encoder(self.weights, self.dtype)
+        else:
+            model = UMT5EncoderModel.from_pretrained(self.weights, dtype=self.dtype)
+        self.model = model.to(self.device).eval().requires_grad_(False)
+
+    def unload(self) -> None:
+        """Free the weights (and their VRAM); the next cache miss loads them again."""
+        self.model = None
+        self.tokenizer = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _cache_path(self, text: str) -> Path:
+        return self.cache_dir / self.fingerprint / f"{hashlib.sha256(text.encode()).hexdigest()}.safetensors"
+
+    @torch.no_grad()
+    def _run(self, texts: list[str]) -> list[torch.Tensor]:
+        """Encode cleaned texts, one forward pass each at its own length -> list of [L_i, dim] on CPU."""
+        self.load()
+        out = []
+        for text in texts:
+            tok = self.tokenizer(text, truncation=True, max_length=TEXT_LEN, return_tensors="pt")
+            ids = tok.input_ids.to(self.device)  # (1, L) with the closing </s>
+            mask = tok.attention_mask.to(self.device)  # (1, L), all ones
+            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state  # (1, L, dim)
+            out.append(hidden[0].cpu())
+            self.encoder_calls += 1
+        return out
+
+    def encode(self, prompts: list[str] | str) -> list[torch.Tensor]:
+        """Prompts -> list of [L_i, dim] tensors in `dtype` on the CPU. Cached prompts load no weights."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        texts = [clean_text(p) for p in prompts]
+        result: dict[str, torch.Tensor] = {}
+        if self.use_cache:
+            for text in set(texts):
+                path = self._cache_path(text)
+                if path.is_file():
+                    result[text] = load_file(path)["context"]
+        missing = sorted({t for t in texts if t not in result})
+        for text, emb in zip(missing, self._run(missing) if missing else []):
+            result[text] = emb
+            if self.use_cache:
+                self._store(text, emb)
+        return [result[t] for t in texts]
+
+    def _store(self, text: str, emb: torch.Tensor) -> None:
+        path = self._cache_path(text)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        meta = {"text": text, "format": CACHE_FORMAT, "weights": str(self.weights), "layout": self.layout}
+        save_file({"context": emb.contiguous()}, tmp, metadata={"wan_lite": json.dumps(meta, ensure_ascii=False)})
+        os.replace(tmp, path)
