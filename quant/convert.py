@@ -1,0 +1,339 @@
+"""Offline conversion of a model root into wan-lite's quantized layout: streaming and resumable.
+
+`convert_checkpoint(src, dst, scheme)` writes, for each expert of SRC (official `high_noise_model/` +
+`low_noise_model/`, or diffusers `transformer/` + `transformer_2/`), `DST/high_noise_model/` and
+`DST/low_noise_model/` in the format of `quant.format`, and hard-links (or copies, across file
+systems) every other file of the root (text encoder, VAE, tokenizer) so DST is a complete model root.
+
+Streaming: tensors are read one at a time from the memory-mapped source (the official experts are
+float32, ~57 GB each), converted, and gathered into shards of at most `max_shard_bytes` (512 MiB)
+that are written as soon as they fill. Peak host memory is about two shards plus one source tensor
+(~1.5 GB), whatever the model size.
+
+Resumable: everything is written under `DST.partial/`. Each shard goes to a temporary name, is
+fsynced and renamed, then its sha256 is recorded in `DST.partial/<expert>/progress.json` together
+with the plan (scheme, format version, source fingerprint, calibration digest, shard layout).
+A rerun with the same settings re-verifies the finished shards against their sha256, keeps them
+and converts the rest; a rerun with other settings stops unless `force` discards the partial work.
+`DST.partial` becomes `DST` only when every shard of every expert has been verified. An existing DST
+is replaced only with `force`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from .format import (
+    FORMAT,
+    FORMAT_VERSION,
+    INDEX_FILE,
+    META_FILE,
+    QUANTIZED_LINEAR,
+    SCHEMES,
+    check_shard,
+    config_to_dict,
+    shard_header,
+    shard_name,
+)
+
+EXPERT_DIRS = {"high": "high_noise_model", "low": "low_noise_model"}
+PROGRESS_FILE = "progress.json"
+MAX_SHARD_BYTES = 512 * 2**20
+
+ShardHook = Callable[[str, int, Path], None]  # (expert dir, shard index, shard path), after each commit
+
+
+class ConversionError(RuntimeError):
+    """The conversion cannot proceed as asked (existing output, mismatched partial work, bad source)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# one tensor / one Linear
+
+
+def quantize_linear(scheme: str, weight: torch.Tensor, smooth: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The tensors stored for one quantized Linear's weight, by suffix (`weight`, `weight_scale`, ...)."""
+    if scheme in ("int8", "fp8"):
+        from .linear import quantize_linear_weight
+
+        q, scale = quantize_linear_weight(weight, scheme, smooth)
+        out = {"weight": q, "weight_scale": scale}
+        if smooth is not None:
+            out["smooth"] = smooth.float()
+        return out
+    from . import backends
+
+    if smooth is not None:
+        raise ConversionError(f"--calib smoothing works with the int8 and fp8 schemes, not {scheme}")
+    if scheme == "nf4":
+        return backends.nf4_quantize_weight(weight)
+    return backends.quanto_quantize_weight(weight, scheme)
+
+
+def _stored_bytes(scheme: str, name: str, shape: torch.Size) -> int:
+    """Estimated bytes a source tensor takes in the output (for the shard plan only)."""
+    n = shape.numel()
+    if name.endswith(".weight") and QUANTIZED_LINEAR.match(name[: -len(".weight")]):
+        return n // 2 if scheme == "nf4" else n + 4 * shape[0]
+    return 4 * n
+
+
+# ---------------------------------------------------------------------------------------------
+# one expert
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def plan_shards(cfg, scheme: str, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[list[str]]:
+    """Source tensor names grouped into shards, in model order; a block never splits unless it must."""
+    from wan_lite.model import WanModel
+
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in WanModel(cfg).state_dict().items()}
+    shards, current, size = [], [], 0
+    for name, shape in shapes.items():
+        nbytes = _stored_bytes(scheme, name, shape)
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
+    return shards + ([current] if current else [])
+
+
+def convert_expert(src, out, scheme: str, *, stats: dict[str, torch.Tensor] | None = None, alpha: float = 0.5,
+                   force: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES, on_shard: ShardHook | None = None,
+                   progress: bool = True) -> dict:
+    """Convert one expert folder into `out` (created; resumed if it holds matching partial work).
+
+    Returns the metadata written to `out/wan_lite_quant.json`.
+    """
+    import wan_lite
+    from wan_lite.checkpoint import open_expert
+
+    from .smooth import Smoother
+
+    source = open_expert(src)
+    cfg, out = source.config, Path(out)
+    plan = plan_shards(cfg, scheme, max_shard_bytes)
+    planned = {n for group in plan for n in group}
+    if planned != set(source.names()):
+        missing, extra = sorted(planned - set(source.names())), sorted(set(source.names()) - planned)
+        raise ConversionError(f"{src} is not a complete {cfg.num_layers}-layer Wan2.2 expert (missing {missing[:4]}, "
+                              f"unexpected {extra[:4]}): download it again")
+    linears = sorted({n.rpartition(".")[0] for n in planned if QUANTIZED_LINEAR.match(n.rpartition(".")[0])})
+    smoother = Smoother(stats, source.tensor, linears, planned, alpha) if stats is not None else None
+    calib_digest = None
+    if stats is not None:
+        h = hashlib.sha256(f"alpha={alpha}".encode())
+        for k in sorted(linears):
+            h.update(k.encode() + stats[k].float().numpy().tobytes())
+        calib_digest = h.hexdigest()[:16]
+    plan_record = {"format": FORMAT, "format_version": FORMAT_VERSION, "scheme": scheme,
+                   "source": source.fingerprint(), "calib": calib_digest, "shards": plan}
+    plan_id = hashlib.sha256(json.dumps(plan_record, sort_keys=True).encode()).hexdigest()[:16]
+
+    # resume or start
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.tmp"):  # a shard being written when the last run stopped
+        stale.unlink()
+    progress_file = out / PROGRESS_FILE
+    done: dict[str, dict] = {}
+    if progress_file.exists():
+        record = json.loads(progress_file.read_text())
+        if record.get("plan_id") != plan_id:
+            if not force:
+                raise ConversionError(f"{out} holds unfinished work of a conversion with other settings (scheme, "
+                                      "source or calibration): pass --force to discard it, or delete "
+                                      f"{out.parent} yourself")
+            shutil.rmtree(out)
+            out.mkdir(parents=True)
+        else:
+            done = record["done"]
+    elif any(out.iterdir()):
+        if not force:
+            raise ConversionError(f"{out} is not empty and has no {PROGRESS_FILE}: pass --force to discard it")
+        shutil.rmtree(out)
+        out.mkdir(parents=True)
+
+    n = len(plan)
+    header = shard_header(scheme, out.name)
+    linear_specs: dict[str, dict] = {}
+    kept: dict[str, str] = {}
+    bar = tqdm(total=sum(len(g) for g in plan), desc=f"{out.name} -> {scheme}", unit="tensor", disable=not progress)
+    for i, group in enumerate(plan):
+        fname = shard_name(i, n)
+        path = out / fname
+        entry = done.get(fname)
+        # per-Linear records are needed for the metadata, whether the shard is rewritten or kept
+        for name in group:
+            module, _, leaf = name.rpartition(".")
+            if module in linears:
+                spec = linear_specs.setdefault(module, {"scheme": scheme, "bias": False, "smooth": False})
+                spec["bias"] |= leaf == "bias"
+                spec["smooth"] = bool(smoother and smoother.runtime_smooth(module))
+                if smoother and not spec["smooth"]:
+                    spec["smooth_folded_into"] = smoother.absorbed_by(module)
+            else:
+                kept[name] = "float32"
+        if entry is not None and path.is_file() and _sha256(path) == entry["sha256"]:
+            bar.update(len(group))
+            continue  # finished in an earlier run and verified: keep it untouched
+        tensors: dict[str, torch.Tensor] = {}
+        for name in group:
+            module, _, leaf = name.rpartition(".")
+            t = source.tensor(name)
+            s = smoother.factor(module, t) if smoother and module in linears and leaf == "weight" else None
+            if smoother is not None:
+                t = smoother.fold(name, t)  # rows of v / norm3 take the 1/s of the Linear after them
+            if module in linears and leaf == "weight":
+                for suffix, v in quantize_linear(scheme, t, s).items():
+                    tensors[f"{module}.{suffix}"] = v.contiguous()
+            else:
+                tensors[name] = t.to(torch.float32).contiguous()
+            del t
+            bar.update(1)
+        tmp = out / f".{fname}.tmp"
+        save_file(tensors, tmp, metadata=header)
+        _fsync(tmp)
+        os.replace(tmp, path)
+        done[fname] = {"file": fname, "bytes": path.stat().st_size, "sha256": _sha256(path),
+                       "tensors": sorted(tensors)}
+        del tensors
+        _write_json(progress_file, {"plan_id": plan_id, "plan": plan_record, "done": done})
+        if on_shard is not None:
+            on_shard(out.name, i, path)
+    bar.close()
+
+    shards = [done[shard_name(i, n)] for i in range(n)]
+    for entry in shards:  # re-open every shard: header, size and key check
+        check_shard(out, entry, scheme)
+    meta = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "scheme": scheme,
+        "wan_lite_version": wan_lite.__version__,
+        "config": config_to_dict(cfg),
+        "weights": _scheme_description(scheme),
+        "linears": linear_specs,
+        "kept": kept,
+        "smoothing": None if stats is None else {"method": "smoothquant", "alpha": alpha, "calib": calib_digest},
+        "source": {"path": str(Path(src).resolve()), "layout": source.layout, "fingerprint": source.fingerprint()},
+        "shards": shards,
+    }
+    _write_json(out / INDEX_FILE, {"metadata": {"format": FORMAT, "scheme": scheme},
+                                   "weight_map": {t: e["file"] for e in shards for t in e["tensors"]}})
+    if scheme.startswith("quanto-"):
+        from .backends import QUANTO_QMAP, QUANTO_QTYPES
+
+        _write_json(out / QUANTO_QMAP, {m: {"weights": QUANTO_QTYPES[scheme], "activations": "none"}
+                                        for m in linear_specs})
+    _write_json(out / META_FILE, meta)  # last: its presence marks the folder complete
+    return meta
+
+
+def _scheme_description(scheme: str) -> str:
+    return {
+        "int8": "int8 weight, symmetric per output channel, scale = absmax/127 (float32)",
+        "fp8": "float8_e4m3fn weight, symmetric per output channel, scale = absmax/448 (float32)",
+        "quanto-int8": "optimum-quanto qint8 weight (per output channel, bf16 scale)",
+        "quanto-fp8": "optimum-quanto qfloat8_e4m3fn weight (per output channel, bf16 scale)",
+        "nf4": f"bitsandbytes NF4, blocksize 64, double-quantized absmax",
+    }[scheme]
+
+
+# ---------------------------------------------------------------------------------------------
+# a model root
+
+
+def link_tree(src: Path, dst: Path, skip: set[str] = frozenset()) -> None:
+    """Hard-link every file under src into dst (copy where links fail); existing same-size files are kept."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for entry in sorted(src.iterdir()):
+        if entry.name in skip:
+            continue
+        target = dst / entry.name
+        if entry.is_dir():
+            link_tree(entry, target)
+        elif not (target.exists() and target.stat().st_size == entry.stat().st_size):
+            target.unlink(missing_ok=True)
+            try:
+                os.link(entry.resolve(), target)
+            except OSError:  # another file system, or links not allowed
+                shutil.copy2(entry, target)
+
+
+def convert_checkpoint(src, dst, scheme: str, *, experts=("high", "low"), calib=None, alpha: float = 0.5,
+                       force: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES,
+                       on_shard: ShardHook | None = None, progress: bool = True) -> Path:
+    """Convert the experts of a model root into DST (see the module docstring). Returns DST.
+
+    `experts`: which to quantize ("high", "low"); the others are linked unquantized.
+    `calib`: activation statistics {"high": {linear: absmax}, "low": {...}} (calib.collect) for smoothing.
+    """
+    from wan_lite.checkpoint import find_experts
+
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
+    unknown = set(experts) - set(EXPERT_DIRS)
+    if unknown or not experts:
+        raise ValueError(f"--experts takes a comma list of high, low; got {','.join(experts)}")
+    src, dst = Path(src), Path(dst)
+    sources = dict(zip(("high", "low"), find_experts(src)))
+    if dst.resolve() == src.resolve():
+        raise ConversionError(f"--out {dst} is the source root: write the quantized model somewhere else")
+    if dst.exists() and not force:
+        raise ConversionError(f"{dst} already exists: pass --force to replace it, or choose another --out")
+    partial = dst.with_name(dst.name + ".partial")
+    partial.mkdir(parents=True, exist_ok=True)
+    link_tree(src, partial, skip={p.name for p in sources.values()})
+    for key, expert_src in sources.items():
+        out = partial / EXPERT_DIRS[key]
+        if key in experts:
+            convert_expert(expert_src, out, scheme, stats=None if calib is None else calib[key], alpha=alpha,
+                           force=force, max_shard_bytes=max_shard_bytes, on_shard=on_shard, progress=progress)
+        else:
+            link_tree(expert_src, out)
+    for key in experts:  # nothing is published until every shard re-opens with the right header and keys
+        out = partial / EXPERT_DIRS[key]
+        meta = json.loads((out / META_FILE).read_text())
+        for entry in meta["shards"]:
+            check_shard(out, entry, scheme)
+        (out / PROGRESS_FILE).unlink(missing_ok=True)
+    if dst.exists():
+        old = dst.with_name(f"{dst.name}.replaced-{os.getpid()}")
+        os.replace(dst, old)
+        os.replace(partial, dst)
+        shutil.rmtree(old)
+    else:
+        os.replace(partial, dst)
+    return dst

@@ -1,0 +1,254 @@
+"""The quantized matmuls, and the one place that picks between them.
+
+`select_kernel(device, scheme, override)` returns "w8a8" or "w8a16":
+
+- w8a8 fp8 (Ada sm89, Hopper sm90): per-token activation scales by a fused Triton kernel (one read
+  of each row of x, one write of the e4m3 row and its scale), then `torch._scaled_mm` with rowwise
+  scales (scale_a (M, 1), scale_b (1, N), fp32) and the bias in its epilogue, bf16 out. The weight is
+  stored row-major (N, K); `w.t()` is the column-major (K, N) operand `_scaled_mm` wants.
+- w8a8 int8 (Ampere+): the same fused activation kernel with absmax/127 and round-to-nearest-even,
+  then an int8 x int8 -> int32 GEMM whose epilogue applies scale_a (x) scale_b and the bias and
+  writes bf16 (Triton, `int8_matmul`). `torch._int_mm` followed by a separate dequantize reads and
+  writes an M x N int32 tensor in addition (about 15% of the time at Wan shapes); it stays as
+  `int8_matmul_torch` for the benchmark and as the reference of the Triton GEMM.
+- w8a16 (everything else, the CPU included): dequantize the weight to the compute dtype and run
+  a plain matmul. This is the reference the w8a8 paths are tested against.
+
+Unfused, the activation quantization alone (abs, amax, div, round, cast: five passes over x) makes
+fp8 slower than bf16 at Wan shapes (DESIGN.md section 2): fusing it is the point of the Triton kernel.
+
+Override order: the `override` argument, then the environment variable WAN_LITE_QUANT_KERNEL
+(w8a8 | w8a16), then the device's capability. Asking for w8a8 where it cannot run raises.
+
+Deliberately unsupported: static (calibrated) activation scales, per-group weight scales, fp8 e5m2.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+
+KERNELS = ("w8a8", "w8a16")
+ENV_VAR = "WAN_LITE_QUANT_KERNEL"
+QMAX = {"int8": 127.0, "fp8": 448.0}  # absmax maps to this value
+QDTYPE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+MIN_CAPABILITY = {"int8": (8, 0), "fp8": (8, 9)}  # _int_mm needs Ampere; e4m3 tensor cores Ada/Hopper
+PAD_M = 16  # _scaled_mm wants M % 16 == 0; _int_mm wants M > 16 and M % 8 == 0
+
+try:  # Triton ships with CUDA builds of torch; CPU builds have none (and need none: w8a16 runs there)
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the torch build
+    triton = None
+
+
+# ---------------------------------------------------------------------------------------------
+# the switch
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def w8a8_unsupported(device: torch.device, scheme: str) -> str | None:
+    """Why the w8a8 kernels cannot run for `scheme` on `device`, or None when they can."""
+    if scheme not in QMAX:
+        return f"scheme {scheme!r} has no w8a8 kernel (int8 and fp8 do)"
+    if device.type != "cuda":
+        return f"w8a8 needs a CUDA GPU, the tensors are on {device.type}"
+    if triton is None:
+        return "w8a8 needs Triton for the fused activation quantization, and this torch has none"
+    cap = _capability(device.index if device.index is not None else torch.cuda.current_device())
+    if cap < MIN_CAPABILITY[scheme]:
+        need = ".".join(map(str, MIN_CAPABILITY[scheme]))
+        return f"{scheme} w8a8 needs compute capability {need}+, this GPU is {cap[0]}.{cap[1]}"
+    return None
+
+
+def select_kernel(device, scheme: str, override: str | None = None) -> str:
+    """'w8a8' or 'w8a16' for a quantized Linear of `scheme` on `device` (see the module docstring)."""
+    choice = override or os.environ.get(ENV_VAR) or None
+    if choice is not None and choice not in KERNELS:
+        raise ValueError(f"unknown quantized-Linear kernel {choice!r} (from {'argument' if override else ENV_VAR}): "
+                         f"choose one of {', '.join(KERNELS)}")
+    why_not = w8a8_unsupported(torch.device(device), scheme)
+    if choice == "w8a8" and why_not:
+        raise RuntimeError(f"kernel w8a8 was asked for but {why_not}: use {ENV_VAR}=w8a16 (or leave it unset)")
+    return choice or ("w8a16" if why_not else "w8a8")
+
+
+# ---------------------------------------------------------------------------------------------
+# reference (plain torch) quantization and the w8a16 path
+
+
+def quantize_rows_reference(x: torch.Tensor, scheme: str, smooth: torch.Tensor | None = None):
+    """Symmetric per-row quantization of a 2-D x (optionally x / smooth first) in plain torch.
+
+    Returns (q (M, K) in the scheme's 8-bit dtype, scale (M, 1) float32) with x ~= q * scale. Used for
+    weights offline (rows = output channels) and as the reference of the fused activation kernel.
+    """
+    xf = x.float()
+    if smooth is not None:
+        xf = xf / smooth.float()
+    scale = xf.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / QMAX[scheme]  # (M, 1)
+    y = (xf / scale).clamp(-QMAX[scheme], QMAX[scheme])
+    q = y.round().to(torch.int8) if scheme == "int8" else y.to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def dequantize_weight(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(N, K) 8-bit weight and (N,) float32 scales -> (N, K) in `dtype` (int8 and e4m3 values are exact
+    in bf16, so only the product rounds)."""
+    return w.to(dtype) * scale.to(dtype)[:, None]
+
+
+def linear_w8a16(x2, w, w_scale, bias, smooth, dtype):
+    """Dequantize the weight to `dtype`, plain matmul: x2 (M, K) -> (M, N) in `dtype`."""
+    x2 = x2.to(dtype)
+    if smooth is not None:
+        x2 = x2 / smooth.to(dtype)
+    return F.linear(x2, dequantize_weight(w, w_scale, dtype), None if bias is None else bias.to(dtype))
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton: fused per-token activation quantization, int8 GEMM with a dequantizing epilogue
+
+if triton is not None:
+
+    @triton.jit
+    def _quantize_rows_kernel(x_ptr, smooth_ptr, q_ptr, scale_ptr, K, stride_x, stride_q,
+                              QMAX_: tl.constexpr, IS_INT8: tl.constexpr, HAS_SMOOTH: tl.constexpr,
+                              BLOCK_K: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_K)
+        mask = cols < K
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SMOOTH:  # div_rn: IEEE division, bit-identical to the torch reference
+            x = tl.div_rn(x, tl.load(smooth_ptr + cols, mask=mask, other=1.0))
+        scale = tl.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12), QMAX_)
+        y = tl.minimum(tl.maximum(tl.div_rn(x, scale), -QMAX_), QMAX_)
+        if IS_INT8:
+            q = ((y + 12582912.0) - 12582912.0).to(tl.int8)  # + 1.5 * 2^23: round half to even, as torch.round
+        else:
+            q = y.to(tl.float8e4nv)
+        tl.store(q_ptr + row * stride_q + cols, q, mask=mask)
+        tl.store(scale_ptr + row, scale)
+
+    def _int8_configs():
+        return [
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
+            for bm, bn, bk, s, w in [(128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 8),
+                                     (128, 256, 64, 4, 8), (128, 128, 64, 5, 4)]
+        ]
+
+    @triton.autotune(configs=_int8_configs(), key=["N", "K"])
+    @triton.jit
+    def _int8_matmul_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K,
+                            stride_am, stride_bn, stride_cm,
+                            HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        # a (M, K) row-major int8, b (N, K) row-major int8 (the weight), c (M, N) = a b^T * sa sb^T + bias
+        pid = tl.program_id(0)
+        num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        group = pid // (GROUP_M * num_n)
+        first_m = group * GROUP_M
+        size_m = min(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
+        pid_n = (pid % (GROUP_M * num_n)) // size_m
+        rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+        rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+        rk = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + rk[None, :]
+        b_ptrs = b_ptr + rn[None, :].to(tl.int64) * stride_bn + rk[:, None]  # (BLOCK_K, BLOCK_N) view of b^T
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for i in range(0, tl.cdiv(K, BLOCK_K)):
+            if EVEN_K:
+                a, b = tl.load(a_ptrs), tl.load(b_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=rk[None, :] < K - i * BLOCK_K, other=0)
+                b = tl.load(b_ptrs, mask=rk[:, None] < K - i * BLOCK_K, other=0)
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+            a_ptrs += BLOCK_K
+            b_ptrs += BLOCK_K
+        cm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        out = acc.to(tl.float32) * tl.load(sa_ptr + cm, mask=cm < M, other=0.0)[:, None]
+        out = out * tl.load(sb_ptr + cn, mask=cn < N, other=0.0)[None, :]
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + cn, mask=cn < N, other=0.0).to(tl.float32)[None, :]
+        mask = (cm[:, None] < M) & (cn[None, :] < N)
+        tl.store(c_ptr + cm[:, None].to(tl.int64) * stride_cm + cn[None, :], out.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+def quantize_rows(x: torch.Tensor, scheme: str, smooth: torch.Tensor | None = None, pad_to: int = PAD_M):
+    """Fused per-token quantization of a 2-D CUDA x: one Triton program per row.
+
+    Returns (q (Mp, K), scale (Mp, 1) float32) with Mp = M rounded up to `pad_to` (and > 16); padded
+    rows are zeros with scale 1. Same arithmetic as `quantize_rows_reference`.
+    """
+    m, k = x.shape
+    mp = max(-(-m // pad_to) * pad_to, 32)
+    x = x if x.stride(1) == 1 else x.contiguous()
+    q = torch.empty(mp, k, dtype=QDTYPE[scheme], device=x.device)
+    scale = torch.empty(mp, 1, dtype=torch.float32, device=x.device)
+    if mp > m:
+        q[m:].view(torch.int8).zero_()
+        scale[m:].fill_(1.0)
+    block = triton.next_power_of_2(k)
+    _quantize_rows_kernel[(m,)](x, smooth if smooth is not None else x, q, scale, k, x.stride(0), q.stride(0),
+                                QMAX_=QMAX[scheme], IS_INT8=scheme == "int8", HAS_SMOOTH=smooth is not None,
+                                BLOCK_K=block, num_warps=min(max(block // 512, 4), 16))
+    return q, scale
+
+
+def int8_matmul(xq, x_scale, w, w_scale, bias, out_dtype=torch.bfloat16):
+    """Triton int8 GEMM: xq (M, K) int8, x_scale (M, 1), w (N, K) int8, w_scale (N,) -> (M, N) out_dtype."""
+    m, k = xq.shape
+    n = w.shape[0]
+    c = torch.empty(m, n, dtype=out_dtype, device=xq.device)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+    _int8_matmul_kernel[grid](xq, w, c, x_scale, w_scale, bias if bias is not None else w_scale, m, n, k,
+                              xq.stride(0), w.stride(0), c.stride(0), HAS_BIAS=bias is not None,
+                              EVEN_K=k % 128 == 0)
+    return c
+
+
+def int8_matmul_torch(xq, x_scale, w, w_scale, bias, out_dtype=torch.bfloat16):
+    """`torch._int_mm` (int32 out) then a separate dequantize: the unfused variant, for the benchmark."""
+    acc = torch._int_mm(xq, w.t())  # (M, N) int32; w.t() is the column-major operand cuBLASLt wants
+    out = acc.float() * x_scale * w_scale[None, :]
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
+def fp8_matmul(xq, x_scale, w, w_scale, bias, out_dtype=torch.bfloat16, fast_accum: bool = False):
+    """`torch._scaled_mm` with rowwise scales: xq (M, K) e4m3, w (N, K) e4m3 -> (M, N) out_dtype."""
+    return torch._scaled_mm(xq, w.t(), scale_a=x_scale, scale_b=w_scale[None, :],
+                            bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype,
+                            use_fast_accum=fast_accum)
+
+
+def linear_w8a8(x2, w, w_scale, bias, smooth, scheme, out_dtype=torch.bfloat16):
+    """Fused activation quantization + 8-bit GEMM: x2 (M, K) -> (M, N) in out_dtype."""
+    m = x2.shape[0]
+    xq, x_scale = quantize_rows(x2, scheme, smooth)
+    if scheme == "fp8":  # rowwise _scaled_mm writes bf16 only
+        out = fp8_matmul(xq, x_scale, w, w_scale, bias, torch.bfloat16).to(out_dtype)
+    else:
+        out = int8_matmul(xq, x_scale, w, w_scale, bias, out_dtype)
+    return out[:m]
+
+
+def quant_linear(x: torch.Tensor, w, w_scale, bias, smooth, scheme: str, kernel: str, dtype: torch.dtype):
+    """y = (x / smooth) @ (w * w_scale)^T + bias for x (..., K) -> (..., N) in `dtype`."""
+    x2 = x.reshape(-1, x.shape[-1])  # (M, K)
+    if kernel == "w8a8":
+        y = linear_w8a8(x2, w, w_scale, bias, smooth, scheme, dtype)
+    else:
+        y = linear_w8a16(x2, w, w_scale, bias, smooth, dtype)
+    return y.view(*x.shape[:-1], w.shape[0])  # (..., N)
