@@ -39,7 +39,7 @@ def test_blockwise_bounds_the_block():
     assert seen == [torch.Size([1, 1, 1, 8])] * 10
 
 
-@pytest.mark.parametrize("name", ["sdpa-math", "blockwise"])
+@pytest.mark.parametrize("name", ["sdpa-flash", "sdpa-math", "blockwise", None])
 def test_cpu_backends_match_plain(name):
     q, k, v = (torch.randn(1, 2, 40, 8) for _ in range(3))
     assert rel(A.attention(q, k, v, backend=name), plain(q, k, v)) < 1e-5
@@ -48,7 +48,7 @@ def test_cpu_backends_match_plain(name):
 def test_choice_order(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.delenv(A.ENV, raising=False)
-    assert A.resolve(cpu) == ("blockwise", False)
+    assert A.resolve(cpu) == ("sdpa-flash", False)
     A.set_backend("sdpa-math")
     try:
         assert A.resolve(cpu) == ("sdpa-math", True)

@@ -8,12 +8,15 @@ runs is decided here and nowhere else, in this order:
 3. `set_backend(name)` (what the planner chose for this run),
 4. the device default: cuDNN SDPA on Hopper (1.6x its flash backend at Wan shapes, DESIGN section 2),
    flash SDPA on other CUDA GPUs of compute capability >= 8.0, memory-efficient SDPA on older ones,
-   and the block-wise path everywhere else (the CPU's math backend materializes L x L).
+   flash SDPA on the CPU (torch has a fused CPU kernel: 5x the math backend at L=8192 and flat in
+   memory, where the math backend materializes L x L), and the block-wise path on other devices.
 
 Backends: `sdpa-cudnn`, `sdpa-flash`, `sdpa-efficient`, `sdpa-math` pin one torch SDPA backend and
 fail loudly when it cannot run these inputs; `blockwise` is exact attention over query and head
-blocks, one math-SDPA call per block, so no tensor larger than `max_block_bytes` of scores ever
-exists (75,600^2 scores x 40 heads would be 457 GB). The device default (no override) lets torch fall
+blocks, one math-SDPA call per block, so at most `max_block_bytes` of scores (and their softmax, as
+much again) exist at once (75,600^2 scores x 40 heads would be 457 GB). It runs anywhere, in any
+dtype: the fallback where no fused kernel exists, and the exact reference the fused ones are tested
+against. The device default (no override) lets torch fall
 back down a priority list (e.g. cuDNN -> flash -> efficient -> math) when the first choice does not
 support the inputs (fp32 on CUDA, say); an explicit name never falls back.
 
@@ -51,6 +54,8 @@ def set_backend(name: str | None, *, max_block_bytes: int | None = None) -> None
 
 def device_default(device: torch.device) -> str:
     """The backend that runs when nothing overrides it."""
+    if device.type == "cpu":
+        return "sdpa-flash"
     if device.type != "cuda":
         return "blockwise"
     major, _ = torch.cuda.get_device_capability(device)

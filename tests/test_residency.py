@@ -1,0 +1,174 @@
+"""Residency on the CPU: the copy plan (pure), where each expert is at each step, and outputs that are
+bitwise those of the plain models in resident and streaming modes (fp32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wan_lite.config import ModelConfig, SamplingConfig
+from wan_lite.model import WanModel
+from wan_lite.pipeline import sample
+from wan_lite.residency import Call, HostExpert, Layout, Residency, swap_schedule, template, unit_names
+from wan_lite.scheduler import sigma_grid
+
+CFG = ModelConfig.tiny(num_layers=4)
+BOUNDARY = SamplingConfig().boundary_timestep
+
+
+def random_expert(seed: int) -> WanModel:
+    g = torch.Generator().manual_seed(seed)
+    model = WanModel(CFG).eval().requires_grad_(False)
+    for p in model.parameters():
+        p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.ndim > 1 else 0.1) / max(1, p.shape[-1]) ** 0.25)
+    return model
+
+
+@pytest.fixture(scope="module")
+def experts():
+    return random_expert(1), random_expert(2)
+
+
+def residency(experts, **kw) -> Residency:
+    high, low = experts
+    return Residency(template(CFG, torch.float32), HostExpert.from_module(high, pin=False),
+                     HostExpert.from_module(low, pin=False), device="cpu", **kw)
+
+
+def inputs(batch=1):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, CFG.in_dim, 2, 4, 6, generator=g)
+    return x, torch.randn(batch, 7, CFG.text_dim, generator=g), torch.randn(batch, 3, CFG.text_dim, generator=g)
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan, as data
+
+
+def test_layout_round_trip(experts):
+    high = experts[0]
+    host = HostExpert.from_module(high, pin=False)
+    state = high.state_dict()
+    for unit, lay in host.layouts.items():
+        for name, view in lay.views(host.flats[unit]).items():
+            assert torch.equal(view, state[name]) and view.dtype == state[name].dtype
+            assert (view.data_ptr() - host.flats[unit].data_ptr()) % 256 == 0
+    transposed = torch.randn(3, 5).t()  # non-contiguous but dense: strides are kept
+    lay = Layout.of({"w": transposed})
+    flat = torch.empty(lay.nbytes, dtype=torch.uint8)
+    lay.pack({"w": transposed}.__getitem__, flat)
+    assert lay.views(flat)["w"].stride() == transposed.stride() and torch.equal(lay.views(flat)["w"], transposed)
+
+
+def test_resident_swap_happens_in_the_last_high_pass():
+    """3 high steps, 2 low steps, sequential CFG (2 sweeps a call): the low expert's units go into the
+    slots right after each unit's uncond pass of the last high step, in unit order, and only then."""
+    units = unit_names(3)
+    calls = [Call("high", t, 2) for t in (999, 950, 900)] + [Call("low", t, 2) for t in (800, 500)]
+    copies = [c for c in swap_schedule(calls, units, "resident") if c[2] == "after"]
+    assert copies == [(2, 1, "after", u, u, "low", u) for u in units]
+    loads = [c for c in swap_schedule(calls, units, "resident") if c[2] == "before"]
+    assert [(c[0], c[5]) for c in loads] == [(0, "high")] * len(units)  # the first load, nothing else
+
+
+def test_streaming_cycles_blocks_through_two_slots():
+    units = unit_names(4)
+    calls = [Call("high", 999, 1), Call("low", 800, 1)]
+    sched = swap_schedule(calls, units, "streaming", slots=2)
+    after = [(c, used, slot, expert, unit) for c, _, kind, used, slot, expert, unit in sched if kind == "after"]
+    assert after[1:4] == [(0, "blocks.0", "slot0", "high", "blocks.2"), (0, "blocks.1", "slot1", "high", "blocks.3"),
+                         (0, "blocks.2", "slot0", "low", "blocks.0")]
+    # the high call sends the low expert's embed (right after its own ran), first two blocks and head
+    assert after[0] == (0, "embed", "embed", "low", "embed")
+    assert (0, "blocks.2", "slot0", "low", "blocks.0") in after
+    assert (0, "blocks.3", "slot1", "low", "blocks.1") in after
+    assert (0, "head", "head", "low", "head") in after
+    blocks_per_call = [sum(1 for c in sched if c[0] == k and c[6].startswith("blocks.")) for k in (0, 1)]
+    assert blocks_per_call == [2 + 2 + 2, 2]  # first load, blocks 2-3, low 0-1 sent ahead; then 2-3
+
+
+# ---------------------------------------------------------------------------------------------
+# running it
+
+
+def plain_guided(model, x, t, ctx, ctx_null, scale):
+    cond, uncond = model(x, t, ctx).float(), model(x, t, ctx_null).float()
+    return uncond + scale * (cond - uncond)
+
+
+@pytest.mark.parametrize("mode", ["resident", "streaming"])
+def test_guided_is_bitwise_the_plain_model(experts, mode):
+    x, ctx, ctx_null = inputs()
+    t = torch.tensor([900])
+    res = residency(experts, mode=mode, cfg_batched=False)
+    for name, model in zip(("high", "low"), experts):
+        got = getattr(res, name).guided(x, t, ctx, ctx_null, 4.0)
+        assert torch.equal(got, plain_guided(model, x, t, ctx, ctx_null, 4.0))
+
+
+def test_batched_cfg_same_in_both_modes_and_close_to_sequential(experts):
+    x, ctx, ctx_null = inputs(batch=2)
+    t = torch.tensor([900, 900])
+    outs = [residency(experts, mode=m, cfg_batched=True).high.guided(x, t, ctx, ctx_null, 4.0)
+            for m in ("resident", "streaming")]
+    assert torch.equal(outs[0], outs[1])
+    ref = plain_guided(experts[0], x, t, ctx, ctx_null, 4.0)
+    assert ((outs[0] - ref).norm() / ref.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["resident", "streaming"])
+def test_sample_through_residency(experts, mode):
+    """The real loop with plain calls (two a step): same latents as with the plain models, the high
+    expert on the device for high steps and the low one after, every later unit sent ahead of use."""
+    sampling = SamplingConfig(steps=4, solver="euler", shift=3.0)
+    _, timesteps = sigma_grid(sampling.steps, sampling.shift)
+    x, ctx, ctx_null = inputs()
+    ref = sample(*experts, x, ctx, ctx_null, sampling)
+
+    res = residency(experts, mode=mode)
+    res.plan_steps(timesteps.tolist(), sampling.boundary_timestep, calls_per_step=2)
+    seen = []
+    got = sample(res.high, res.low, x, ctx, ctx_null, sampling,
+                 callback=lambda i, n, t, expert: seen.append((expert, res.where())))
+    assert torch.equal(got, ref)
+    n_units = CFG.num_layers + 2
+    for _, where in seen:
+        # at the end of a step, the slots hold (or receive) what the next step needs
+        assert sum(len(v) for v in where.values()) == (n_units if mode == "resident" else 4)
+    assert [e for e, _ in seen] == ["high"] * 2 + ["low"] * 2
+    assert seen[1][1]["high"] == []  # after the last high step, everything is low's
+    first_load = n_units if mode == "resident" else 4
+    assert res.stats.misses == first_load
+
+
+def test_wrong_plan_is_an_error(experts):
+    res = residency(experts)
+    res.plan_steps([999, 800], BOUNDARY)
+    x, ctx, ctx_null = inputs()
+    with pytest.raises(RuntimeError, match="plan_steps"):
+        res.low.guided(x, torch.tensor([800]), ctx, ctx_null, 3.0)
+
+
+def test_no_plan_still_correct_with_load_on_demand(experts):
+    x, ctx, ctx_null = inputs()
+    res = residency(experts, mode="streaming")
+    for name, t in (("high", 999), ("high", 950), ("low", 800)):
+        got = getattr(res, name).guided(x, torch.tensor([t]), ctx, ctx_null, 3.0)
+        model = experts[0] if name == "high" else experts[1]
+        assert torch.equal(got, plain_guided(model, x, torch.tensor([t]), ctx, ctx_null, 3.0))
+    assert res.where()["low"] and not res.where()["high"]
+
+
+def test_checkpoint_source_through_staging(experts, official_root):
+    """Serving units from the memory-mapped checkpoint gives the loaded model's output."""
+    from wan_lite.checkpoint import load_expert, open_expert
+
+    model = load_expert(official_root.high, dtype=torch.float32)
+    tmpl = template(model.cfg, torch.float32)
+    src = HostExpert.from_checkpoint(open_expert(official_root.high), HostExpert.from_module(tmpl.to_empty(
+        device="cpu"), pin=False).layouts)
+    res = Residency(template(model.cfg, torch.float32), src, src, device="cpu", mode="streaming")
+    x = torch.randn(1, 16, 1, 4, 4)
+    ctx, ctx_null = torch.randn(1, 5, model.cfg.text_dim), torch.randn(1, 2, model.cfg.text_dim)
+    t = torch.tensor([999])
+    assert torch.equal(res.high.guided(x, t, ctx, ctx_null, 4.0), plain_guided(model, x, t, ctx, ctx_null, 4.0))

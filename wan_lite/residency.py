@@ -1,0 +1,549 @@
+"""Where the experts' weights live: VRAM slots, pinned host RAM or the memory-mapped checkpoint.
+
+The model is cut into units: `embed` (patch, text and time embeddings), `blocks.0` ... `blocks.N-1`,
+and `head`. Each unit of each expert is one flat byte buffer on the host (`HostExpert`), laid out by a
+`Layout` that both experts share, so moving a unit to the GPU is one copy of one buffer. On the
+device sits one skeleton `WanModel` whose tensors are views into device *slots*:
+
+- resident: one slot per unit, one expert's worth of VRAM. The other expert waits on the host. The
+  switch does not stall the loop: during the last call of the high-noise expert, as soon as a unit
+  has run for the last time (after the uncond pass), the low-noise expert's copy of that unit is
+  sent into the same slot on a side CUDA stream. By the time the first low-noise pass reaches a
+  block, its weights have been there for a whole pass.
+- streaming: the blocks share `slots` (default 2) buffers and cycle through them: when block i is
+  done, block i + slots is copied into its slot while blocks i+1 ... run. Classifier-free guidance
+  runs block-major (cond and uncond through block i before block i+1 arrives), so each block
+  crosses the bus once per step; `cfg_batched` runs the two as one batch of 2, else one after the
+  other per block.
+
+Both modes are one rule over the *use sequence* (every unit in the order the calls will use it,
+known from `plan_steps`): after a unit's last use before its slot is next needed by another
+(expert, unit), send that one into the slot (`next_occupant`). Without a plan the residency assumes
+each call repeats the last one, and a call that finds the wrong weights in a slot copies them then
+(a visible stall, counted in `stats`). On the CPU the copies are plain and synchronous, so the same
+code runs the tests.
+
+Contract with `pipeline.sample`: pass `residency.high` and `residency.low` as the experts. They are
+callable as `model(x, t, context)` and also offer `.guided(x, t, context, context_null, scale)`,
+the CFG velocity in float32 from one call (batched or block-major). Call
+`residency.plan_steps(timesteps, boundary)` before the loop so the swap can start early.
+
+Deliberately unsupported: tensor-subclass weights (every state tensor must be a dense plain tensor);
+more than two experts; overlapping the host-side read of a memory-mapped checkpoint with compute
+(it runs on the calling thread; the GPU keeps working through its queue meanwhile).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import psutil
+import torch
+import torch.nn as nn
+
+from .checkpoint import param_dtype
+from .config import ModelConfig
+from .model import WanModel
+
+ALIGN = 256  # bytes; every tensor in a flat unit buffer starts on this boundary
+MODES = ("resident", "streaming")
+EXPERTS = ("high", "low")
+
+
+# ---------------------------------------------------------------------------------------------
+# units and their flat layout
+
+
+def unit_of(name: str) -> str:
+    """The unit a state-dict key belongs to: 'blocks.<i>', 'head' or 'embed'."""
+    m = re.match(r"(blocks\.\d+)\.", name)
+    return m.group(1) if m else "head" if name.startswith("head.") else "embed"
+
+
+def unit_names(num_layers: int) -> list[str]:
+    """Units in the order one forward pass uses them."""
+    return ["embed", *(f"blocks.{i}" for i in range(num_layers)), "head"]
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    offset: int  # bytes into the unit's buffer
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each tensor of one unit sits in its flat byte buffer (the same for both experts)."""
+
+    entries: tuple[Entry, ...]
+    nbytes: int
+
+    @classmethod
+    def of(cls, tensors: Mapping[str, torch.Tensor]) -> Layout:
+        entries, offset = [], 0
+        for name, t in tensors.items():
+            if type(t) not in (torch.Tensor, nn.Parameter):
+                raise TypeError(f"{name} is a {type(t).__name__}: residency moves plain dense tensors only")
+            span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride())) if t.numel() else 0
+            if span != t.numel():
+                raise ValueError(f"{name} is not dense (shape {tuple(t.shape)}, stride {t.stride()})")
+            nbytes = t.numel() * t.element_size()
+            entries.append(Entry(name, tuple(t.shape), tuple(t.stride()), t.dtype, offset, nbytes))
+            offset += -(-nbytes // ALIGN) * ALIGN
+        return cls(tuple(entries), offset)
+
+    def views(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Typed, shaped views into a uint8 buffer of `nbytes` bytes."""
+        return {
+            e.name: flat[e.offset : e.offset + e.nbytes].view(e.dtype).as_strided(e.shape, e.stride)
+            for e in self.entries
+        }
+
+    def pack(self, tensors: Callable[[str], torch.Tensor], flat: torch.Tensor) -> None:
+        """Copy (and cast) each named tensor into its place in `flat`."""
+        for name, view in self.views(flat).items():
+            view.copy_(tensors(name))
+
+
+def layouts_of(template: nn.Module) -> dict[str, Layout]:
+    """One layout per unit, from a model's state dict (a meta-device template will do)."""
+    by_unit: dict[str, dict[str, torch.Tensor]] = {}
+    for name, t in template.state_dict().items():
+        by_unit.setdefault(unit_of(name), {})[name] = t
+    n = sum(1 for u in by_unit if u.startswith("blocks."))
+    return {u: Layout.of(by_unit[u]) for u in unit_names(n)}
+
+
+def template(cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16) -> WanModel:
+    """A meta-device WanModel with the dtypes `checkpoint.load_expert(dtype=...)` gives each tensor."""
+    with torch.device("meta"):
+        model = WanModel(cfg)
+    state = {n: torch.empty_like(t, dtype=param_dtype(n, dtype)) for n, t in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------
+# the host side
+
+
+class HostExpert:
+    """One expert's units in host memory: a flat (pinned if asked) buffer per unit, or read on demand
+    from a memory-mapped checkpoint through a pinned staging buffer."""
+
+    def __init__(self, layouts: dict[str, Layout], flats: dict[str, torch.Tensor] | None = None,
+                 read: Callable[[str], torch.Tensor] | None = None):
+        self.layouts = layouts
+        self.flats = flats  # unit -> uint8 buffer, or None when served from `read`
+        self.read = read  # name -> tensor (memory-mapped), used when flats is None
+
+    @classmethod
+    def empty(cls, layouts: dict[str, Layout], pin: bool) -> HostExpert:
+        return cls(layouts, {u: torch.empty(lay.nbytes, dtype=torch.uint8, pin_memory=pin)
+                             for u, lay in layouts.items()})
+
+    @classmethod
+    def from_module(cls, model: nn.Module, pin: bool | None = None) -> HostExpert:
+        """Copy a model's weights into per-unit buffers; pinned when `pin`, or (None) when RAM allows."""
+        layouts = layouts_of(model)
+        total = sum(lay.nbytes for lay in layouts.values())
+        if pin is None:
+            pin = torch.cuda.is_available() and psutil.virtual_memory().available > 2 * total
+        host = cls.empty(layouts, pin)
+        state = model.state_dict()
+        for u, lay in layouts.items():
+            lay.pack(state.__getitem__, host.flats[u])
+        return host
+
+    @classmethod
+    def from_checkpoint(cls, source, layouts: dict[str, Layout]) -> HostExpert:
+        """Serve units straight from a memory-mapped checkpoint (`checkpoint.open_expert`)."""
+        return cls(layouts, read=source.tensor)
+
+    @property
+    def pinned(self) -> bool:
+        return self.flats is not None and next(iter(self.flats.values())).is_pinned()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(lay.nbytes for lay in self.layouts.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# the use sequence (pure: tested without a GPU)
+
+
+@dataclass(frozen=True)
+class Call:
+    expert: str  # "high" | "low"
+    t: int | None  # the timestep, checked against the real call; None: not checked
+    sweeps: int  # passes over the units in this call (2: sequential CFG, pass by pass)
+
+
+def slot_of(unit: str, mode: str, slots: int) -> str:
+    """The device buffer a unit runs from: its own in resident mode; blocks share `slots` when streaming."""
+    if mode == "streaming" and unit.startswith("blocks."):
+        return f"slot{int(unit.split('.')[1]) % slots}"
+    return unit
+
+
+def next_occupant(calls: list[Call], pos: tuple[int, int, int], units: list[str], mode: str,
+                  slots: int) -> tuple[str, str] | None:
+    """After the use of units[u] in sweep s of call c, the (expert, unit) that next needs that slot.
+
+    Beyond the planned calls nothing is known: returns None at the end of the plan, so a finished
+    plan never sends weights nobody asked for (the next call copies what it needs).
+    """
+    c, s, u = pos
+    slot = slot_of(units[u], mode, slots)
+    while True:
+        u += 1
+        if u == len(units):
+            u, s = 0, s + 1
+            if s == calls[c].sweeps:
+                s, c = 0, c + 1
+                if c == len(calls):
+                    return None
+        if slot_of(units[u], mode, slots) == slot:
+            return calls[c].expert, units[u]
+
+
+class Placement:
+    """Which (expert, unit) each device slot holds or is receiving, and which copy to issue when.
+
+    Pure bookkeeping, no tensors: `Residency` runs on it, and `swap_schedule` replays it for tests.
+    `calls` is the plan; calls past `planned` were not planned, and the lookahead assumes they repeat.
+    """
+
+    def __init__(self, units: list[str], mode: str, slots: int):
+        self.units, self.mode, self.slots = units, mode, slots
+        self.content: dict[str, tuple[str, str]] = {}
+        self.calls: list[Call] = []
+        self.planned = 0  # calls[:planned] came from plan_steps
+
+    def slot(self, u: int) -> str:
+        return slot_of(self.units[u], self.mode, self.slots)
+
+    def before(self, expert: str, u: int) -> tuple[str, str, str] | None:
+        """Before units[u] runs for `expert`: the copy it needs now (slot, expert, unit), if any."""
+        want, slot = (expert, self.units[u]), self.slot(u)
+        if self.content.get(slot) == want:
+            return None
+        self.content[slot] = want
+        return slot, *want
+
+    def after(self, c: int, s: int, u: int) -> tuple[str, str, str] | None:
+        """After units[u] ran in sweep s of call c: the copy to send into its slot now, if any."""
+        calls = self.calls if c < self.planned else self.calls[: c + 1] + [self.calls[c]]
+        nxt = next_occupant(calls, (c, s, u), self.units, self.mode, self.slots)
+        slot = self.slot(u)
+        if nxt is None or self.content.get(slot) == nxt:
+            return None
+        self.content[slot] = nxt
+        return slot, *nxt
+
+    def first(self, c: int) -> list[tuple[str, str, str]]:
+        """The copies that put call c's first units in place (a prefetch before it runs)."""
+        if c >= len(self.calls):
+            return []
+        expert, out, seen = self.calls[c].expert, [], set()
+        for u in range(len(self.units)):
+            if self.slot(u) not in seen:
+                seen.add(self.slot(u))
+                if (copy := self.before(expert, u)) is not None:
+                    out.append(copy)
+        return out
+
+
+def swap_schedule(calls: list[Call], units: list[str], mode: str, slots: int = 2) -> list[tuple]:
+    """Replay a plan: every copy in order, as (call, sweep, "before" | "after", unit used, slot, expert,
+    unit sent). "before" copies are loads at the moment of use (the first call's, or misses)."""
+    placement = Placement(units, mode, slots)
+    placement.calls, placement.planned = list(calls), len(calls)
+    out = []
+    for c, call in enumerate(calls):
+        for s in range(call.sweeps):
+            for u, unit in enumerate(units):
+                if (copy := placement.before(call.expert, u)) is not None:
+                    out.append((c, s, "before", unit, *copy))
+                if (copy := placement.after(c, s, u)) is not None:
+                    out.append((c, s, "after", unit, *copy))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# copies: a side CUDA stream with events, or plain copies on the CPU
+
+
+class _Copier:
+    def __init__(self, device: torch.device, measure: bool):
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.measure = measure and self.cuda
+
+    def mark(self):
+        """An event on the compute stream, now."""
+        if not self.cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, after):
+        """dst <- src on the side stream once `after` has passed; returns the copy's done event."""
+        if not self.cuda:
+            dst.copy_(src)
+            return None
+        with torch.cuda.stream(self.stream):
+            if after is not None:
+                self.stream.wait_event(after)
+            dst.copy_(src, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self.stream)
+        return done
+
+    def wait(self, done):
+        """Make the compute stream wait for a copy; with `measure`, returns an event pair around the wait."""
+        if done is None:
+            return None
+        if not self.measure:
+            torch.cuda.current_stream().wait_event(done)
+            return None
+        before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        before.record()
+        torch.cuda.current_stream().wait_event(done)
+        after.record()
+        return before, after
+
+
+@dataclass
+class Stats:
+    copies: int = 0  # units sent ahead of their use
+    misses: int = 0  # units copied at the moment they were needed: the first load, or no/wrong plan
+    bytes: int = 0
+    host_wait_s: float = 0.0  # time the calling thread spent filling staging buffers
+    waits: list = field(default_factory=list)  # (call, unit, event pair) with measure=True
+
+    def stall_ms(self, call: int | None = None) -> float:
+        """Compute-stream time spent waiting for copies (all calls, or one call), in ms."""
+        if self.waits:
+            torch.cuda.synchronize()
+        return sum(a.elapsed_time(b) for c, _, (a, b) in self.waits if call is None or c == call)
+
+
+# ---------------------------------------------------------------------------------------------
+# the residency
+
+
+class Residency:
+    """Both experts' weights and the device slots they run from; `high` / `low` are the experts.
+
+    mode: "resident" (one expert in VRAM, the other on the host, swapped without a stall) or
+    "streaming" (blocks cycle through `slots` device buffers). cfg_batched: `guided` runs cond and
+    uncond as one batch of 2 (else one after the other; block-major when streaming).
+    overlap: send weights ahead of use (off: every copy happens when a unit is needed, to measure).
+    measure: time the compute stream's waits for copies (`stats.stall_ms`).
+    """
+
+    def __init__(self, template: nn.Module, high: HostExpert, low: HostExpert, *, device="cuda",
+                 mode: str = "resident", cfg_batched: bool = False, slots: int = 2, overlap: bool = True,
+                 measure: bool = False):
+        if mode not in MODES:
+            raise ValueError(f"unknown residency mode {mode!r}: choose one of {', '.join(MODES)}")
+        self.template = template
+        self.hosts = {"high": high, "low": low}
+        self.device = torch.device(device)
+        self.mode, self.cfg_batched, self.overlap = mode, cfg_batched, overlap
+        self.layouts = layouts_of(template)
+        for name, host in self.hosts.items():
+            if host.layouts != self.layouts:
+                raise ValueError(f"the {name} expert's tensors differ from the model's: build both experts "
+                                 "with the same config, dtype and quantization")
+        self.units = list(self.layouts)
+        n = len(self.units) - 2
+        if mode == "streaming" and n % slots:
+            divisors = ", ".join(str(k) for k in range(2, n + 1) if n % k == 0)
+            raise ValueError(f"streaming slots must divide the {n} blocks (block i runs from slot i % slots, "
+                             f"so each call starts where the last one ended): use one of {divisors}")
+        self.placement = Placement(self.units, mode, slots)
+        self._copier = _Copier(self.device, measure)
+        self._model: WanModel | None = None  # the device skeleton, built on first use
+        self._buffers: dict[str, torch.Tensor] = {}  # slot -> device uint8 buffer
+        self._ready: dict[str, object] = {}  # slot -> copy-done event
+        self._free: dict[str, object] = {}  # slot -> compute-done event
+        self._staging: list[tuple[torch.Tensor, object]] = []  # pinned staging buffers (mapped experts)
+        self._call = -1  # index into placement.calls of the call running now
+        self.stats = Stats()
+        self.trace: list[tuple] | None = None  # set to [] to record every copy
+        self.high, self.low = Expert(self, "high"), Expert(self, "low")
+
+    # -- the plan --------------------------------------------------------------------------------
+
+    def sweeps(self, guided: bool) -> int:
+        """Passes over the units per call: sequential CFG in resident mode goes pass by pass."""
+        return 2 if guided and not self.cfg_batched and self.mode == "resident" else 1
+
+    def plan_steps(self, timesteps: Iterable[int], boundary: float, calls_per_step: int = 1) -> None:
+        """Tell the residency the steps ahead: one `guided` call per step (calls_per_step=1), or two
+        plain calls (2). The experts follow `t >= boundary`, as the loop does."""
+        sweeps = self.sweeps(guided=calls_per_step == 1)
+        plan = [Call("high" if t >= boundary else "low", int(t), sweeps)
+                for t in timesteps for _ in range(calls_per_step)]
+        p = self.placement
+        p.calls = p.calls[: self._call + 1] + plan
+        p.planned = len(p.calls)
+
+    def prefetch(self) -> None:
+        """Start copying what the next planned call needs first (e.g. while the text encoder runs)."""
+        self._skeleton()
+        for copy_ in self.placement.first(self._call + 1):
+            self._send(*copy_)
+
+    def where(self) -> dict[str, list[str]]:
+        """Which expert's units sit (or are on their way) in the device slots."""
+        out = {e: [] for e in EXPERTS}
+        for expert, unit in self.placement.content.values():
+            out[expert].append(unit)
+        return out
+
+    def evict(self) -> None:
+        """Give the VRAM back (before the VAE decodes, say); the next call loads what it needs."""
+        if self._copier.cuda:
+            torch.cuda.synchronize(self.device)
+        self._model, self._buffers, self._ready, self._free, self._staging = None, {}, {}, {}, []
+        self.placement.content = {}
+
+    @property
+    def device_bytes(self) -> int:
+        """VRAM the slots take: the weights' share of this mode."""
+        return sum(self._slot_sizes().values())
+
+    # -- running a call ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def run(self, expert: str, t: torch.Tensor, sweeps: list[list[tuple[torch.Tensor, torch.Tensor]]]):
+        """Run the model with `expert`'s weights over `sweeps`, each a list of (x, context) passes that
+        go through the blocks together (block-major); returns the outputs in pass order."""
+        self._begin(expert, t, len(sweeps))
+        model, outs, last = self._skeleton(), [], len(self.units) - 1
+        for s, passes in enumerate(sweeps):
+            self._use(expert, 0)
+            states = [model.embed(x, t, ctx) for x, ctx in passes]
+            self._done(s, 0)
+            hs = [h for h, _ in states]
+            for i, block in enumerate(model.blocks):
+                self._use(expert, i + 1)
+                hs = [block(h, cond) for h, (_, cond) in zip(hs, states)]
+                self._done(s, i + 1)
+            self._use(expert, last)
+            outs += [model.unembed(h, cond) for h, (_, cond) in zip(hs, states)]
+            self._done(s, last)
+        return outs
+
+    def _begin(self, expert: str, t: torch.Tensor, sweeps: int) -> None:
+        self._call += 1
+        c, p, t0 = self._call, self.placement, int(t.reshape(-1)[0])
+        if c < len(p.calls):
+            planned = p.calls[c]
+            if (planned.expert, planned.sweeps) != (expert, sweeps) or planned.t not in (None, t0):
+                raise RuntimeError(
+                    f"call {c} runs the {expert} expert at t={t0} with {sweeps} sweep(s), but plan_steps "
+                    f"said {planned.expert} at t={planned.t} with {planned.sweeps}: give plan_steps the "
+                    "loop's timesteps and boundary (calls_per_step=2 if the loop calls each expert twice a step)")
+        else:  # no plan: the lookahead assumes this call repeats
+            p.calls.append(Call(expert, t0, sweeps))
+
+    def _use(self, expert: str, u: int) -> None:
+        """Before units[u] runs: its slot must hold `expert`'s copy, and the compute stream waits for it."""
+        if (copy_ := self.placement.before(expert, u)) is not None:
+            self.stats.misses += 1
+            self._send(*copy_)
+        waited = self._copier.wait(self._ready.pop(self.placement.slot(u), None))
+        if waited is not None:
+            self.stats.waits.append((self._call, self.units[u], waited))
+
+    def _done(self, s: int, u: int) -> None:
+        """After units[u] ran in sweep s: send the slot's next occupant, if it is another (expert, unit)."""
+        self._free[self.placement.slot(u)] = self._copier.mark()
+        if self.overlap and (copy_ := self.placement.after(self._call, s, u)) is not None:
+            self.stats.copies += 1
+            self._send(*copy_)
+
+    def _send(self, slot: str, expert: str, unit: str) -> None:
+        host, nbytes = self.hosts[expert], self.layouts[unit].nbytes
+        if self.trace is not None:
+            self.trace.append((self._call, slot, expert, unit))
+        src = host.flats[unit] if host.flats is not None else self._stage(host, unit)
+        self._ready[slot] = done = self._copier.copy(self._buffers[slot][:nbytes], src, self._free.get(slot))
+        self.stats.bytes += nbytes
+        if host.flats is None:
+            self._staging.append((src, done))
+
+    def _stage(self, host: HostExpert, unit: str) -> torch.Tensor:
+        """Read a unit from the memory-mapped checkpoint into a pinned staging buffer (two, in turn)."""
+        start, nbytes = time.perf_counter(), self.layouts[unit].nbytes
+        if len(self._staging) >= 2:  # reuse the oldest buffer once its copy is done
+            buf, done = self._staging.pop(0)
+            if done is not None:
+                done.synchronize()
+            buf = buf._base if buf._base is not None else buf
+        else:
+            size = max(lay.nbytes for lay in self.layouts.values())
+            buf = torch.empty(size, dtype=torch.uint8, pin_memory=self._copier.cuda)
+        self.layouts[unit].pack(host.read, buf[:nbytes])
+        self.stats.host_wait_s += time.perf_counter() - start
+        return buf[:nbytes]
+
+    def _slot_sizes(self) -> dict[str, int]:
+        sizes: dict[str, int] = {}
+        for u, lay in enumerate(self.layouts.values()):
+            slot = self.placement.slot(u)
+            sizes[slot] = max(sizes.get(slot, 0), lay.nbytes)
+        return sizes
+
+    def _skeleton(self) -> WanModel:
+        """The device model: each unit's tensors are views into its slot's buffer (shared when streaming)."""
+        if self._model is None:
+            self._buffers = {slot: torch.empty(n, dtype=torch.uint8, device=self.device)
+                             for slot, n in self._slot_sizes().items()}
+            state = {}
+            for u, lay in enumerate(self.layouts.values()):
+                state.update(lay.views(self._buffers[self.placement.slot(u)]))
+            model = copy.deepcopy(self.template)
+            model.load_state_dict(state, assign=True)
+            self._model = model.eval().requires_grad_(False)
+        return self._model
+
+
+class Expert:
+    """One expert as the loop sees it: `expert(x, t, context)`, or `expert.guided(...)` for CFG in one call."""
+
+    def __init__(self, residency: Residency, name: str):
+        self.residency, self.name = residency, name
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.residency.run(self.name, t, [[(x, context)]])[0]
+
+    def guided(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, context_null: torch.Tensor,
+               scale: float) -> torch.Tensor:
+        """uncond + scale * (cond - uncond) in float32, as `pipeline.guided_velocity`, from one call."""
+        r = self.residency
+        if r.cfg_batched:
+            n = max(context.shape[1], context_null.shape[1])
+            pad = lambda c: torch.nn.functional.pad(c, (0, 0, 0, n - c.shape[1]))  # zeros, as the model pads
+            both = r.run(self.name, torch.cat([t, t]), [[(torch.cat([x, x]), torch.cat([pad(context),
+                                                                                        pad(context_null)]))]])[0]
+            cond, uncond = both.float().chunk(2)
+        elif r.mode == "streaming":  # block-major: both passes through block i before block i+1
+            cond, uncond = (v.float() for v in r.run(self.name, t, [[(x, context), (x, context_null)]]))
+        else:  # pass by pass
+            cond, uncond = (v.float() for v in r.run(self.name, t, [[(x, context)], [(x, context_null)]]))
+        return uncond + scale * (cond - uncond)
