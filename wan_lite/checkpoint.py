@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +90,10 @@ def detect_layout(path: Path) -> str:
                               "or transformer/), or a model root to find_experts()")
     if (path / QUANT_MARKER).exists():
         return "wan-lite-quant"
+    experts = [d for d in ("high_noise_model", "transformer") if (path / d).is_dir()]
+    if experts and not (path / "config.json").exists():
+        raise CheckpointError(f"{path} is a model root, not one expert: pass {path / experts[0]} (one expert "
+                              "folder), or use find_experts(root) to get both")
     config = _read_config(path)
     if config.get("_class_name") == "WanTransformer3DModel" or "num_attention_heads" in config:
         return "diffusers"
@@ -122,6 +127,17 @@ def find_experts(root) -> tuple[Path, Path]:
         "Wan-AI/Wan2.2-T2V-A14B) or transformer/ + transformer_2/ (Wan-AI/Wan2.2-T2V-A14B-Diffusers)")
 
 
+@contextmanager
+def _open(file: Path):
+    """safe_open that reports a damaged or truncated file as a CheckpointError naming it."""
+    try:
+        handle = safe_open(file, framework="pt")
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise CheckpointError(f"cannot read {file} ({e}): the file is damaged or truncated, download it again") from e
+    with handle as f:
+        yield f
+
+
 def _weight_files(path: Path) -> dict[str, Path]:
     """Map each stored tensor name to its file, checking that every shard named by the index exists."""
     indexes = sorted(path.glob("*.safetensors.index.json"))
@@ -134,13 +150,19 @@ def _weight_files(path: Path) -> dict[str, Path]:
         if missing:
             raise CheckpointError(f"{path}: shard(s) {', '.join(missing)} named in {indexes[0].name} are missing: "
                                   "download them again (the other shards can stay)")
+        for shard in shards:  # the index must not promise tensors a shard lacks
+            with _open(path / shard) as f:
+                absent = sorted({n for n, s in weight_map.items() if s == shard} - set(f.keys()))
+            if absent:
+                raise CheckpointError(f"{path / shard} lacks {_clip(absent)} that {indexes[0].name} puts there: "
+                                      "the shard is damaged or from another model, download it again")
         return {name: path / f for name, f in weight_map.items()}
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{path} has no .safetensors files: download the expert's weights into it")
     names = {}
     for f in files:
-        with safe_open(f, framework="pt") as sf:
+        with _open(f) as sf:
             names.update({k: f for k in sf.keys()})
     return names
 
@@ -160,12 +182,8 @@ class ExpertSource:
 
     def tensor(self, name: str) -> torch.Tensor:
         """One tensor in its stored dtype, read from the memory-mapped file."""
-        try:
-            with safe_open(self.files[name], framework="pt") as f:
-                return f.get_tensor(self.stored[name])
-        except Exception as e:  # safetensors raises its own error types for truncated files
-            raise CheckpointError(f"cannot read {self.stored[name]} from {self.files[name]} ({e}): "
-                                  "the file is damaged, download it again") from e
+        with _open(self.files[name]) as f:
+            return f.get_tensor(self.stored[name])
 
     def fingerprint(self) -> str:
         """Identifies the source: file names, sizes and config, hashed (no full read)."""
@@ -196,7 +214,7 @@ def _shape(source: ExpertSource, name: str) -> list[int]:
     if name not in source.files:
         raise CheckpointError(f"{source.path}: tensor {source.stored.get(name, name)!r} is missing, so the model "
                               "size cannot be read: the checkpoint is incomplete, download it again")
-    with safe_open(source.files[name], framework="pt") as f:
+    with _open(source.files[name]) as f:
         return list(f.get_slice(source.stored[name]).get_shape())
 
 
@@ -254,7 +272,7 @@ def load_expert(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu") -> W
     for name in expected:
         by_file.setdefault(source.files[name], []).append(name)
     for file, names in by_file.items():  # check every shape before reading any data
-        with safe_open(file, framework="pt") as f:
+        with _open(file) as f:
             for name in names:
                 stored = list(f.get_slice(source.stored[name]).get_shape())
                 if stored != list(expected[name]):
@@ -263,7 +281,7 @@ def load_expert(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu") -> W
                         f"{list(expected[name])}: the shards mix different models, download them again")
     state = {}
     for file, names in by_file.items():
-        with safe_open(file, framework="pt") as f:
+        with _open(file) as f:
             for name in names:
                 state[name] = f.get_tensor(source.stored[name]).to(device=device, dtype=param_dtype(name, dtype))
     model.load_state_dict(state, assign=True)
