@@ -48,6 +48,8 @@ from .format import (
 EXPERT_DIRS = {"high": "high_noise_model", "low": "low_noise_model"}
 PROGRESS_FILE = "progress.json"
 MAX_SHARD_BYTES = 512 * 2**20
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 ShardHook = Callable[[str, int, Path], None]  # (expert dir, shard index, shard path), after each commit
 
@@ -61,15 +63,12 @@ class ConversionError(RuntimeError):
 
 
 def quantize_linear(scheme: str, weight: torch.Tensor, smooth: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """The tensors stored for one quantized Linear's weight, by suffix (`weight`, `weight_scale`, ...)."""
+    """The tensors stored for one quantized Linear's weight (W * smooth), by suffix (`weight`, ...)."""
     if scheme in ("int8", "fp8"):
         from .linear import quantize_linear_weight
 
         q, scale = quantize_linear_weight(weight, scheme, smooth)
-        out = {"weight": q, "weight_scale": scale}
-        if smooth is not None:
-            out["smooth"] = smooth.float()
-        return out
+        return {"weight": q, "weight_scale": scale}
     from . import backends
 
     if smooth is not None:
@@ -218,12 +217,15 @@ def convert_expert(src, out, scheme: str, *, stats: dict[str, torch.Tensor] | No
             if module in linears and leaf == "weight":
                 for suffix, v in quantize_linear(scheme, t, s).items():
                     tensors[f"{module}.{suffix}"] = v.contiguous()
+                if linear_specs[module]["smooth"]:  # no preceding op took the 1/s: the Linear applies it
+                    tensors[f"{module}.smooth"] = s.float().contiguous()
             else:
                 tensors[name] = t.to(torch.float32).contiguous()
             del t
             bar.update(1)
         tmp = out / f".{fname}.tmp"
         save_file(tensors, tmp, metadata=header)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # safetensors creates 0600 files; model files are shared read-only
         _fsync(tmp)
         os.replace(tmp, path)
         done[fname] = {"file": fname, "bytes": path.stat().st_size, "sha256": _sha256(path),

@@ -114,6 +114,17 @@ def linear_w8a16(x2, w, w_scale, bias, smooth, dtype):
     return F.linear(x2, dequantize_weight(w, w_scale, dtype), None if bias is None else bias.to(dtype))
 
 
+def linear_w8a8_reference(x2, w, w_scale, bias, smooth, scheme, dtype):
+    """What w8a8 computes, in plain torch on any device: quantize x per token, float64 matmul of the
+    8-bit values, scale. The reference the fused GPU kernels are tested against."""
+    xq, x_scale = quantize_rows_reference(x2, scheme, smooth)
+    acc = xq.double() @ w.double().t()  # exact for int8 (and for e4m3 products) in float64
+    out = acc * x_scale.double() * w_scale.double()[None, :]
+    if bias is not None:
+        out = out + bias.double()
+    return out.to(dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # Triton: fused per-token activation quantization, int8 GEMM with a dequantizing epilogue
 

@@ -1,0 +1,1 @@
+"""Calibration prompts (`prompts.txt`) and activation statistics for SmoothQuant (`collect.py`)."""
