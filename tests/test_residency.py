@@ -172,3 +172,40 @@ def test_checkpoint_source_through_staging(experts, official_root):
     ctx, ctx_null = torch.randn(1, 5, model.cfg.text_dim), torch.randn(1, 2, model.cfg.text_dim)
     t = torch.tensor([999])
     assert torch.equal(res.high.guided(x, t, ctx, ctx_null, 4.0), plain_guided(model, x, t, ctx, ctx_null, 4.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# on the GPU: the side stream and events must give the same bits as the plain model
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("mode", "batched"), [("resident", False), ("streaming", False), ("streaming", True)])
+def test_gpu_swap_and_streaming_match_plain(mode, batched):
+    cfg = ModelConfig.tiny(dim=256, ffn_dim=512, num_heads=2, num_layers=8)
+    g = torch.Generator().manual_seed(0)
+    experts = []
+    for _ in range(2):
+        m = WanModel(cfg).eval().requires_grad_(False)
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        experts.append(m)
+    res = Residency(template(cfg, torch.float32), *(HostExpert.from_module(m, pin=True) for m in experts),
+                    device="cuda", mode=mode, cfg_batched=batched, measure=True)
+    plain = [m.cuda() for m in experts]
+    x = torch.randn(1, cfg.in_dim, 3, 16, 16, device="cuda")
+    ctx, ctx_null = torch.randn(1, 9, cfg.text_dim, device="cuda"), torch.randn(1, 4, cfg.text_dim, device="cuda")
+    ts = [999, 950, 900, 800, 700]
+    res.plan_steps(ts, BOUNDARY)
+    for t in ts:
+        tt = torch.tensor([t], device="cuda")
+        name, model = ("high", plain[0]) if t >= BOUNDARY else ("low", plain[1])
+        got = getattr(res, name).guided(x, tt, ctx, ctx_null, 4.0)
+        if batched:
+            ref = getattr(Residency(template(cfg, torch.float32), *res.hosts.values(), device="cuda",
+                                    mode="resident", cfg_batched=True), name).guided(x, tt, ctx, ctx_null, 4.0)
+        else:
+            ref = plain_guided(model, x, tt, ctx, ctx_null, 4.0)
+        assert torch.equal(got, ref), (mode, t)
+    first = len(cfg.num_layers * [0]) + 2 if mode == "resident" else 4
+    assert res.stats.misses == first  # the first load only: every later copy was sent ahead

@@ -52,13 +52,13 @@ def set_backend(name: str | None, *, max_block_bytes: int | None = None) -> None
     _block_bytes = max_block_bytes or DEFAULT_BLOCK_BYTES
 
 
-def device_default(device: torch.device) -> str:
-    """The backend that runs when nothing overrides it."""
+def device_default(device: torch.device, capability: tuple[int, int] | None = None) -> str:
+    """The backend that runs when nothing overrides it (`capability`: plan for a CUDA card not present)."""
     if device.type == "cpu":
         return "sdpa-flash"
     if device.type != "cuda":
         return "blockwise"
-    major, _ = torch.cuda.get_device_capability(device)
+    major, _ = capability or torch.cuda.get_device_capability(device)
     return "sdpa-cudnn" if major == 9 else "sdpa-flash" if major >= 8 else "sdpa-efficient"
 
 

@@ -47,7 +47,7 @@ import torch.nn as nn
 
 from .checkpoint import param_dtype
 from .config import ModelConfig
-from .model import WanModel
+from .model import WanModel, compile_blocks
 
 ALIGN = 256  # bytes; every tensor in a flat unit buffer starts on this boundary
 MODES = ("resident", "streaming")
@@ -350,18 +350,19 @@ class Residency:
     "streaming" (blocks cycle through `slots` device buffers). cfg_batched: `guided` runs cond and
     uncond as one batch of 2 (else one after the other; block-major when streaming).
     overlap: send weights ahead of use (off: every copy happens when a unit is needed, to measure).
+    compile: `model.compile_blocks` on the device model (fuses the float32 work between matmuls).
     measure: time the compute stream's waits for copies (`stats.stall_ms`).
     """
 
     def __init__(self, template: nn.Module, high: HostExpert, low: HostExpert, *, device="cuda",
                  mode: str = "resident", cfg_batched: bool = False, slots: int = 2, overlap: bool = True,
-                 measure: bool = False):
+                 compile: bool = False, measure: bool = False):
         if mode not in MODES:
             raise ValueError(f"unknown residency mode {mode!r}: choose one of {', '.join(MODES)}")
         self.template = template
         self.hosts = {"high": high, "low": low}
         self.device = torch.device(device)
-        self.mode, self.cfg_batched, self.overlap = mode, cfg_batched, overlap
+        self.mode, self.cfg_batched, self.overlap, self.compile = mode, cfg_batched, overlap, compile
         self.layouts = layouts_of(template)
         for name, host in self.hosts.items():
             if host.layouts != self.layouts:
@@ -520,6 +521,8 @@ class Residency:
             model = copy.deepcopy(self.template)
             model.load_state_dict(state, assign=True)
             self._model = model.eval().requires_grad_(False)
+            if self.compile:
+                compile_blocks(self._model)
         return self._model
 
 

@@ -1,0 +1,382 @@
+"""python -m wan_lite.bench: time the denoising loop at full A14B size with random weights.
+
+    python -m wan_lite.bench --res 720p --frames 81 --quant int8 --vram-gb 24 [--mode resident|streaming]
+                             [--steps N] [--baselines] [--json out.json]
+
+Both experts get random weights of the real size and format, generated on the GPU and kept in pinned
+host RAM as the residency holds them (no checkpoint on disk). The process is capped with
+`torch.cuda.set_per_process_memory_fraction(vram_gb / card)`, so PyTorch's allocator behaves as on a
+card of that size. One warm-up pass (compilation, kernel autotuning, the first load), then `--steps`
+guided steps with the high-noise expert (the last of which swaps the low-noise expert in) and as many
+with the low-noise one; per-step times are extrapolated to the official 26 + 14 steps.
+
+Reported: seconds per step for each expert, the visible swap stall (time the compute stream waited
+for weight copies during the first low-noise step), peak VRAM (allocated and reserved), host RAM,
+the 40-step total, and the time a plain `.to("cuda")` of one expert from pageable memory takes.
+`--baselines` adds, in the same process: our bf16 resident path without a cap, and diffusers'
+`WanTransformer3DModel` with block-level group offloading (use_stream=True) under the same cap.
+`--text` / `--vae` time the umt5 encoder and the VAE decode (random weights, real size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import resource
+import sys
+import time
+from datetime import datetime, timezone
+
+import psutil
+import torch
+
+from .config import ModelConfig, SamplingConfig
+from .planner import RESOLUTIONS, PlanError, make_plan, tokens
+from .residency import HostExpert, Residency, layouts_of, template
+from .scheduler import sigma_grid
+
+GB = 1e9
+
+
+# ---------------------------------------------------------------------------------------------
+# random experts of the real size
+
+
+def runtime_template(cfg: ModelConfig, quant: str, compile_blocks: bool = False) -> torch.nn.Module:
+    """The meta-device model the residency copies onto the GPU: bf16, or 8-bit block Linears."""
+    model = template(cfg, torch.bfloat16)
+    if quant in ("int8", "fp8"):
+        from quant import convert_for_runtime
+        from quant.format import QUANTIZED_LINEAR
+
+        names = [n for n, _ in model.named_modules() if QUANTIZED_LINEAR.match(n)]
+        convert_for_runtime(model, {n: {"scheme": quant} for n in names})
+    return model
+
+
+def _fill(name: str, t: torch.Tensor, g: torch.Generator) -> None:
+    """A random value of the right scale for one tensor (weights keep activations O(1))."""
+    if t.dtype in (torch.int8,):
+        t.copy_(torch.randint(-127, 128, t.shape, generator=g, device=t.device, dtype=torch.int8))
+    elif t.dtype == torch.float8_e4m3fn:
+        t.copy_(torch.randn(t.shape, generator=g, device=t.device).mul_(100).clamp_(-448, 448))
+    elif name.endswith("weight_scale"):
+        t.fill_(1.0 / 127)
+    elif name.endswith("modulation") or (t.ndim == 1 and "norm" not in name):
+        t.normal_(0.0, 0.02, generator=g)
+    elif t.ndim == 1:
+        t.fill_(1.0)
+    else:
+        t.normal_(0.0, 1.0 / math.sqrt(t[0].numel()), generator=g)
+
+
+def random_host_expert(model: torch.nn.Module, seed: int, pin: bool = True) -> HostExpert:
+    """One expert of `model`'s layout with random weights, generated on the GPU, held in pinned RAM."""
+    layouts = layouts_of(model)
+    host = HostExpert.empty(layouts, pin=pin)
+    g = torch.Generator("cuda").manual_seed(seed)
+    for unit, lay in layouts.items():
+        buf = torch.empty(lay.nbytes, dtype=torch.uint8, device="cuda")
+        for name, view in lay.views(buf).items():
+            _fill(name, view, g)
+        host.flats[unit].copy_(buf)
+    torch.cuda.synchronize()
+    return host
+
+
+# ---------------------------------------------------------------------------------------------
+# measurements
+
+
+def _cap(vram_gb: float | None) -> None:
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(1.0 if vram_gb is None else min(1.0, vram_gb * GB / total))
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def _inputs(cfg: ModelConfig, height: int, width: int, frames: int, seed: int = 0):
+    g = torch.Generator("cuda").manual_seed(seed)
+    x = torch.randn(1, cfg.in_dim, (frames - 1) // 4 + 1, height // 8, width // 8, generator=g, device="cuda")
+    ctx = torch.randn(1, 120, cfg.text_dim, generator=g, device="cuda")  # a prompt of 120 tokens
+    ctx_null = torch.randn(1, 60, cfg.text_dim, generator=g, device="cuda")
+    return x, ctx, ctx_null
+
+
+def _host_rss_gb() -> float:
+    return psutil.Process().memory_info().rss / GB
+
+
+def extrapolate(high_s: float, low_s: float, stall_s: float, sampling: SamplingConfig | None = None) -> dict:
+    """The official schedule: steps with t >= boundary on the high expert (26 of 40), the rest low."""
+    sampling = sampling or SamplingConfig()
+    _, timesteps = sigma_grid(sampling.steps, sampling.shift)
+    n_high = int((timesteps >= sampling.boundary_timestep).sum())
+    n_low = sampling.steps - n_high
+    return {"steps_high": n_high, "steps_low": n_low, "denoise_total_s": n_high * high_s + n_low * low_s + stall_s}
+
+
+def bench_ours(tmpl, hosts, *, height, width, frames, mode, cfg_batched, vram_gb, steps=1, label="",
+               compile_blocks=False) -> dict:
+    """Warm-up pass, then `steps` guided high steps (the last swaps) and `steps` low steps."""
+    cfg = tmpl.cfg
+    _cap(vram_gb)
+    res = Residency(tmpl, *hosts, device="cuda", mode=mode, cfg_batched=cfg_batched, compile=compile_blocks,
+                    measure=True)
+    x, ctx, ctx_null = _inputs(cfg, height, width, frames)
+    L = tokens(height, width, frames, cfg)
+    out = {"label": label, "height": height, "width": width, "frames": frames, "tokens": L, "mode": mode,
+           "cfg_batched": cfg_batched, "vram_cap_gb": vram_gb, "compile": compile_blocks,
+           "weights_vram_gb": res.device_bytes / GB}
+    try:
+        t0 = time.perf_counter()
+        res.high.guided(x, torch.tensor([999], device="cuda"), ctx, ctx_null, 4.0)  # warm-up and first load
+        torch.cuda.synchronize()
+        out["warmup_s"] = time.perf_counter() - t0
+        ts = [990 - i for i in range(steps)] + [860 - i for i in range(steps)]
+        res.plan_steps(ts, SamplingConfig().boundary_timestep)
+        times = []
+        for t in ts:
+            expert = res.high if t >= 875 else res.low
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            v = expert.guided(x, torch.tensor([t], device="cuda"), ctx, ctx_null, 4.0 if t >= 875 else 3.0)
+            x = x - 0.01 * v
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        first_low = res._call - steps + 1
+        out.update({
+            "high_step_s": sum(times[:steps]) / steps, "low_step_s": sum(times[steps:]) / steps,
+            "swap_stall_ms": res.stats.stall_ms(first_low),
+            "stall_per_low_step_ms": [res.stats.stall_ms(first_low + i) for i in range(steps)],
+            "copied_gb": res.stats.bytes / GB,
+            "peak_allocated_gb": torch.cuda.max_memory_allocated() / GB,
+            "peak_reserved_gb": torch.cuda.max_memory_reserved() / GB,
+            "finite": bool(torch.isfinite(x).all()),
+        })
+        batch = 2 if cfg_batched else 1
+        out["act_bytes_per_token_dim"] = ((out["peak_allocated_gb"] - out["weights_vram_gb"]) * GB
+                                          / (batch * L * cfg.dim))
+        out.update(extrapolate(out["high_step_s"], out["low_step_s"], out["swap_stall_ms"] / 1e3))
+    except torch.OutOfMemoryError as e:
+        out["error"] = f"OOM: {str(e).splitlines()[0]}"
+        out["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / GB
+    except Exception as e:  # a compile or kernel failure: report it, keep the other runs going
+        out["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+    out["misses"], out["copies"] = res.stats.misses, res.stats.copies
+    out["host_rss_gb"] = _host_rss_gb()
+    res.evict()
+    del res
+    return out
+
+
+def bench_diffusers(cfg: ModelConfig, *, height, width, frames, vram_gb, label="diffusers group offload") -> dict:
+    """diffusers' WanTransformer3DModel, bf16, block-level group offloading with a side stream."""
+    from diffusers import WanTransformer3DModel
+
+    _cap(None)
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("meta"):
+            model = WanTransformer3DModel(num_layers=cfg.num_layers, ffn_dim=cfg.ffn_dim,
+                                          num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    model = model.to_empty(device="cpu").eval().requires_grad_(False)
+    g = torch.Generator("cuda").manual_seed(3)
+    for name, p in model.named_parameters():  # random on the GPU, parameter by parameter
+        buf = torch.empty_like(p, device="cuda")
+        _fill(name, buf, g)
+        p.data.copy_(buf)
+    model.enable_group_offload(onload_device=torch.device("cuda"), offload_device=torch.device("cpu"),
+                               offload_type="block_level", num_blocks_per_group=1, use_stream=True)
+    pad = lambda c: torch.nn.functional.pad(c, (0, 0, 0, cfg.text_len - c.shape[1]))  # as WanPipeline does
+    x, ctx, ctx_null = _inputs(cfg, height, width, frames)
+    x, ctx, ctx_null = x.bfloat16(), pad(ctx).bfloat16(), pad(ctx_null).bfloat16()
+    out = {"label": label, "height": height, "width": width, "frames": frames, "vram_cap_gb": vram_gb}
+    _cap(vram_gb)
+    try:
+        with torch.no_grad():
+            t = torch.tensor([999], device="cuda")
+            t0 = time.perf_counter()
+            model(x, t, ctx_null, return_dict=False)  # warm-up (pins, first kernels)
+            torch.cuda.synchronize()
+            out["warmup_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            cond = model(x, t, ctx, return_dict=False)[0].float()
+            uncond = model(x, t, ctx_null, return_dict=False)[0].float()
+            v = uncond + 4.0 * (cond - uncond)
+            torch.cuda.synchronize()
+            out["step_s"] = time.perf_counter() - t0
+        out.update({"peak_allocated_gb": torch.cuda.max_memory_allocated() / GB,
+                    "peak_reserved_gb": torch.cuda.max_memory_reserved() / GB, "finite": bool(torch.isfinite(v).all())})
+        out.update(extrapolate(out["step_s"], out["step_s"], 0.0))
+    except torch.OutOfMemoryError as e:
+        out["error"] = f"OOM: {str(e).splitlines()[0]}"
+        out["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / GB
+    out["host_rss_gb"] = _host_rss_gb()
+    del model
+    return out
+
+
+def bench_copy(host: HostExpert) -> dict:
+    """H2D bandwidth: one block from pinned RAM, and a plain .to('cuda') of pageable memory."""
+    _cap(None)
+    src = host.flats["blocks.0"]
+    dst = torch.empty_like(src, device="cuda")
+    dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    pinned = 5 * src.numel() / (time.perf_counter() - t0) / GB
+    pageable = torch.empty(2 * 2**30, dtype=torch.uint8)
+    pageable.fill_(1)
+    t0 = time.perf_counter()
+    pageable.to("cuda")
+    torch.cuda.synchronize()
+    pageable_gbs = pageable.numel() / (time.perf_counter() - t0) / GB
+    return {"pinned_h2d_gb_s": pinned, "pageable_h2d_gb_s": pageable_gbs,
+            "plain_swap_s": host.nbytes / GB / pageable_gbs, "expert_gb": host.nbytes / GB}
+
+
+def bench_text() -> dict:
+    """umt5-xxl encoder, bf16, random weights of the real size: one 120-token prompt."""
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    _cap(None)
+    config = UMT5Config(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                        feed_forward_proj="gated-gelu", relative_attention_num_buckets=32)
+    with torch.device("meta"):
+        model = UMT5EncoderModel(config)
+    model = model.to_empty(device="cuda").to(torch.bfloat16).eval()
+    g = torch.Generator("cuda").manual_seed(4)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            _fill(name, p, g)
+        ids = torch.randint(0, 256384, (1, 120), device="cuda")
+        model(input_ids=ids)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        model(input_ids=ids)
+        torch.cuda.synchronize()
+    out = {"label": "text encoder (umt5-xxl bf16, GPU)", "encode_s": time.perf_counter() - t0,
+           "weights_gb": sum(p.numel() * 2 for p in model.parameters()) / GB,
+           "peak_allocated_gb": torch.cuda.max_memory_allocated() / GB}
+    del model
+    return out
+
+
+def bench_vae(height: int, width: int, frames: int, vram_gb: float | None, dtype=torch.bfloat16) -> dict:
+    """Wan2.1 VAE decode (diffusers AutoencoderKLWan, random weights), tiled as the planner says."""
+    from diffusers import AutoencoderKLWan
+
+    from .planner import make_plan
+    from .vae import VAE
+
+    _cap(vram_gb)
+    with torch.device("meta"):
+        model = AutoencoderKLWan()
+    model = model.to_empty(device="cuda").to(dtype)
+    g = torch.Generator("cuda").manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            _fill(name, p, g)
+    vae = VAE(model, [0.0] * 16, [1.0] * 16, device=torch.device("cuda"), dtype=dtype)
+    tile = make_plan(vram_gb or 80, height=height, width=width, frames=frames).vae_tile
+    lat = torch.randn(1, 16, (frames - 1) // 4 + 1, height // 8, width // 8, device="cuda")
+    out = {"label": f"VAE decode ({str(dtype).split('.')[-1]})", "height": height, "width": width,
+           "frames": frames, "tile": tile, "vram_cap_gb": vram_gb}
+    try:
+        t0 = time.perf_counter()
+        video = vae.decode(lat, tile=tile)
+        torch.cuda.synchronize()
+        out.update({"decode_s": time.perf_counter() - t0, "peak_allocated_gb": torch.cuda.max_memory_allocated() / GB,
+                    "shape": list(video.shape)})
+    except torch.OutOfMemoryError as e:
+        out["error"] = f"OOM: {str(e).splitlines()[0]}"
+    del vae, model
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m wan_lite.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--res", choices=sorted(RESOLUTIONS), default="480p")
+    p.add_argument("--frames", type=int, default=81)
+    p.add_argument("--quant", choices=("int8", "fp8", "bf16"), default="int8")
+    p.add_argument("--vram-gb", type=float, default=24.0, help="cap PyTorch's allocator to this many GB (1e9)")
+    p.add_argument("--mode", choices=("resident", "streaming"), help="default: what the planner picks")
+    p.add_argument("--cfg-batched", choices=("yes", "no"), help="default: what the planner picks")
+    p.add_argument("--steps", type=int, default=1, help="measured steps per expert (after one warm-up pass)")
+    p.add_argument("--compile", choices=("yes", "no"), default="yes", help="torch.compile each block")
+    p.add_argument("--baselines", action="store_true", help="also bf16 uncapped and diffusers group offload")
+    p.add_argument("--text", action="store_true", help="also time the umt5 text encoder")
+    p.add_argument("--vae", action="store_true", help="also time the VAE decode")
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("the benchmark needs a CUDA GPU", file=sys.stderr)
+        return 2
+
+    cfg = ModelConfig.a14b()
+    height, width = RESOLUTIONS[args.res]
+    try:
+        plan = make_plan(args.vram_gb, height=height, width=width, frames=args.frames, quant=args.quant,
+                         mode=args.mode)
+        print(plan.describe())
+        mode, batched = plan.mode, plan.cfg_batched
+    except PlanError as e:  # measure anyway: the planner's estimate is what is being checked
+        print(f"planner: {e}")
+        plan, mode, batched = None, args.mode or "streaming", False
+    if args.cfg_batched:
+        batched = args.cfg_batched == "yes"
+    results = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "argv": sys.argv,
+               "plan": plan.to_dict() if plan else None, "runs": []}
+
+    def record(r):
+        results["runs"].append(r)
+        print(json.dumps(r), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+
+    compile_blocks = args.compile == "yes"
+    tmpl = runtime_template(cfg, args.quant)
+    hosts = (random_host_expert(tmpl, 1), random_host_expert(tmpl, 2))
+    record(bench_copy(hosts[0]))
+    record(bench_ours(tmpl, hosts, height=height, width=width, frames=args.frames, mode=mode, cfg_batched=batched,
+                      vram_gb=args.vram_gb, steps=args.steps, label=f"wan-lite {args.quant} {mode}",
+                      compile_blocks=compile_blocks))
+    del hosts
+    gc.collect()
+    if args.baselines:
+        tmpl16 = runtime_template(cfg, "bf16")
+        hosts = (random_host_expert(tmpl16, 1), random_host_expert(tmpl16, 2))
+        record(bench_ours(tmpl16, hosts, height=height, width=width, frames=args.frames, mode="resident",
+                          cfg_batched=False, vram_gb=None, steps=args.steps, label="wan-lite bf16 resident, no cap",
+                          compile_blocks=compile_blocks))
+        del hosts
+        gc.collect()
+        record(bench_diffusers(cfg, height=height, width=width, frames=args.frames, vram_gb=args.vram_gb))
+    if args.text:
+        record(bench_text())
+    if args.vae:
+        record(bench_vae(height, width, args.frames, args.vram_gb))
+    results["host_peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

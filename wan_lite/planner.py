@@ -1,0 +1,207 @@
+"""Choose how to run in a VRAM budget: residency mode, CFG batching, attention kernel, FFN chunking,
+VAE tile, text encoder placement. One frozen `Plan`, printed as a readable block and stored in the
+run's metadata (`plan.to_dict()`).
+
+The arithmetic (DESIGN.md section 3), all in bytes:
+- weights: the exact bytes of one expert's tensors, summed from the model's own layout (meta
+  device) for the scheme: bf16, or 8-bit block Linears with float32 per-channel scales. Resident
+  mode holds one expert; streaming holds the embed and head units plus `slots` blocks.
+- activations: peak bytes per token x channel of one pass through a block, `ACT_PEAK`, including
+  the float32 residual stream (4 of them). Measured on an H100 with `python -m wan_lite.bench` (peak
+  allocated minus weights over B*L*dim): see `ACT_PEAK`'s comment. CFG as one batch of 2 doubles it;
+  block-major sequential CFG keeps two residual streams and one pass's transients.
+- `HEADROOM` is left free for the CUDA context and allocator fragmentation when the budget is a card's
+  size; a measured free-memory budget has the context already taken out, but keeps the headroom.
+
+Choices, in order: resident if one expert and one pass's activations fit, else streaming (block-major,
+batched CFG if two passes fit, else sequential); a fused attention kernel where the device has one, the
+block-wise path elsewhere; the VAE tile from `vae.tile_for_memory`; the text encoder on the GPU when its
+bf16 weights fit (it runs before the expert is loaded), else on the CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+from . import attention
+from .config import ModelConfig
+
+GB = 1e9
+QUANTS = ("int8", "fp8", "bf16")
+RESOLUTIONS = {"480p": (480, 832), "720p": (720, 1280)}  # (height, width), the official landscape sizes
+# Peak bytes per (token x channel) of one pass through a block, residual stream included, eager and
+# with `model.compile_blocks` (which fuses the float32 modulation / norm / RoPE work): the lead's
+# one-block H100 measurement at 720p (8.0 and 4.4 GiB over L x dim), to be replaced by the bench's.
+ACT_PEAK = {False: 22.2, True: 12.2}
+RESIDUAL = 4.0  # the float32 residual stream, per token x channel
+FIXED = 0.6 * GB  # latents, text context, RoPE tables, cuBLAS/cuDNN workspaces
+HEADROOM = 1.0 * GB  # CUDA context + allocator fragmentation on a real card
+TEXT_PARAMS = 5.68e9  # umt5-xxl encoder
+STREAM_SLOTS = 2
+
+
+class PlanError(ValueError):
+    """No plan fits the budget; the message names the smallest budget that works."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    vram_gb: float  # the budget planned for (GB = 1e9 bytes)
+    height: int
+    width: int
+    frames: int
+    tokens: int  # L: video tokens the DiT attends over
+    quant: str  # weights: int8 | fp8 | bf16
+    mode: str  # resident | streaming
+    slots: int  # streaming: device block buffers (resident: one per unit)
+    cfg_batched: bool  # cond and uncond as one batch of 2
+    compile: bool  # torch.compile each block (model.compile_blocks): less activation memory, faster
+    attention: str  # attention kernel (attention.BACKENDS)
+    attention_block_mb: int | None  # block-wise attention: scores per block
+    ffn_chunk: int | None  # tokens per FFN chunk (None: whole sequence)
+    vae_tile: int | None  # VAE decode tile side in pixels (None: whole frame)
+    text_device: str  # where the umt5 encoder runs: cuda | cpu
+    weights_gb: float  # VRAM the DiT weights take in this mode
+    activations_gb: float  # estimated peak activations of the denoising loop
+    estimated_peak_gb: float  # weights + activations + fixed
+    host_gb: float  # host RAM both experts take (pinned when it fits)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        cfg = "one batch of 2" if self.cfg_batched else ("block-major, one after the other"
+                                                           if self.mode == "streaming" else "two passes")
+        mode = (f"streaming (blocks cycle through {self.slots} device buffers)" if self.mode == "streaming"
+                else "resident (active expert in VRAM, the other in host RAM, swapped at t = 875)")
+        attn = self.attention + (f" ({self.attention_block_mb} MB blocks)" if self.attention_block_mb else "")
+        lines = [
+            f"plan for {self.vram_gb:.1f} GB: {self.width}x{self.height}, {self.frames} frames, "
+            f"{self.tokens:,} tokens, {self.quant} weights",
+            f"  experts      {mode}",
+            f"  CFG          {cfg}",
+            f"  blocks       {'torch.compile' if self.compile else 'eager'}",
+            f"  attention    {attn}",
+            f"  FFN          {f'{self.ffn_chunk} tokens a chunk' if self.ffn_chunk else 'whole sequence'}",
+            f"  VAE decode   {f'{self.vae_tile} px tiles' if self.vae_tile else 'whole frame'}",
+            f"  text encoder {self.text_device}",
+            f"  VRAM         {self.weights_gb:.1f} GB weights + {self.activations_gb:.1f} GB activations "
+            f"= {self.estimated_peak_gb:.1f} GB peak (estimated)",
+            f"  host RAM     {self.host_gb:.1f} GB for both experts",
+        ]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# memory arithmetic
+
+
+def tokens(height: int, width: int, frames: int, cfg: ModelConfig) -> int:
+    """L = F' * H/16 * W/16 for the Wan2.1 VAE (stride 4x8x8) and patch (1, 2, 2)."""
+    pt, ph, pw = cfg.patch_size
+    return ((frames - 1) // 4 + 1) // pt * (height // 8 // ph) * (width // 8 // pw)
+
+
+@functools.cache
+def unit_bytes(cfg: ModelConfig, quant: str) -> tuple[int, int, int]:
+    """(embed, one block, head) bytes of one expert with this weight format, from the model's layout."""
+    from .residency import layouts_of, template
+
+    model = template(cfg, torch.bfloat16)
+    if quant in ("int8", "fp8"):
+        from quant import convert_for_runtime
+        from quant.format import QUANTIZED_LINEAR
+
+        names = [n for n, m in model.named_modules() if QUANTIZED_LINEAR.match(n)]
+        convert_for_runtime(model, {n: {"scheme": quant} for n in names})
+    elif quant != "bf16":
+        raise ValueError(f"unknown weight format {quant!r}: choose one of {', '.join(QUANTS)}")
+    lay = layouts_of(model)
+    return lay["embed"].nbytes, lay["blocks.0"].nbytes, lay["head"].nbytes
+
+
+def activation_bytes(L: int, cfg: ModelConfig, mode: str, cfg_batched: bool, batch: int = 1,
+                     compiled: bool = True) -> float:
+    """Peak activation bytes of one guided step (see the module docstring)."""
+    per_pass = ACT_PEAK[compiled] * L * cfg.dim * batch
+    if cfg_batched:
+        return 2 * per_pass
+    if mode == "streaming":  # block-major: two residual streams, one pass's transients
+        return per_pass + RESIDUAL * L * cfg.dim * batch
+    return per_pass
+
+
+def _estimate(L: int, cfg: ModelConfig, quant: str, mode: str, cfg_batched: bool, compiled: bool) -> tuple:
+    embed, block, head = unit_bytes(cfg, quant)
+    weights = embed + head + block * (cfg.num_layers if mode == "resident" else STREAM_SLOTS)
+    act = activation_bytes(L, cfg, mode, cfg_batched, compiled=compiled)
+    return weights, act, weights + act + FIXED
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan
+
+
+def make_plan(vram_gb: float | None = None, *, height: int, width: int, frames: int, quant: str = "int8",
+              device: torch.device | str | None = None, cfg: ModelConfig | None = None,
+              mode: str | None = None, capability: tuple[int, int] | None = None,
+              compile: bool | None = None) -> Plan:
+    """The plan for this budget (None: the free memory of `device` now). `mode` forces resident or
+    streaming; `capability` plans for a CUDA card that is not here; `compile` (default: on CUDA)
+    whether the blocks run through torch.compile. Raises PlanError naming the smallest budget that
+    works when nothing fits."""
+    cfg = cfg or ModelConfig.a14b()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if vram_gb is None:
+        if device.type != "cuda":
+            raise PlanError("no CUDA device to measure free memory on: pass the budget (--vram-gb)")
+        vram_gb = torch.cuda.mem_get_info(device)[0] / GB
+    if height % 16 or width % 16 or (frames - 1) % 4:
+        raise PlanError(f"{width}x{height}x{frames}: width and height must be multiples of 16, frames 4n+1")
+    L = tokens(height, width, frames, cfg)
+    usable = vram_gb * GB - HEADROOM
+
+    candidates = [("resident", False), ("streaming", True), ("streaming", False)]
+    if mode is not None:
+        candidates = [c for c in candidates if c[0] == mode]
+    compiled = device.type == "cuda" if compile is None else compile
+    fits = [(m, b, *_estimate(L, cfg, quant, m, b, compiled)) for m, b in candidates]
+    chosen = next((c for c in fits if c[4] <= usable), None)
+    if chosen is None:
+        smallest = min(c[4] for c in fits) + HEADROOM
+        raise PlanError(
+            f"{vram_gb:.1f} GB is too small for {width}x{height}x{frames} ({L:,} tokens) with {quant} weights"
+            + (f" in {mode} mode" if mode else "")
+            + f": the smallest budget that works is {math.ceil(smallest / GB * 10) / 10:.1f} GB "
+            "(streaming, sequential CFG); use fewer frames or a smaller size, or free GPU memory")
+    m, batched, weights, act, peak = chosen
+
+    attn = attention.device_default(device, capability)
+    block_mb = None
+    if attn == "blockwise":  # no fused kernel: keep a block's scores within a slice of what is left
+        block_mb = int(max(16, min(1024, (usable - peak) / 4 / 2**20)))
+
+    from .vae import tile_for_memory
+
+    try:
+        vae_tile = tile_for_memory(height, width, frames, int(vram_gb * GB - HEADROOM), 4)
+    except MemoryError:
+        vae_tile = tile_for_memory(height, width, frames, int(vram_gb * GB - HEADROOM), 2)
+    embed, block, head = unit_bytes(cfg, quant)
+    return Plan(
+        vram_gb=round(vram_gb, 2), height=height, width=width, frames=frames, tokens=L, quant=quant, mode=m,
+        slots=STREAM_SLOTS if m == "streaming" else cfg.num_layers + 2, cfg_batched=batched, compile=compiled,
+        attention=attn, attention_block_mb=block_mb, ffn_chunk=None, vae_tile=vae_tile,
+        text_device="cuda" if device.type == "cuda" and 2 * TEXT_PARAMS + GB <= usable else "cpu",
+        weights_gb=round(weights / GB, 2), activations_gb=round(act / GB, 2),
+        estimated_peak_gb=round(peak / GB, 2), host_gb=round(2 * (embed + head + cfg.num_layers * block) / GB, 2),
+    )
+
+
+def apply(plan: Plan) -> None:
+    """Set what the plan decides process-wide: the attention kernel (an env override still wins)."""
+    attention.set_backend(plan.attention, max_block_bytes=(plan.attention_block_mb or 0) * 2**20 or None)
