@@ -109,7 +109,9 @@ def find_vae(root: str | os.PathLike) -> tuple[str, Path]:
         return "official", root / OFFICIAL_WEIGHTS
     if (root / "vae").is_dir():
         return "diffusers", root / "vae"
-    raise FileNotFoundError(f"no VAE in {root}: expected {OFFICIAL_WEIGHTS} (official layout) or vae/ (diffusers layout)")
+    raise FileNotFoundError(
+        f"no VAE in {root}: expected {OFFICIAL_WEIGHTS} (official layout) or vae/ (diffusers layout)"
+    )
 
 
 def tile_for_memory(height: int, width: int, frames: int, free_bytes: int, element_size: int) -> int | None:
@@ -185,7 +187,9 @@ class VAE:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, tile: int | None | str = "auto") -> torch.Tensor:
-        """latents [B, 16, F', h, w] (normalized, as the DiT makes them) -> video [B, 3, 4(F'-1)+1, 8h, 8w] fp32 in [-1, 1].
+        """latents [B, 16, F', h, w] (normalized, as the DiT makes them) -> video [B, 3, 4(F'-1)+1, 8h, 8w].
+
+        The video is fp32 in [-1, 1] on the decode device.
 
         tile: "auto" picks from free memory; None decodes the whole frame at once; an int is the tile
         side in pixels (a multiple of 32; neighbouring tiles overlap by a quarter of it).

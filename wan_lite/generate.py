@@ -1,0 +1,123 @@
+"""python -m wan_lite.generate: one prompt -> one mp4, with a progress bar and a closing summary.
+
+    python -m wan_lite.generate --ckpt Wan2.2-T2V-A14B --prompt "a red fox in snow" --out fox.mp4
+
+User errors (bad size or frame count, empty prompt, unknown solver, missing checkpoint files, an
+output that cannot be written) end with one line on stderr and exit code 2, before any heavy work
+where they can be known up front. A failed run leaves no partial mp4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'1280x720' -> (1280, 720), width first."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise argparse.ArgumentTypeError(f"size {text!r} is not WIDTHxHEIGHT, e.g. 1280x720")
+    return int(parts[0]), int(parts[1])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m wan_lite.generate", description="Wan2.2-T2V-A14B text to video.")
+    p.add_argument("--ckpt", required=True, help="model root (official or diffusers layout) or a Hugging Face id")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default=None, help="default: the official Chinese negative prompt")
+    p.add_argument("--size", type=parse_size, default=(1280, 720), help="WIDTHxHEIGHT, multiples of 16 (1280x720)")
+    p.add_argument("--frames", type=int, default=81, help="4n+1 frames at 16 fps (81)")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--seed", type=int, default=None, help="default: random (printed and stored in the mp4)")
+    p.add_argument("--shift", type=float, default=12.0)
+    p.add_argument("--guidance-high", type=float, default=4.0, help="CFG scale with the high-noise expert")
+    p.add_argument("--guidance-low", type=float, default=3.0, help="CFG scale with the low-noise expert")
+    p.add_argument("--solver", default="unipc", help="unipc (official) or euler")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--text-device", default=None, help="where the umt5 encoder runs (default: --device)")
+    p.add_argument("--dtype", default="bf16", help="bf16 or fp32, for the experts and the text encoder")
+    p.add_argument("--cache-dir", default=None, help="prompt-embedding cache (default ~/.cache/wan-lite/text)")
+    p.add_argument("--out", required=True, help="output .mp4 (a <name>.json sidecar is written beside it)")
+    return p
+
+
+def _peak_ram_bytes() -> int:
+    if sys.platform == "win32":
+        import psutil
+
+        return psutil.Process().memory_info().peak_wset
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # macOS reports bytes, Linux KiB
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .config import SamplingConfig
+    from .t2v import T2VPipeline, validate
+    from .video import check_writable
+
+    # Everything knowable up front fails before a weight is read.
+    check_writable(args.out)
+    validate(args.prompt, args.size, args.frames)
+    if args.dtype not in DTYPES:
+        raise ValueError(f"unknown --dtype {args.dtype!r}: choose bf16 or fp32")
+    SamplingConfig(steps=args.steps, shift=args.shift, guidance_high=args.guidance_high,
+                   guidance_low=args.guidance_low, solver=args.solver)  # raises on an unknown solver, steps < 1
+    dtype = DTYPES[args.dtype]
+
+    pipe = T2VPipeline.from_pretrained(args.ckpt, device=args.device, dtype=dtype, text_device=args.text_device,
+                                       text_dtype=dtype, cache_dir=args.cache_dir)
+    if pipe.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(pipe.device)
+    print(f"{pipe.layout} checkpoint {pipe.root} on {pipe.device}; encoding the prompt and loading the experts",
+          file=sys.stderr)
+    bar = tqdm(total=args.steps, desc="denoise", unit="step", file=sys.stderr)
+
+    def on_step(step: int, total: int, t: int, expert: str) -> None:
+        bar.set_description(f"denoise [{expert}-noise expert]")
+        bar.set_postfix(t=int(t))
+        bar.update(1)
+
+    start = time.perf_counter()
+    try:
+        result = pipe(args.prompt, negative_prompt=args.negative_prompt, size=args.size, frames=args.frames,
+                      steps=args.steps, seed=args.seed, shift=args.shift, guidance_high=args.guidance_high,
+                      guidance_low=args.guidance_low, solver=args.solver, callback=on_step, out=args.out)
+    finally:
+        bar.close()
+    total = time.perf_counter() - start
+
+    phases = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
+    vram = (f"peak VRAM {torch.cuda.max_memory_allocated(pipe.device) / 2**30:.2f} GiB, "
+            if pipe.device.type == "cuda" else "")
+    print(f"wrote {args.out} ({args.frames} frames, {args.size[0]}x{args.size[1]}, seed {result.seed})")
+    print(f"time {total:.1f}s: {phases}; {vram}peak RAM {_peak_ram_bytes() / 2**30:.2f} GiB")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, OSError, MemoryError, torch.cuda.OutOfMemoryError) as e:
+        message = " ".join(str(e).split())  # one line
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
