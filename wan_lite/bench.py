@@ -353,9 +353,15 @@ def main(argv=None) -> int:
     tmpl = runtime_template(cfg, args.quant)
     hosts = (random_host_expert(tmpl, 1), random_host_expert(tmpl, 2))
     record(bench_copy(hosts[0]))
-    record(bench_ours(tmpl, hosts, height=height, width=width, frames=args.frames, mode=mode, cfg_batched=batched,
-                      vram_gb=args.vram_gb, steps=args.steps, label=f"wan-lite {args.quant} {mode}",
-                      compile_blocks=compile_blocks))
+    run = bench_ours(tmpl, hosts, height=height, width=width, frames=args.frames, mode=mode, cfg_batched=batched,
+                     vram_gb=args.vram_gb, steps=args.steps, label=f"wan-lite {args.quant} {mode}",
+                     compile_blocks=compile_blocks)
+    record(run)
+    if compile_blocks and "error" in run and not run["error"].startswith("OOM"):  # measure eager instead
+        compile_blocks = False
+        record(bench_ours(tmpl, hosts, height=height, width=width, frames=args.frames, mode=mode,
+                          cfg_batched=batched, vram_gb=args.vram_gb, steps=args.steps,
+                          label=f"wan-lite {args.quant} {mode} (eager: compile failed)", compile_blocks=False))
     del hosts
     gc.collect()
     if args.baselines:
