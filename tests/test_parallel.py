@@ -7,15 +7,17 @@ the "pad" case give 9 tokens, so the 2-rank sequence is padded to 10; "even" giv
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from wan_lite import SamplingConfig, parallel, sample
+from wan_lite import SamplingConfig, bench_parallel, parallel, sample
 from wan_lite.attention import attention
 from wan_lite.checkpoint import load_expert
 from wan_lite.config import ModelConfig
@@ -103,6 +105,13 @@ def _worker(rank: int, port: int, checkpoint: str, out_dir: str) -> None:
         out["inference-mode/forward"] = loaded(x, t, context)
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
+
+
+def _bench_worker(rank: int, port: int, out_json: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    bench_parallel.main(["--tiny", "--repeats", "1", "--json", out_json])
 
 
 def free_port() -> int:
@@ -203,3 +212,17 @@ def test_setup_from_env(monkeypatch):
     with pytest.raises(ValueError, match="in 1, 2, 4, 5, 8, 10, 20, 40"):
         parallel.setup_from_env("ulysses")  # refused before any process group starts
     assert not dist.is_initialized()
+
+
+def test_expert_refuses_a_grid_that_splits_heads():
+    with pytest.raises(ValueError, match="in 1, 2"):
+        parallel.ParallelExpert(tiny_expert(HIGH_SEED), SimpleNamespace(sp_size=3, cfg_size=1))  # 2 heads
+
+
+def test_bench_smoke(tmp_path):
+    """`torchrun -m wan_lite.bench_parallel --tiny`: every mode runs and agrees with the single rank."""
+    out = tmp_path / "bench.json"
+    mp.spawn(_bench_worker, args=(free_port(), str(out)), nprocs=WORLD)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["mode"] for r in rows] == list(bench_parallel.MODES)
+    assert all(r["rel_err"] < TOL for r in rows[1:])
