@@ -82,6 +82,7 @@ def _worker(rank: int, port: int, checkpoint: str, out_dir: str) -> None:
     grids["cfg"] = parallel.init_parallel("cfg", fsdp=False)
     grids["cfg-fsdp"] = parallel.init_parallel("cfg", fsdp=True)
     out = {"sizes": {name: (g.cfg_size, g.sp_size, g.cfg_rank, g.sp_rank) for name, g in grids.items()}}
+    out["from_main"] = grids["cfg"].from_main((torch.arange(3) if rank == 0 else None, "seed 7" if rank == 0 else ""))
     with torch.no_grad():
         q, k, v = qkv_inputs()  # the whole sequence; this rank keeps tokens 3r..3r+2 of the padded 6
         shard = [torch.nn.functional.pad(t, (0, 0, 0, 1))[:, :, 3 * rank : 3 * rank + 3] for t in (q, k, v)]
@@ -136,6 +137,11 @@ def test_grids(ranks):
     for rank, out in enumerate(ranks):
         assert out["sizes"]["ulysses"] == (1, 2, 0, rank)
         assert out["sizes"]["cfg"] == (2, 1, rank, 0)
+
+
+def test_from_main(ranks):
+    for out in ranks:
+        assert torch.equal(out["from_main"][0], torch.arange(3)) and out["from_main"][1] == "seed 7"
 
 
 def test_ulysses_attention_drops_padding(ranks):

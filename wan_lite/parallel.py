@@ -119,11 +119,13 @@ class ParallelContext:
     def sp_rank(self) -> int:
         return self.mesh.get_local_rank("sp")
 
-    def broadcast_(self, *tensors: torch.Tensor) -> None:
-        """Overwrite `tensors` (same shapes on every rank) with rank 0's: noise and prompt embeddings must be
-        bitwise equal on all ranks, or their sampler states drift apart."""
-        for t in tensors:
-            dist.broadcast(t, src=0)
+    def from_main(self, obj):
+        """Rank 0's `obj` on every rank (pickled, so CPU tensors; other ranks may pass None). The seed, the
+        noise and the prompt embeddings must be equal on all ranks, or their samplers drift apart; this
+        also lets rank 0 alone run the text encoder (and write its cache)."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, device=self.device)
+        return box[0]
 
 
 def init_parallel(mode: str = "auto", *, device: torch.device | None = None, fsdp: bool = True,
