@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--text-device", default=None, help="where the umt5 encoder runs (default: --device)")
     p.add_argument("--dtype", default="bf16", help="bf16 or fp32, for the experts and the text encoder")
+    p.add_argument("--vae-tile", type=int, default=None,
+                   help="VAE tile side in pixels, a multiple of 32; 0 decodes untiled (default: from free memory)")
     p.add_argument("--cache-dir", default=None, help="prompt-embedding cache (default ~/.cache/wan-lite/text)")
     p.add_argument("--out", required=True, help="output .mp4 (a <name>.json sidecar is written beside it)")
     return p
@@ -96,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = pipe(args.prompt, negative_prompt=args.negative_prompt, size=args.size, frames=args.frames,
                       steps=args.steps, seed=args.seed, shift=args.shift, guidance_high=args.guidance_high,
-                      guidance_low=args.guidance_low, solver=args.solver, callback=on_step, out=args.out)
+                      guidance_low=args.guidance_low, solver=args.solver, callback=on_step, out=args.out,
+                      vae_tile="auto" if args.vae_tile is None else (args.vae_tile or None))
     finally:
         bar.close()
     total = time.perf_counter() - start

@@ -96,7 +96,10 @@ def resolve_root(path_or_hub_id: str | os.PathLike) -> Path:
     try:
         return Path(snapshot_download(repo_id=name))
     except Exception as e:  # network down, unknown or gated repo: all end the same way for the user
-        raise FileNotFoundError(f"could not download {name} ({type(e).__name__}: {e}): {how}") from e
+        raise FileNotFoundError(
+            f"{name} is no local folder, and downloading it from the Hugging Face Hub failed "
+            f"({type(e).__name__}: {e}): {how}"
+        ) from e
 
 
 def _quant_scheme(expert_folder: Path) -> str:
@@ -140,8 +143,9 @@ def _place_experts(high: torch.nn.Module, low: torch.nn.Module, device: torch.de
     free, _ = torch.cuda.mem_get_info(device)
     if need > 0.9 * free:
         raise MemoryError(
-            f"both experts need {need / 2**30:.1f} GiB on {device}, only {free / 2**30:.1f} GiB is free: use "
-            "8-bit experts (python -m wan_lite.quantize) or run on the CPU (--device cpu)"
+            f"both experts need {need / 2**30:.1f} GiB on {device}, only {free / 2**30:.1f} GiB is free: this "
+            "pipeline keeps both on the GPU; run on the CPU (--device cpu) or on a larger GPU, or swap "
+            "experts with wan_lite.residency"
         )
     high.to(device), low.to(device)
 
