@@ -113,6 +113,7 @@ def test_noise_is_the_official_draw(roots, cache):
         (dict(prompt="  \n "), "prompt is empty"),
         (dict(solver="ddim"), "unknown solver 'ddim'"),
         (dict(steps=0), "steps must be >= 1"),
+        (dict(vae_tile=40), "vae_tile must be 'auto', None"),
     ],
 )
 def test_bad_inputs_fail_before_any_work(roots, cache, kwargs, message):

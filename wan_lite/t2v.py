@@ -259,6 +259,8 @@ class T2VPipeline:
                                   guidance_low=guidance_low, solver=solver)
         if out is not None:
             check_writable(out)
+        if vae_tile not in ("auto", None) and (not isinstance(vae_tile, int) or vae_tile <= 0 or vae_tile % 32):
+            raise ValueError(f"vae_tile must be 'auto', None (untiled) or a positive multiple of 32, got {vae_tile!r}")
         negative_prompt = DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
         seed = random.randint(0, 2**31 - 1) if seed is None else int(seed)
         timings = {}
