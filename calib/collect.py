@@ -94,6 +94,10 @@ def collect(high, low, contexts: list[torch.Tensor], context_null: torch.Tensor,
             g = torch.Generator().manual_seed(seed + i)
             noise = torch.randn(1, *latent_shape, generator=g).to(device)
             sample(high, low, noise, ctx[None].to(device), context_null[None].to(device), sampling)
+    for expert, s in stats.items():
+        if not s:
+            raise ValueError(f"the {expert}-noise expert never ran in a {steps}-step denoise, so it has no "
+                             "statistics: calibrate with more steps (--steps 8 runs both)")
     return {k: {n: v.cpu() for n, v in s.items()} for k, s in stats.items()}
 
 

@@ -97,6 +97,8 @@ def load_quanto(cfg, state: dict[str, torch.Tensor], qmap: dict[str, dict], *, d
     from .format import FIX_HINT, QuantFormatError
 
     quanto = require_quanto()
+    if torch.device(device).type == "cpu":  # safetensors hands out views of the file at 8-byte offsets;
+        state = {k: v.clone() for k, v in state.items()}  # torch's CPU int8 kernel crashes on unaligned data
     with torch.device("meta"):
         model = WanModel(cfg)
     for name in qmap:
@@ -174,6 +176,7 @@ def load_quanto_folder(path, *, dtype=torch.bfloat16, device="cpu"):
     come from the tensor shapes and config.json, as for an unquantized expert.
     """
     from safetensors import safe_open
+
     from wan_lite import checkpoint as ck
 
     from .format import QuantFormatError

@@ -25,8 +25,8 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import save_file
@@ -62,17 +62,15 @@ class ConversionError(RuntimeError):
 # one tensor / one Linear
 
 
-def quantize_linear(scheme: str, weight: torch.Tensor, smooth: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """The tensors stored for one quantized Linear's weight (W * smooth), by suffix (`weight`, ...)."""
+def quantize_linear(scheme: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The tensors stored for one quantized Linear's (already smoothed) weight, by suffix (`weight`, ...)."""
     if scheme in ("int8", "fp8"):
         from .linear import quantize_linear_weight
 
-        q, scale = quantize_linear_weight(weight, scheme, smooth)
+        q, scale = quantize_linear_weight(weight, scheme)
         return {"weight": q, "weight_scale": scale}
     from . import backends
 
-    if smooth is not None:
-        raise ConversionError(f"--calib smoothing works with the int8 and fp8 schemes, not {scheme}")
     if scheme == "nf4":
         return backends.nf4_quantize_weight(weight)
     return backends.quanto_quantize_weight(weight, scheme)
@@ -150,6 +148,8 @@ def convert_expert(src, out, scheme: str, *, stats: dict[str, torch.Tensor] | No
         raise ConversionError(f"{src} is not a complete {cfg.num_layers}-layer Wan2.2 expert (missing {missing[:4]}, "
                               f"unexpected {extra[:4]}): download it again")
     linears = sorted({n.rpartition(".")[0] for n in planned if QUANTIZED_LINEAR.match(n.rpartition(".")[0])})
+    if stats is not None and scheme not in ("int8", "fp8"):
+        raise ConversionError(f"--calib smoothing works with the int8 and fp8 schemes, not {scheme}: leave --calib out")
     smoother = Smoother(stats, source.tensor, linears, planned, alpha) if stats is not None else None
     calib_digest = None
     if stats is not None:
@@ -210,15 +210,14 @@ def convert_expert(src, out, scheme: str, *, stats: dict[str, torch.Tensor] | No
         tensors: dict[str, torch.Tensor] = {}
         for name in group:
             module, _, leaf = name.rpartition(".")
-            t = source.tensor(name)
-            s = smoother.factor(module, t) if smoother and module in linears and leaf == "weight" else None
-            if smoother is not None:
-                t = smoother.fold(name, t)  # rows of v / norm3 take the 1/s of the Linear after them
+            t, s = source.tensor(name), None
+            if smoother is not None:  # W * s, and the 1/s of a following Linear folded into v / norm3
+                t, s = smoother.apply(name, t)
             if module in linears and leaf == "weight":
-                for suffix, v in quantize_linear(scheme, t, s).items():
+                for suffix, v in quantize_linear(scheme, t).items():
                     tensors[f"{module}.{suffix}"] = v.contiguous()
                 if linear_specs[module]["smooth"]:  # no preceding op took the 1/s: the Linear applies it
-                    tensors[f"{module}.smooth"] = s.float().contiguous()
+                    tensors[f"{module}.smooth"] = s.contiguous()
             else:
                 tensors[name] = t.to(torch.float32).contiguous()
             del t
@@ -269,7 +268,7 @@ def _scheme_description(scheme: str) -> str:
         "fp8": "float8_e4m3fn weight, symmetric per output channel, scale = absmax/448 (float32)",
         "quanto-int8": "optimum-quanto qint8 weight (per output channel, bf16 scale)",
         "quanto-fp8": "optimum-quanto qfloat8_e4m3fn weight (per output channel, bf16 scale)",
-        "nf4": f"bitsandbytes NF4, blocksize 64, double-quantized absmax",
+        "nf4": "bitsandbytes NF4, blocksize 64, double-quantized absmax",
     }[scheme]
 
 

@@ -81,7 +81,8 @@ class QuantLinear(nn.Module):
         return w.to(dtype)
 
     def _apply(self, fn, recurse=True):
-        fixed = {"weight": self.weight, "weight_scale": self.weight_scale, "smooth": self.smooth}
+        # .data: Module._apply may overwrite a Parameter's data in place, a detached alias keeps the original
+        fixed = {"weight": self.weight.data, "weight_scale": self.weight_scale, "smooth": self.smooth}
         super()._apply(fn, recurse)
         if self.weight_scale.dtype != torch.float32:  # fn was a float cast: it sets the compute dtype
             self.dtype = self.weight_scale.dtype

@@ -8,12 +8,13 @@ and y = (x / s) @ (W * s)^T: the same function in exact arithmetic, with the act
 moved into the weight, where per-output-channel scales absorb them better. W * s is quantized
 offline. The 1/s goes where it costs nothing when a preceding op is linear in that channel:
 
-| Linear            | 1/s folded into                                   |
-|-------------------|---------------------------------------------------|
-| self_attn.o       | self_attn.v rows and bias (attention is linear in v's channels) |
-| cross_attn.o      | cross_attn.v rows and bias                        |
-| cross_attn.q      | norm3 weight and bias (the affine LayerNorm)      |
-| everything else   | nothing can: the quantized Linear stores `smooth` and divides x by it inside the fused activation-quantization kernel |
+| Linear          | 1/s folded into                                                  |
+|-----------------|------------------------------------------------------------------|
+| self_attn.o     | self_attn.v rows and bias (attention is linear in v's channels)  |
+| cross_attn.o    | cross_attn.v rows and bias                                       |
+| cross_attn.q    | norm3 weight and bias (the affine LayerNorm)                     |
+| everything else | nothing can: the QuantLinear stores `smooth` and divides x by it |
+|                 | inside the fused activation-quantization kernel                  |
 
 (self_attn q/k/v and ffn.0 read a LayerNorm modulated by the timestep; cross_attn k/v read the text
 embedding shared by all blocks; ffn.2 reads a GELU.)
@@ -26,7 +27,7 @@ so the streaming converter never holds more than one source tensor.
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -92,6 +93,17 @@ class Smoother:
             w = weight if weight is not None else self.read(f"{linear}.weight")
             self._cache[linear] = smoothing_factors(self.stats[linear], w, self.alpha)
         return self._cache[linear]
+
+    def apply(self, name: str, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One source tensor -> (smoothed float32 tensor, s if it is a smoothed Linear's weight else None).
+
+        A Linear's weight becomes W * s (columns), after the rows took the 1/s of a following Linear
+        (v for o); an absorbing norm's weight and bias take 1/s; everything else is unchanged.
+        """
+        module, _, leaf = name.rpartition(".")
+        s = self.factor(module, tensor) if module in self.linears and leaf == "weight" else None
+        t = self.fold(name, tensor).float()
+        return (t * s[None, :], s) if s is not None else (t, None)
 
     def absorbed_by(self, linear: str) -> str | None:
         """The module whose weights took `linear`'s 1/s, or None."""
