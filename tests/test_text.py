@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 from builders_t2v import make_official_t5, save_diffusers_t5, save_official_t5
-from reference import official, wan_root
+from reference import official
 
 from wan_lite.text import (
     DEFAULT_NEGATIVE_PROMPT,
@@ -51,7 +51,7 @@ def official_encode(t5, tokenizer_dir, prompts):
 
 
 def test_default_negative_prompt_is_the_official_one():
-    tree = ast.parse((wan_root() / "configs" / "shared_config.py").read_text(encoding="utf-8"))
+    tree = ast.parse((official().root / "configs" / "shared_config.py").read_text(encoding="utf-8"))
     values = [
         node.value.value
         for node in ast.walk(tree)
