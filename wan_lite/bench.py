@@ -120,16 +120,16 @@ def extrapolate(high_s: float, low_s: float, stall_s: float, sampling: SamplingC
 
 
 def bench_ours(tmpl, hosts, *, height, width, frames, mode, cfg_batched, vram_gb, steps=1, label="",
-               compile_blocks=False) -> dict:
+               compile_blocks=False, ffn_chunk=None) -> dict:
     """Warm-up pass, then `steps` guided high steps (the last swaps) and `steps` low steps."""
     cfg = tmpl.cfg
     _cap(vram_gb)
     res = Residency(tmpl, *hosts, device="cuda", mode=mode, cfg_batched=cfg_batched, compile=compile_blocks,
-                    measure=True)
+                    ffn_chunk=ffn_chunk, measure=True)
     x, ctx, ctx_null = _inputs(cfg, height, width, frames)
     L = tokens(height, width, frames, cfg)
     out = {"label": label, "height": height, "width": width, "frames": frames, "tokens": L, "mode": mode,
-           "cfg_batched": cfg_batched, "vram_cap_gb": vram_gb, "compile": compile_blocks,
+           "cfg_batched": cfg_batched, "vram_cap_gb": vram_gb, "compile": compile_blocks, "ffn_chunk": ffn_chunk,
            "weights_vram_gb": res.device_bytes / GB}
     try:
         t0 = time.perf_counter()
@@ -307,37 +307,53 @@ def bench_vae(height: int, width: int, frames: int, vram_gb: float | None, dtype
 # the command line
 
 
+def _free_host(hosts) -> None:
+    """Drop host experts and PyTorch's cache of pinned blocks (else the next build doubles host RAM)."""
+    del hosts
+    gc.collect()
+    torch._C._host_emptyCache()
+
+
+WHAT = ("ours", "bf16", "diffusers", "text", "vae")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m wan_lite.bench", description=__doc__.split("\n")[0])
     p.add_argument("--res", choices=sorted(RESOLUTIONS), default="480p")
     p.add_argument("--frames", type=int, default=81)
     p.add_argument("--quant", choices=("int8", "fp8", "bf16"), default="int8")
-    p.add_argument("--vram-gb", type=float, default=24.0, help="cap PyTorch's allocator to this many GB (1e9)")
+    p.add_argument("--vram-gb", type=float, default=24.0, help="cap PyTorch's allocator to this many GB (1e9); 0: none")
     p.add_argument("--mode", choices=("resident", "streaming"), help="default: what the planner picks")
     p.add_argument("--cfg-batched", choices=("yes", "no"), help="default: what the planner picks")
+    p.add_argument("--ffn-chunk", type=int, help="tokens per FFN chunk (default: the planner's; 0: none)")
     p.add_argument("--steps", type=int, default=1, help="measured steps per expert (after one warm-up pass)")
     p.add_argument("--compile", choices=("yes", "no"), default="yes", help="torch.compile each block")
-    p.add_argument("--baselines", action="store_true", help="also bf16 uncapped and diffusers group offload")
-    p.add_argument("--text", action="store_true", help="also time the umt5 text encoder")
-    p.add_argument("--vae", action="store_true", help="also time the VAE decode")
+    p.add_argument("--what", default="ours", help=f"comma list of {', '.join(WHAT)}: ours = --quant/--mode "
+                   "under the cap; bf16 = our bf16 resident path without a cap; diffusers = WanTransformer3DModel "
+                   "with group offloading under the cap; text / vae = the umt5 encoder / the VAE decode")
+    p.add_argument("--baselines", action="store_true", help="shorthand: add bf16 and diffusers to --what")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("the benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
+    what = set(args.what.split(",")) | ({"bf16", "diffusers"} if args.baselines else set())
+    if what - set(WHAT):
+        p.error(f"--what: unknown {', '.join(sorted(what - set(WHAT)))}; choose from {', '.join(WHAT)}")
+    vram_gb = args.vram_gb or None
 
     cfg = ModelConfig.a14b()
     height, width = RESOLUTIONS[args.res]
     try:
-        plan = make_plan(args.vram_gb, height=height, width=width, frames=args.frames, quant=args.quant,
+        plan = make_plan(vram_gb or 1000.0, height=height, width=width, frames=args.frames, quant=args.quant,
                          mode=args.mode)
         print(plan.describe())
-        mode, batched = plan.mode, plan.cfg_batched
+        mode, batched, chunk = plan.mode, plan.cfg_batched, plan.ffn_chunk
     except PlanError as e:  # measure anyway: the planner's estimate is what is being checked
         print(f"planner: {e}")
-        plan, mode, batched = None, args.mode or "streaming", False
-    if args.cfg_batched:
-        batched = args.cfg_batched == "yes"
+        plan, mode, batched, chunk = None, args.mode or "streaming", False, None
+    batched = batched if args.cfg_batched is None else args.cfg_batched == "yes"
+    chunk = chunk if args.ffn_chunk is None else (args.ffn_chunk or None)
     results = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "argv": sys.argv,
                "plan": plan.to_dict() if plan else None, "runs": []}
@@ -350,33 +366,30 @@ def main(argv=None) -> int:
                 json.dump(results, f, indent=1)
 
     compile_blocks = args.compile == "yes"
-    tmpl = runtime_template(cfg, args.quant)
-    hosts = (random_host_expert(tmpl, 1), random_host_expert(tmpl, 2))
-    record(bench_copy(hosts[0]))
-    run = bench_ours(tmpl, hosts, height=height, width=width, frames=args.frames, mode=mode, cfg_batched=batched,
-                     vram_gb=args.vram_gb, steps=args.steps, label=f"wan-lite {args.quant} {mode}",
-                     compile_blocks=compile_blocks)
-    record(run)
-    if compile_blocks and "error" in run and not run["error"].startswith("OOM"):  # measure eager instead
-        compile_blocks = False
-        record(bench_ours(tmpl, hosts, height=height, width=width, frames=args.frames, mode=mode,
-                          cfg_batched=batched, vram_gb=args.vram_gb, steps=args.steps,
-                          label=f"wan-lite {args.quant} {mode} (eager: compile failed)", compile_blocks=False))
-    del hosts
-    gc.collect()
-    if args.baselines:
+    common = dict(height=height, width=width, frames=args.frames, steps=args.steps, ffn_chunk=chunk)
+    if "ours" in what:
+        tmpl = runtime_template(cfg, args.quant)
+        hosts = (random_host_expert(tmpl, 1), random_host_expert(tmpl, 2))
+        record(bench_copy(hosts[0]))
+        run = bench_ours(tmpl, hosts, mode=mode, cfg_batched=batched, vram_gb=vram_gb,
+                         label=f"wan-lite {args.quant} {mode}", compile_blocks=compile_blocks, **common)
+        record(run)
+        if compile_blocks and "error" in run and not run["error"].startswith("OOM"):  # measure eager instead
+            record(bench_ours(tmpl, hosts, mode=mode, cfg_batched=batched, vram_gb=vram_gb,
+                              label=f"wan-lite {args.quant} {mode} (eager: compile failed)", **common))
+        _free_host(hosts)
+    if "bf16" in what:
         tmpl16 = runtime_template(cfg, "bf16")
         hosts = (random_host_expert(tmpl16, 1), random_host_expert(tmpl16, 2))
-        record(bench_ours(tmpl16, hosts, height=height, width=width, frames=args.frames, mode="resident",
-                          cfg_batched=False, vram_gb=None, steps=args.steps, label="wan-lite bf16 resident, no cap",
-                          compile_blocks=compile_blocks))
-        del hosts
-        gc.collect()
-        record(bench_diffusers(cfg, height=height, width=width, frames=args.frames, vram_gb=args.vram_gb))
-    if args.text:
+        record(bench_ours(tmpl16, hosts, mode="resident", cfg_batched=False, vram_gb=None,
+                          label="wan-lite bf16 resident, no cap", compile_blocks=compile_blocks, **common))
+        _free_host(hosts)
+    if "diffusers" in what:
+        record(bench_diffusers(cfg, height=height, width=width, frames=args.frames, vram_gb=vram_gb))
+    if "text" in what:
         record(bench_text())
-    if args.vae:
-        record(bench_vae(height, width, args.frames, args.vram_gb))
+    if "vae" in what:
+        record(bench_vae(height, width, args.frames, vram_gb))
     results["host_peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
     if args.json:
         with open(args.json, "w") as f:

@@ -33,10 +33,12 @@ from .config import ModelConfig
 GB = 1e9
 QUANTS = ("int8", "fp8", "bf16")
 RESOLUTIONS = {"480p": (480, 832), "720p": (720, 1280)}  # (height, width), the official landscape sizes
-# Peak bytes per (token x channel) of one pass through a block, residual stream included, eager and
-# with `model.compile_blocks` (which fuses the float32 modulation / norm / RoPE work): the lead's
-# one-block H100 measurement at 720p (8.0 and 4.4 GiB over L x dim), to be replaced by the bench's.
-ACT_PEAK = {False: 22.2, True: 12.2}
+# Peak bytes per (token x channel) of one pass through a block, residual stream included, with the FFN
+# chunked over tokens; eager and with `model.compile_blocks` (which fuses the float32 modulation /
+# norm / RoPE work). Measured by the bench (int8 w8a8, peak allocated minus weights over L x dim).
+ACT_PEAK = {False: 24.0, True: 18.0}
+FFN_CHUNK = 8192  # tokens per FFN chunk when the model supports it (GEMMs of 8192 rows stay efficient)
+FFN_PEAK = 10.8  # what an unchunked FFN adds: hidden + GELU output, 2 x ffn_dim/dim x 2 bytes (A14B)
 RESIDUAL = 4.0  # the float32 residual stream, per token x channel
 FIXED = 0.6 * GB  # latents, text context, RoPE tables, cuBLAS/cuDNN workspaces
 HEADROOM = 1.0 * GB  # CUDA context + allocator fragmentation on a real card
@@ -124,10 +126,18 @@ def unit_bytes(cfg: ModelConfig, quant: str) -> tuple[int, int, int]:
     return lay["embed"].nbytes, lay["blocks.0"].nbytes, lay["head"].nbytes
 
 
+def ffn_chunking() -> bool:
+    """Whether this model.py can run its FFN over token chunks (`Block.ffn_chunk`)."""
+    from .model import Block
+
+    return hasattr(Block, "ffn_chunk")
+
+
 def activation_bytes(L: int, cfg: ModelConfig, mode: str, cfg_batched: bool, batch: int = 1,
-                     compiled: bool = True) -> float:
+                     compiled: bool = True, ffn_chunk: int | None = FFN_CHUNK) -> float:
     """Peak activation bytes of one guided step (see the module docstring)."""
-    per_pass = ACT_PEAK[compiled] * L * cfg.dim * batch
+    per_token_dim = ACT_PEAK[compiled] + (FFN_PEAK * cfg.ffn_dim / 13824 if ffn_chunk is None else 0.0)
+    per_pass = per_token_dim * L * cfg.dim * batch
     if cfg_batched:
         return 2 * per_pass
     if mode == "streaming":  # block-major: two residual streams, one pass's transients
@@ -135,10 +145,11 @@ def activation_bytes(L: int, cfg: ModelConfig, mode: str, cfg_batched: bool, bat
     return per_pass
 
 
-def _estimate(L: int, cfg: ModelConfig, quant: str, mode: str, cfg_batched: bool, compiled: bool) -> tuple:
+def _estimate(L: int, cfg: ModelConfig, quant: str, mode: str, cfg_batched: bool, compiled: bool,
+              ffn_chunk: int | None) -> tuple:
     embed, block, head = unit_bytes(cfg, quant)
     weights = embed + head + block * (cfg.num_layers if mode == "resident" else STREAM_SLOTS)
-    act = activation_bytes(L, cfg, mode, cfg_batched, compiled=compiled)
+    act = activation_bytes(L, cfg, mode, cfg_batched, compiled=compiled, ffn_chunk=ffn_chunk)
     return weights, act, weights + act + FIXED
 
 
@@ -169,7 +180,8 @@ def make_plan(vram_gb: float | None = None, *, height: int, width: int, frames: 
     if mode is not None:
         candidates = [c for c in candidates if c[0] == mode]
     compiled = device.type == "cuda" if compile is None else compile
-    fits = [(m, b, *_estimate(L, cfg, quant, m, b, compiled)) for m, b in candidates]
+    ffn_chunk = FFN_CHUNK if ffn_chunking() and L > FFN_CHUNK else None
+    fits = [(m, b, *_estimate(L, cfg, quant, m, b, compiled, ffn_chunk)) for m, b in candidates]
     chosen = next((c for c in fits if c[4] <= usable), None)
     if chosen is None:
         smallest = min(c[4] for c in fits) + HEADROOM
@@ -195,7 +207,7 @@ def make_plan(vram_gb: float | None = None, *, height: int, width: int, frames: 
     return Plan(
         vram_gb=round(vram_gb, 2), height=height, width=width, frames=frames, tokens=L, quant=quant, mode=m,
         slots=STREAM_SLOTS if m == "streaming" else cfg.num_layers + 2, cfg_batched=batched, compile=compiled,
-        attention=attn, attention_block_mb=block_mb, ffn_chunk=None, vae_tile=vae_tile,
+        attention=attn, attention_block_mb=block_mb, ffn_chunk=ffn_chunk, vae_tile=vae_tile,
         text_device="cuda" if device.type == "cuda" and 2 * TEXT_PARAMS + GB <= usable else "cpu",
         weights_gb=round(weights / GB, 2), activations_gb=round(act / GB, 2),
         estimated_peak_gb=round(peak / GB, 2), host_gb=round(2 * (embed + head + cfg.num_layers * block) / GB, 2),

@@ -351,18 +351,22 @@ class Residency:
     uncond as one batch of 2 (else one after the other; block-major when streaming).
     overlap: send weights ahead of use (off: every copy happens when a unit is needed, to measure).
     compile: `model.compile_blocks` on the device model (fuses the float32 work between matmuls).
+    ffn_chunk: tokens per FFN chunk on the device model's blocks (`Block.ffn_chunk`; None: whole).
     measure: time the compute stream's waits for copies (`stats.stall_ms`).
     """
 
     def __init__(self, template: nn.Module, high: HostExpert, low: HostExpert, *, device="cuda",
                  mode: str = "resident", cfg_batched: bool = False, slots: int = 2, overlap: bool = True,
-                 compile: bool = False, measure: bool = False):
+                 compile: bool = False, ffn_chunk: int | None = None, measure: bool = False):
         if mode not in MODES:
             raise ValueError(f"unknown residency mode {mode!r}: choose one of {', '.join(MODES)}")
         self.template = template
         self.hosts = {"high": high, "low": low}
         self.device = torch.device(device)
         self.mode, self.cfg_batched, self.overlap, self.compile = mode, cfg_batched, overlap, compile
+        if ffn_chunk is not None and not hasattr(type(template.blocks[0]), "ffn_chunk"):
+            raise ValueError("this model has no FFN chunking (Block.ffn_chunk): run with ffn_chunk=None")
+        self.ffn_chunk = ffn_chunk
         self.layouts = layouts_of(template)
         for name, host in self.hosts.items():
             if host.layouts != self.layouts:
@@ -521,6 +525,9 @@ class Residency:
             model = copy.deepcopy(self.template)
             model.load_state_dict(state, assign=True)
             self._model = model.eval().requires_grad_(False)
+            if self.ffn_chunk is not None:
+                for block in self._model.blocks:
+                    block.ffn_chunk = self.ffn_chunk
             if self.compile:
                 compile_blocks(self._model)
         return self._model
