@@ -140,7 +140,7 @@ if triton is not None:
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_SMOOTH:  # div_rn: IEEE division, bit-identical to the torch reference
             x = tl.div_rn(x, tl.load(smooth_ptr + cols, mask=mask, other=1.0))
-        scale = tl.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12), QMAX_)
+        scale = tl.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12), tl.full([], QMAX_, tl.float32))
         y = tl.minimum(tl.maximum(tl.div_rn(x, scale), -QMAX_), QMAX_)
         if IS_INT8:
             q = ((y + 12582912.0) - 12582912.0).to(tl.int8)  # + 1.5 * 2^23: round half to even, as torch.round

@@ -38,17 +38,17 @@ def variants(x, w, b):
     from quant import kernels as K
     from quant.linear import quantize_linear_weight
 
+    m = x.shape[0]  # quantize_rows pads M to a multiple of 16: the raw matmul rows are sliced back
     w8, s8 = quantize_linear_weight(w, "int8")
     wf8, sf8 = quantize_linear_weight(w, "fp8")
     xq, xs = K.quantize_rows(x, "fp8")
-    bf = b.float()
     out = {
         "bf16": lambda: F.linear(x, w, b),
         "fp8 w8a8": lambda: K.quant_linear(x, wf8, sf8, b, None, "fp8", "w8a8", torch.bfloat16),
-        "fp8 fast-accum": lambda: K.fp8_matmul(*K.quantize_rows(x, "fp8"), wf8, sf8, b, fast_accum=True),
-        "fp8 mm only": lambda: K.fp8_matmul(xq, xs, wf8, sf8, b),
+        "fp8 fast-accum": lambda: K.fp8_matmul(*K.quantize_rows(x, "fp8"), wf8, sf8, b, fast_accum=True)[:m],
+        "fp8 mm only": lambda: K.fp8_matmul(xq, xs, wf8, sf8, b)[:m],
         "int8 w8a8": lambda: K.quant_linear(x, w8, s8, b, None, "int8", "w8a8", torch.bfloat16),
-        "int8 _int_mm": lambda: K.int8_matmul_torch(*K.quantize_rows(x, "int8"), w8, s8, bf),
+        "int8 _int_mm": lambda: K.int8_matmul_torch(*K.quantize_rows(x, "int8"), w8, s8, b)[:m],
         "w8a16": lambda: K.quant_linear(x, w8, s8, b, None, "int8", "w8a16", torch.bfloat16),
         "act-quant fp8": lambda: K.quantize_rows(x, "fp8"),
     }
