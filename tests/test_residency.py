@@ -118,7 +118,7 @@ def test_batched_cfg_same_in_both_modes_and_close_to_sequential(experts):
 
 @pytest.mark.parametrize("mode", ["resident", "streaming"])
 def test_sample_through_residency(experts, mode):
-    """The real loop with plain calls (two a step): same latents as with the plain models, the high
+    """The real loop (one `.guided` call a step): same latents as with the plain models, the high
     expert on the device for high steps and the low one after, every later unit sent ahead of use."""
     sampling = SamplingConfig(steps=4, solver="euler", shift=3.0)
     _, timesteps = sigma_grid(sampling.steps, sampling.shift)
@@ -126,7 +126,7 @@ def test_sample_through_residency(experts, mode):
     ref = sample(*experts, x, ctx, ctx_null, sampling)
 
     res = residency(experts, mode=mode)
-    res.plan_steps(timesteps.tolist(), sampling.boundary_timestep, calls_per_step=2)
+    res.plan_steps(timesteps.tolist(), sampling.boundary_timestep, calls_per_step=1)
     seen = []
     got = sample(res.high, res.low, x, ctx, ctx_null, sampling,
                  callback=lambda i, n, t, expert: seen.append((expert, res.where())))

@@ -20,7 +20,13 @@ Callback = Callable[[int, int, int, str], None]  # (step, total, t, expert "high
 
 def guided_velocity(model, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                     context_null: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance in float32: uncond + s * (cond - uncond), as two separate passes."""
+    """Classifier-free guidance in float32: uncond + s * (cond - uncond), from two passes.
+
+    An expert that schedules the two passes itself (block-major under streaming residency, on two
+    GPUs under CFG parallelism) offers `.guided(x, t, context, context_null, scale)` computing the same.
+    """
+    if hasattr(model, "guided"):
+        return model.guided(x, t, context, context_null, scale)
     cond = model(x, t, context).float()
     uncond = model(x, t, context_null).float()
     return uncond + scale * (cond - uncond)
