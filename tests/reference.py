@@ -36,8 +36,10 @@ _MODULES = {
 }
 
 
+@functools.cache
 def wan_root() -> Path:
-    """The installed `wan` package folder, found without importing it."""
+    """The installed `wan` package folder, found without importing it (cached: once the stub
+    packages are registered, `find_spec("wan")` no longer works)."""
     spec = importlib.util.find_spec("wan")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError(
