@@ -25,6 +25,12 @@ collectives are used: NCCL on GPUs, gloo on the CPU (the tests).
 Every rank ends a call holding the full velocity, so `pipeline.sample` runs unchanged and identically on
 every rank; only rank 0 needs to decode and write the video.
 
+Measured (`python -m wan_lite.bench_parallel`, 2 x H100 80GB, torch 2.11, 720p 81 frames = 75,600 tokens,
+one A14B expert in bf16, cuDNN attention): a denoising step (cond + uncond) takes 27.4 s on one GPU,
+14.4 s with Ulysses (1.90x) and 13.8 s with CFG parallel (1.98x); FSDP2 halves the resident weights
+(27.1 -> 13.6 GiB per GPU, peak 23.0 GiB with Ulysses) at no measurable cost in speed. Outputs were
+bitwise equal to the single GPU's.
+
 Deliberately unsupported: ring attention (sequence parallel beyond the head count), several hosts,
 quantized experts under FSDP (wrap them replicated), weights in fp32 under NCCL (it works, but the point
 of the runtime is bf16).
