@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bf16", help="bf16 or fp32, for the experts and the text encoder")
     p.add_argument("--vae-tile", type=int, default=None,
                    help="VAE tile side in pixels, a multiple of 32; 0 decodes untiled (default: from free memory)")
+    p.add_argument("--parallel", default="auto", choices=("auto", "ulysses", "cfg"),
+                   help="under torchrun: CFG parallel on even GPU counts (auto), or Ulysses sequence parallel")
+    p.add_argument("--no-fsdp", action="store_true", help="under torchrun: replicate the experts, don't shard them")
     p.add_argument("--cache-dir", default=None, help="prompt-embedding cache (default ~/.cache/wan-lite/text)")
     p.add_argument("--out", required=True, help="output .mp4 (a <name>.json sidecar is written beside it)")
     return p
@@ -69,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .config import SamplingConfig
+    from .parallel import setup_from_env
     from .t2v import T2VPipeline, validate
     from .video import check_writable
 
@@ -80,14 +84,17 @@ def run(args: argparse.Namespace) -> int:
     SamplingConfig(steps=args.steps, shift=args.shift, guidance_high=args.guidance_high,
                    guidance_low=args.guidance_low, solver=args.solver)  # raises on an unknown solver, steps < 1
     dtype = DTYPES[args.dtype]
+    ctx = setup_from_env(args.parallel, fsdp=not args.no_fsdp)  # None unless torchrun started several ranks
+    main = ctx is None or ctx.is_main
 
     pipe = T2VPipeline.from_pretrained(args.ckpt, device=args.device, dtype=dtype, text_device=args.text_device,
-                                       text_dtype=dtype, cache_dir=args.cache_dir)
+                                       text_dtype=dtype, cache_dir=args.cache_dir, parallel=ctx)
     if pipe.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(pipe.device)
-    print(f"{pipe.layout} checkpoint {pipe.root} on {pipe.device}; encoding the prompt and loading the experts",
-          file=sys.stderr)
-    bar = tqdm(total=args.steps, desc="denoise", unit="step", file=sys.stderr)
+    if main:
+        print(f"{pipe.layout} checkpoint {pipe.root} on {pipe.device}; encoding the prompt and loading the experts",
+              file=sys.stderr)
+    bar = tqdm(total=args.steps, desc="denoise", unit="step", file=sys.stderr, disable=not main)
 
     def on_step(step: int, total: int, t: int, expert: str) -> None:
         bar.set_description(f"denoise [{expert}-noise expert]")
@@ -103,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     total = time.perf_counter() - start
+    if not main:
+        return 0
 
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
     vram = (f"peak VRAM {torch.cuda.max_memory_allocated(pipe.device) / 2**30:.2f} GiB, "
@@ -120,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(e).split())  # one line
         print(f"error: {message}", file=sys.stderr)
         return 2
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import torch
 from . import __version__
 from .checkpoint import QUANT_MARKER, CheckpointError, find_experts, load_expert
 from .config import SamplingConfig
+from .parallel import ParallelContext, load_parallel_experts
 from .pipeline import Callback, sample
 from .text import DEFAULT_NEGATIVE_PROMPT, TextEncoder, clean_text
 from .vae import STRIDE, VAE
@@ -183,8 +184,9 @@ class T2VPipeline:
 
     def __init__(self, root: Path, *, model: str, device: torch.device, dtype: torch.dtype,
                  text_device: torch.device, text_dtype: torch.dtype, vae_dtype: torch.dtype,
-                 cache_dir: str | os.PathLike | None):
+                 cache_dir: str | os.PathLike | None, parallel: ParallelContext | None = None):
         self.root, self.model_name = root, model
+        self.parallel = parallel  # several GPUs (wan_lite.parallel): experts sharded there, rank 0 decodes
         self.layout = check_root(root)
         self.device, self.dtype, self.vae_dtype = device, dtype, vae_dtype
         self.high_path, self.low_path = find_experts(root)
@@ -208,17 +210,20 @@ class T2VPipeline:
         text_dtype: torch.dtype = torch.bfloat16,
         vae_dtype: torch.dtype = torch.float32,
         cache_dir: str | os.PathLike | None = None,
+        parallel: ParallelContext | None = None,
     ) -> T2VPipeline:
         """Open a model root (either layout) or a hub id. `device` defaults to CUDA when present;
         `text_device` (default: `device`) runs the umt5 encoder; `cache_dir` holds prompt embeddings."""
         root = resolve_root(path_or_hub_id)
-        device = torch.device(device) if device is not None else _default_device()
+        device = parallel.device if parallel else torch.device(device) if device is not None else _default_device()
         text_device = torch.device(text_device) if text_device is not None else device
         return cls(root, model=str(path_or_hub_id), device=device, dtype=dtype, text_device=text_device,
-                   text_dtype=text_dtype, vae_dtype=vae_dtype, cache_dir=cache_dir)
+                   text_dtype=text_dtype, vae_dtype=vae_dtype, cache_dir=cache_dir, parallel=parallel)
 
     def load_experts(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         """(high, low) experts in host memory, loaded once."""
+        if self.experts is None and self.parallel:  # straight into this rank's shards, on its GPU
+            self.experts = load_parallel_experts(self.root, self.parallel, dtype=self.dtype)
         if self.experts is None:
             self.experts = (load_expert(self.high_path, dtype=self.dtype), load_expert(self.low_path, dtype=self.dtype))
         return self.experts
@@ -247,10 +252,11 @@ class T2VPipeline:
         out: str | os.PathLike | None = None,
         extra_metadata: dict | None = None,
         vae_tile: int | None | str = "auto",
-    ) -> T2VResult:
+    ) -> T2VResult | None:
         """Generate one video. size is (width, height); seed None draws one; `out` also writes the mp4.
 
         callback(step, total, t, expert) runs after each denoising step (expert is "high" or "low").
+        Over several GPUs (`parallel`) every rank calls it; only rank 0 decodes, writes and gets a result.
         """
         # 1. everything that can be wrong with the request fails here, before any weights load
         size = tuple(size)
@@ -263,24 +269,31 @@ class T2VPipeline:
             raise ValueError(f"vae_tile must be 'auto', None (untiled) or a positive multiple of 32, got {vae_tile!r}")
         negative_prompt = DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
         seed = random.randint(0, 2**31 - 1) if seed is None else int(seed)
+        main = self.parallel is None or self.parallel.is_main
         timings = {}
 
         # 2. text: both prompts in one pass (or from the cache), then the encoder leaves the GPU
         start = time.perf_counter()
-        context, context_null = self.text.encode([prompt, negative_prompt])  # (L, 4096), (L', 4096)
+        embeddings = [e.cpu() for e in self.text.encode([prompt, negative_prompt])] if main else None
         self.text.unload()
+        if self.parallel:  # every rank samples from rank 0's seed and prompt embeddings
+            seed, embeddings = self.parallel.from_main((seed, embeddings))
+        context, context_null = embeddings  # (L, 4096), (L', 4096)
         timings["text"] = time.perf_counter() - start
 
         # 3-4. noise and denoising
         start = time.perf_counter()
         noise = self.noise(seed, size, frames)  # (1, 16, F', H/8, W/8)
         high, low = self.load_experts()
-        _place_experts(high, low, self.device)
+        if self.parallel is None:
+            _place_experts(high, low, self.device)
         context, context_null = (c.unsqueeze(0).to(self.device) for c in (context, context_null))  # (1, L, 4096)
         latents = sample(high, low, noise, context, context_null, sampling, callback=callback).cpu()
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and self.parallel is None:
             _evict(high, low)
         timings["denoise"] = time.perf_counter() - start
+        if not main:
+            return None  # rank 0 decodes and writes
 
         # 5. decode
         start = time.perf_counter()
