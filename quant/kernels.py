@@ -2,17 +2,18 @@
 
 `select_kernel(device, scheme, override)` returns "w8a8" or "w8a16":
 
-- w8a8 fp8 (Ada sm89, Hopper sm90): per-token activation scales by a fused Triton kernel (one read
-  of each row of x, one write of the e4m3 row and its scale), then `torch._scaled_mm` with rowwise
-  scales (scale_a (M, 1), scale_b (1, N), fp32) and the bias in its epilogue, bf16 out. The weight is
-  stored row-major (N, K); `w.t()` is the column-major (K, N) operand `_scaled_mm` wants.
-- w8a8 int8 (Ampere+): the same fused activation kernel with absmax/127 and round-to-nearest-even,
-  then an int8 x int8 -> int32 GEMM whose epilogue applies scale_a (x) scale_b and the bias and
-  writes bf16 (Triton, `int8_matmul`). `torch._int_mm` followed by a separate dequantize reads and
-  writes an M x N int32 tensor in addition (about 15% of the time at Wan shapes); it stays as
-  `int8_matmul_torch` for the benchmark and as the reference of the Triton GEMM.
+- w8a8 (int8: Ampere+; fp8 e4m3: Ada sm89, Hopper sm90): per-token activation scales by a fused
+  Triton kernel (one read of each row of x, one write of the 8-bit row and its scale), then one
+  Triton GEMM for both schemes (wgmma on Hopper) whose epilogue applies scale_a (x) scale_b and the
+  bias and writes bf16. The weight stays row-major (N, K): K-major, as 8-bit tensor-core operands
+  must be. int8 accumulates exactly in int32; fp8 in fp32 with the tensor core's fast accumulation
+  (FP8_FAST_ACCUM, WAN_LITE_FP8_FAST_ACCUM=0 turns it off).
+  Measured alternatives, kept for `bench_linear`: `fp8_matmul` (torch._scaled_mm, rowwise scales,
+  bias in its epilogue) and `int8_matmul_torch` (torch._int_mm, then a separate dequantize that
+  reads and writes an M x N int32 tensor: half the speed of bf16 at Wan shapes).
 - w8a16 (everything else, the CPU included): dequantize the weight to the compute dtype and run
-  a plain matmul. This is the reference the w8a8 paths are tested against.
+  a plain matmul. With `linear_w8a8_reference` (the w8a8 arithmetic in plain torch), the reference
+  the fast paths are tested against.
 
 Unfused, the activation quantization alone (abs, amax, div, round, cast: five passes over x) makes
 fp8 slower than bf16 at Wan shapes (DESIGN.md section 2): fusing it is the point of the Triton kernel.
@@ -34,9 +35,13 @@ import torch.nn.functional as F
 KERNELS = ("w8a8", "w8a16")
 ENV_VAR = "WAN_LITE_QUANT_KERNEL"
 QMAX = {"int8": 127.0, "fp8": 448.0}  # absmax maps to this value
+INV_QMAX = {k: float(torch.tensor(1.0 / v, dtype=torch.float32)) for k, v in QMAX.items()}  # fp32-exact
 QDTYPE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
 MIN_CAPABILITY = {"int8": (8, 0), "fp8": (8, 9)}  # _int_mm needs Ampere; e4m3 tensor cores Ada/Hopper
-PAD_M = 16  # _scaled_mm wants M % 16 == 0; _int_mm wants M > 16 and M % 8 == 0
+PAD_M = 16  # rows of the quantized activations: _scaled_mm wants M % 16 == 0, _int_mm M > 16 and M % 8 == 0
+# fp8 tensor-core accumulation without periodic fp32 promotion: faster, and on Wan shapes its error is
+# lost in the e4m3 rounding (bench_linear shows both). WAN_LITE_FP8_FAST_ACCUM=0 turns it off.
+FP8_FAST_ACCUM = os.environ.get("WAN_LITE_FP8_FAST_ACCUM", "1") != "0"
 
 try:  # Triton ships with CUDA builds of torch; CPU builds have none (and need none: w8a16 runs there)
     import triton
@@ -90,12 +95,14 @@ def quantize_rows_reference(x: torch.Tensor, scheme: str, smooth: torch.Tensor |
 
     Returns (q (M, K) in the scheme's 8-bit dtype, scale (M, 1) float32) with x ~= q * scale. Used for
     weights offline (rows = output channels) and as the reference of the fused activation kernel.
+    Divisions are one reciprocal per row (per channel for smooth) and multiplies, as in the kernel:
+    the two agree bit for bit.
     """
     xf = x.float()
     if smooth is not None:
-        xf = xf / smooth.float()
-    scale = xf.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / QMAX[scheme]  # (M, 1)
-    y = (xf / scale).clamp(-QMAX[scheme], QMAX[scheme])
+        xf = xf * (1.0 / smooth.float())
+    scale = xf.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) * INV_QMAX[scheme]  # (M, 1)
+    y = (xf * (1.0 / scale)).clamp(-QMAX[scheme], QMAX[scheme])
     q = y.round().to(torch.int8) if scheme == "int8" else y.to(torch.float8_e4m3fn)
     return q, scale
 
@@ -110,7 +117,7 @@ def linear_w8a16(x2, w, w_scale, bias, smooth, dtype):
     """Dequantize the weight to `dtype`, plain matmul: x2 (M, K) -> (M, N) in `dtype`."""
     x2 = x2.to(dtype)
     if smooth is not None:
-        x2 = x2 / smooth.to(dtype)
+        x2 = x2 * (1.0 / smooth).to(dtype)
     return F.linear(x2, dequantize_weight(w, w_scale, dtype), None if bias is None else bias.to(dtype))
 
 
@@ -130,39 +137,55 @@ def linear_w8a8_reference(x2, w, w_scale, bias, smooth, scheme, dtype):
 
 if triton is not None:
 
+    def _quantize_configs():
+        return [triton.Config({}, num_warps=w) for w in (4, 8, 16, 32)]
+
+    def _prune_quantize_configs(configs, named_args, **kwargs):
+        """Short rows: 4 warps; Wan rows (5,120 / 13,824 channels): time 8, 16 and 32 warps."""
+        wide = kwargs.get("BLOCK_K", named_args.get("BLOCK_K", 0)) >= 4096
+        return [c for c in configs if (c.num_warps >= 8) == wide]
+
+    @triton.autotune(configs=_quantize_configs(), key=["K"],
+                     prune_configs_by={"early_config_prune": _prune_quantize_configs})
     @triton.jit
-    def _quantize_rows_kernel(x_ptr, smooth_ptr, q_ptr, scale_ptr, K, stride_x, stride_q,
-                              QMAX_: tl.constexpr, IS_INT8: tl.constexpr, HAS_SMOOTH: tl.constexpr,
-                              BLOCK_K: tl.constexpr):
+    def _quantize_rows_kernel(x_ptr, inv_smooth_ptr, q_ptr, scale_ptr, K, stride_x, stride_q,
+                              QMAX_: tl.constexpr, INV_QMAX_: tl.constexpr, IS_INT8: tl.constexpr,
+                              HAS_SMOOTH: tl.constexpr, BLOCK_K: tl.constexpr):
+        # one row of x per program: read once, write the 8-bit row and its scale. No per-element
+        # division (an IEEE divide is ~10 instructions and made this kernel compute-bound): one
+        # reciprocal per row, multiplies, exactly as quantize_rows_reference.
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK_K)
         mask = cols < K
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SMOOTH:  # div_rn: IEEE division, bit-identical to the torch reference
-            x = tl.div_rn(x, tl.load(smooth_ptr + cols, mask=mask, other=1.0))
-        scale = tl.div_rn(tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12), tl.full([], QMAX_, tl.float32))
-        y = tl.minimum(tl.maximum(tl.div_rn(x, scale), -QMAX_), QMAX_)
+        if HAS_SMOOTH:
+            x = x * tl.load(inv_smooth_ptr + cols, mask=mask, other=1.0)
+        scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) * INV_QMAX_
+        inv = tl.div_rn(tl.full([], 1.0, tl.float32), scale)  # IEEE, as torch's reciprocal
+        y = tl.minimum(tl.maximum(x * inv, -QMAX_), QMAX_)
         if IS_INT8:
             q = ((y + 12582912.0) - 12582912.0).to(tl.int8)  # + 1.5 * 2^23: round half to even, as torch.round
         else:
-            q = y.to(tl.float8e4nv)
+            q = y.to(tl.float8e4nv)  # cvt.rn.satfinite, as torch's cast
         tl.store(q_ptr + row * stride_q + cols, q, mask=mask)
         tl.store(scale_ptr + row, scale)
 
-    def _int8_configs():
+    def _gemm_configs():
         return [
             triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
             for bm, bn, bk, s, w in [(128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 8),
                                      (128, 256, 64, 4, 8), (128, 128, 64, 5, 4)]
         ]
 
-    @triton.autotune(configs=_int8_configs(), key=["N", "K"])
+    @triton.autotune(configs=_gemm_configs(), key=["N", "K"])
     @triton.jit
-    def _int8_matmul_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K,
+    def _w8a8_matmul_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K,
                             stride_am, stride_bn, stride_cm,
-                            HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            IS_FP8: tl.constexpr, FAST_ACCUM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                            EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-        # a (M, K) row-major int8, b (N, K) row-major int8 (the weight), c (M, N) = a b^T * sa sb^T + bias
+        # a (M, K) row-major 8-bit activations, b (N, K) row-major 8-bit weight (K-major, as wgmma wants
+        # 8-bit operands); c (M, N) = (a b^T) * sa sb^T + bias, written in c's dtype.
         pid = tl.program_id(0)
         num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
         group = pid // (GROUP_M * num_n)
@@ -175,14 +198,17 @@ if triton is not None:
         rk = tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + rk[None, :]
         b_ptrs = b_ptr + rn[None, :].to(tl.int64) * stride_bn + rk[:, None]  # (BLOCK_K, BLOCK_N) view of b^T
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32 if IS_FP8 else tl.int32)
         for i in range(0, tl.cdiv(K, BLOCK_K)):
             if EVEN_K:
                 a, b = tl.load(a_ptrs), tl.load(b_ptrs)
             else:
                 a = tl.load(a_ptrs, mask=rk[None, :] < K - i * BLOCK_K, other=0)
                 b = tl.load(b_ptrs, mask=rk[:, None] < K - i * BLOCK_K, other=0)
-            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+            if IS_FP8:  # fast: accumulate in the tensor core's reduced precision; else promote every tile
+                acc = tl.dot(a, b, acc, max_num_imprecise_acc=None if FAST_ACCUM else BLOCK_K)
+            else:
+                acc = tl.dot(a, b, acc, out_dtype=tl.int32)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
         cm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -199,7 +225,7 @@ def quantize_rows(x: torch.Tensor, scheme: str, smooth: torch.Tensor | None = No
     """Fused per-token quantization of a 2-D CUDA x: one Triton program per row.
 
     Returns (q (Mp, K), scale (Mp, 1) float32) with Mp = M rounded up to `pad_to` (and > 16); padded
-    rows are zeros with scale 1. Same arithmetic as `quantize_rows_reference`.
+    rows are zeros with scale 1. Bit-identical to `quantize_rows_reference`.
     """
     m, k = x.shape
     mp = max(-(-m // pad_to) * pad_to, 32)
@@ -209,22 +235,25 @@ def quantize_rows(x: torch.Tensor, scheme: str, smooth: torch.Tensor | None = No
     if mp > m:
         q[m:].view(torch.int8).zero_()
         scale[m:].fill_(1.0)
-    block = triton.next_power_of_2(k)
-    _quantize_rows_kernel[(m,)](x, smooth if smooth is not None else x, q, scale, k, x.stride(0), q.stride(0),
-                                QMAX_=QMAX[scheme], IS_INT8=scheme == "int8", HAS_SMOOTH=smooth is not None,
-                                BLOCK_K=block, num_warps=min(max(block // 512, 4), 16))
+    inv_smooth = 1.0 / smooth.float() if smooth is not None else scale  # (K,): one reciprocal per channel
+    _quantize_rows_kernel[(m,)](x, inv_smooth, q, scale, k, x.stride(0), q.stride(0),
+                                QMAX_=QMAX[scheme], INV_QMAX_=INV_QMAX[scheme], IS_INT8=scheme == "int8",
+                                HAS_SMOOTH=smooth is not None, BLOCK_K=triton.next_power_of_2(k))
     return q, scale
 
 
-def int8_matmul(xq, x_scale, w, w_scale, bias, out_dtype=torch.bfloat16):
-    """Triton int8 GEMM: xq (M, K) int8, x_scale (M, 1), w (N, K) int8, w_scale (N,) -> (M, N) out_dtype."""
+def w8a8_matmul(xq, x_scale, w, w_scale, bias, out_dtype=torch.bfloat16, fast_accum: bool | None = None):
+    """Triton 8-bit GEMM with the dequantizing epilogue: xq (M, K), x_scale (M, 1), w (N, K) int8 or
+    e4m3, w_scale (N,), bias (N,) -> (M, N) out_dtype. int8 accumulates exactly in int32; fp8 in fp32,
+    with the tensor core's fast accumulation unless `fast_accum` (default: FP8_FAST_ACCUM) is False."""
     m, k = xq.shape
     n = w.shape[0]
     c = torch.empty(m, n, dtype=out_dtype, device=xq.device)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-    _int8_matmul_kernel[grid](xq, w, c, x_scale, w_scale, bias if bias is not None else w_scale, m, n, k,
-                              xq.stride(0), w.stride(0), c.stride(0), HAS_BIAS=bias is not None,
-                              EVEN_K=k % 128 == 0)
+    _w8a8_matmul_kernel[grid](xq, w, c, x_scale, w_scale, bias if bias is not None else w_scale, m, n, k,
+                              xq.stride(0), w.stride(0), c.stride(0), IS_FP8=xq.dtype == torch.float8_e4m3fn,
+                              FAST_ACCUM=FP8_FAST_ACCUM if fast_accum is None else fast_accum,
+                              HAS_BIAS=bias is not None, EVEN_K=k % 128 == 0)
     return c
 
 
@@ -237,22 +266,19 @@ def int8_matmul_torch(xq, x_scale, w, w_scale, bias, out_dtype=torch.bfloat16):
     return out.to(out_dtype)
 
 
-def fp8_matmul(xq, x_scale, w, w_scale, bias, out_dtype=torch.bfloat16, fast_accum: bool = False):
-    """`torch._scaled_mm` with rowwise scales: xq (M, K) e4m3, w (N, K) e4m3 -> (M, N) out_dtype."""
+def fp8_matmul(xq, x_scale, w, w_scale, bias, out_dtype=torch.bfloat16, fast_accum: bool | None = None):
+    """`torch._scaled_mm` with rowwise scales (xq (M, K) e4m3, w (N, K) e4m3 -> (M, N) bf16): the
+    library fp8 GEMM, measured against the Triton one by bench_linear."""
     return torch._scaled_mm(xq, w.t(), scale_a=x_scale, scale_b=w_scale[None, :],
                             bias=None if bias is None else bias.to(out_dtype), out_dtype=out_dtype,
-                            use_fast_accum=fast_accum)
+                            use_fast_accum=FP8_FAST_ACCUM if fast_accum is None else fast_accum)
 
 
 def linear_w8a8(x2, w, w_scale, bias, smooth, scheme, out_dtype=torch.bfloat16):
-    """Fused activation quantization + 8-bit GEMM: x2 (M, K) -> (M, N) in out_dtype."""
+    """Fused activation quantization + 8-bit GEMM with the dequantizing epilogue: x2 (M, K) -> (M, N)."""
     m = x2.shape[0]
     xq, x_scale = quantize_rows(x2, scheme, smooth)
-    if scheme == "fp8":  # rowwise _scaled_mm writes bf16 only
-        out = fp8_matmul(xq, x_scale, w, w_scale, bias, torch.bfloat16).to(out_dtype)
-    else:
-        out = int8_matmul(xq, x_scale, w, w_scale, bias, out_dtype)
-    return out[:m]
+    return w8a8_matmul(xq, x_scale, w, w_scale, bias, out_dtype)[:m]
 
 
 def quant_linear(x: torch.Tensor, w, w_scale, bias, smooth, scheme: str, kernel: str, dtype: torch.dtype):

@@ -30,9 +30,9 @@ def need_w8a8(scheme):
 
 
 @pytest.mark.parametrize("scheme", ["int8", "fp8"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("m, k", [(37, 96), (300, 5120), (16, 13824)])
-@pytest.mark.parametrize("smooth", [False, True])
+@pytest.mark.parametrize("dtype, m, k, smooth", [
+    (torch.bfloat16, 37, 96, False), (torch.float32, 37, 96, True), (torch.bfloat16, 300, 5120, True),
+    (torch.float32, 300, 5120, False), (torch.bfloat16, 16, 13824, False), (torch.float32, 1000, 13824, True)])
 def test_fused_activation_quantization_matches_reference(scheme, dtype, m, k, smooth):
     need_w8a8(scheme)
     x = (torch.randn(m, k, device=CUDA) * torch.rand(k, device=CUDA) * 4).to(dtype)
@@ -41,7 +41,7 @@ def test_fused_activation_quantization_matches_reference(scheme, dtype, m, k, sm
     q, scale = kernels.quantize_rows(x, scheme, s)
     q_ref, scale_ref = kernels.quantize_rows_reference(x, scheme, s)
     assert q.shape[0] % kernels.PAD_M == 0 and q.shape[0] >= max(m, 32)
-    assert torch.equal(scale[:m], scale_ref)  # IEEE division on both sides: bit-identical
+    assert torch.equal(scale[:m], scale_ref)  # same reciprocal-and-multiply arithmetic: bit-identical
     assert (q[m:].view(torch.int8) == 0).all() and (scale[m:] == 1).all()
     same = q[:m].view(torch.int8) == q_ref.view(torch.int8)
     if scheme == "int8":
@@ -74,17 +74,33 @@ def test_w8a8_matches_reference_and_w8a16(scheme, in_dtype, shape):
 
 
 @pytest.mark.parametrize("m, k, n", [(256, 512, 384), (75, 96, 40), (4096, 1024, 2048)])
-def test_int8_triton_gemm_matches_int_mm(m, k, n):
+def test_int8_triton_gemm_matches_reference(m, k, n):
     need_w8a8("int8")
     a = torch.randint(-127, 128, (max(m, 32), k), dtype=torch.int8, device=CUDA)
     w = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=CUDA)
     sa, sw = torch.rand(a.shape[0], 1, device=CUDA), torch.rand(n, device=CUDA)
     bias = torch.randn(n, device=CUDA).to(torch.bfloat16)
-    out = kernels.int8_matmul(a, sa, w, sw, bias)
+    out = kernels.w8a8_matmul(a, sa, w, sw, bias)
     ref = (a.double() @ w.double().t()) * sa.double() * sw.double() + bias.double()
     assert out.dtype == torch.bfloat16 and rel(out, ref) < 4e-3
     if m % 8 == 0 and k % 8 == 0 and n % 8 == 0:  # what torch._int_mm accepts
         assert rel(kernels.int8_matmul_torch(a, sa, w, sw, bias), ref) < 4e-3
+
+
+@pytest.mark.parametrize("m, k, n", [(256, 512, 384), (4096, 5120, 1024)])
+@pytest.mark.parametrize("fast_accum", [True, False])
+def test_fp8_gemms_match_reference(m, k, n, fast_accum):
+    need_w8a8("fp8")
+    a = torch.randn(m, k, device=CUDA).to(torch.float8_e4m3fn)
+    w = torch.randn(n, k, device=CUDA).to(torch.float8_e4m3fn)
+    sa, sw = torch.rand(m, 1, device=CUDA), torch.rand(n, device=CUDA)
+    bias = torch.randn(n, device=CUDA).to(torch.bfloat16)
+    ref = (a.double() @ w.double().t()) * sa.double() * sw.double() + bias.double()
+    triton_out = kernels.w8a8_matmul(a, sa, w, sw, bias, fast_accum=fast_accum)
+    library_out = kernels.fp8_matmul(a, sa, w, sw, bias, fast_accum=fast_accum)
+    print(f"fp8 K={k} fast_accum={fast_accum}: triton {rel(triton_out, ref):.2e}, "
+          f"_scaled_mm {rel(library_out, ref):.2e}")
+    assert rel(triton_out, ref) < 4e-3 and rel(library_out, ref) < 4e-3
 
 
 def _tiny_root(tmp_path, cfg, seed):

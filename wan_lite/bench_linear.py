@@ -3,16 +3,17 @@
 For each block Linear shape (K x N: 5120x5120 for self-attn q/k/v/o and cross-attn q/o, 5120x13824
 for ffn.0, 13824x5120 for ffn.2) at M = 32,760 (480x832x81) and 75,600 (1280x720x81) tokens:
 
-| variant        | what runs                                                                   |
-|----------------|-----------------------------------------------------------------------------|
-| bf16           | F.linear(x, w, b), the baseline                                             |
-| fp8 w8a8       | runtime path: fused Triton act quant + _scaled_mm rowwise, bias, bf16 out   |
-| fp8 fast-accum | the same with use_fast_accum=True (not used at runtime; shown for the gap)  |
-| fp8 mm only    | _scaled_mm on pre-quantized activations (the ceiling of the path)           |
-| int8 w8a8      | runtime path: fused act quant + Triton int8 GEMM, dequantize/bias epilogue  |
-| int8 _int_mm   | fused act quant + torch._int_mm + a separate dequantize                     |
-| w8a16          | dequantize the int8 weight to bf16, then F.linear (the fallback path)       |
-| act-quant fp8  | the fused activation quantization alone                                     |
+| variant            | what runs                                                                |
+|--------------------|--------------------------------------------------------------------------|
+| bf16               | F.linear(x, w, b), the baseline                                          |
+| fp8 w8a8           | runtime path: fused act quant + Triton fp8 GEMM (fast accum), epilogue   |
+| fp8 w8a8 precise   | the same, fp32 promotion every K tile (WAN_LITE_FP8_FAST_ACCUM=0)        |
+| fp8 _scaled_mm     | fused act quant + torch._scaled_mm rowwise, fast accum, bias, bf16 out   |
+| fp8 _scaled_mm prec| the same without fast accumulation                                       |
+| int8 w8a8          | runtime path: fused act quant + Triton int8 GEMM, dequantize epilogue    |
+| int8 _int_mm       | fused act quant + torch._int_mm + a separate dequantize                  |
+| w8a16              | dequantize the int8 weight to bf16, then F.linear (the fallback path)    |
+| act-quant fp8/int8 | the fused activation quantization alone (GB/s: bytes read + written)     |
 
 Activation quantization is included in every w8a8 row. Times are medians of
 triton.testing.do_bench (CUDA events); TFLOP/s = 2 M N K / t. `rel err` is ||y - y_bf16|| / ||y_bf16||.
@@ -41,16 +42,18 @@ def variants(x, w, b):
     m = x.shape[0]  # quantize_rows pads M to a multiple of 16: the raw matmul rows are sliced back
     w8, s8 = quantize_linear_weight(w, "int8")
     wf8, sf8 = quantize_linear_weight(w, "fp8")
-    xq, xs = K.quantize_rows(x, "fp8")
+    q = lambda scheme: K.quantize_rows(x, scheme)
     out = {
         "bf16": lambda: F.linear(x, w, b),
         "fp8 w8a8": lambda: K.quant_linear(x, wf8, sf8, b, None, "fp8", "w8a8", torch.bfloat16),
-        "fp8 fast-accum": lambda: K.fp8_matmul(*K.quantize_rows(x, "fp8"), wf8, sf8, b, fast_accum=True)[:m],
-        "fp8 mm only": lambda: K.fp8_matmul(xq, xs, wf8, sf8, b)[:m],
+        "fp8 w8a8 precise": lambda: K.w8a8_matmul(*q("fp8"), wf8, sf8, b, fast_accum=False)[:m],
+        "fp8 _scaled_mm": lambda: K.fp8_matmul(*q("fp8"), wf8, sf8, b, fast_accum=True)[:m],
+        "fp8 _scaled_mm prec": lambda: K.fp8_matmul(*q("fp8"), wf8, sf8, b, fast_accum=False)[:m],
         "int8 w8a8": lambda: K.quant_linear(x, w8, s8, b, None, "int8", "w8a8", torch.bfloat16),
-        "int8 _int_mm": lambda: K.int8_matmul_torch(*K.quantize_rows(x, "int8"), w8, s8, b)[:m],
+        "int8 _int_mm": lambda: K.int8_matmul_torch(*q("int8"), w8, s8, b)[:m],
         "w8a16": lambda: K.quant_linear(x, w8, s8, b, None, "int8", "w8a16", torch.bfloat16),
-        "act-quant fp8": lambda: K.quantize_rows(x, "fp8"),
+        "act-quant fp8": lambda: q("fp8"),
+        "act-quant int8": lambda: q("int8"),
     }
     return out
 
@@ -79,10 +82,12 @@ def bench(tokens=TOKENS, shapes=SHAPES, rep_ms: int = 200, only=None):
                 except Exception as e:  # noqa: BLE001 - a failing variant is reported, the rest still run
                     row["error"] = f"{type(e).__name__}: {e}"[:300]
                     rows.append(row)
-                    print(f"{m:>6} {shape_name:<13} {name:<15} ERROR {row['error']}")
+                    print(f"{m:>6} {shape_name:<13} {name:<20} ERROR {row['error']}")
                     continue
                 row["ms"] = ms
-                if name != "act-quant fp8":
+                if name.startswith("act-quant"):
+                    row["gbps"] = (m * k * (x.element_size() + 1) + 4 * m) / ms / 1e6
+                else:
                     row["tflops"] = 2 * m * n * k / ms / 1e9
                     yf = y.float()
                     row["rel_err"] = ((yf - y_ref).norm() / y_ref.norm()).item()
@@ -97,17 +102,17 @@ def bench(tokens=TOKENS, shapes=SHAPES, rep_ms: int = 200, only=None):
 
 
 def format_table(rows) -> str:
-    head = f"{'M':>6} {'K x N':<12} {'shape':<13} {'variant':<15} {'ms':>8} {'TFLOP/s':>8} {'x bf16':>7}"
+    head = f"{'M':>6} {'K x N':<12} {'shape':<13} {'variant':<20} {'ms':>8} {'TFLOP/s':>8} {'x bf16':>7}"
     lines = [head + f" {'rel err':>9}"]
     for r in rows:
         kn = f"{r['K']}x{r['N']}"
         if "error" in r:
-            lines.append(f"{r['M']:>6} {kn:<12} {r['shape']:<13} {r['variant']:<15} ERROR {r['error'][:60]}")
+            lines.append(f"{r['M']:>6} {kn:<12} {r['shape']:<13} {r['variant']:<20} ERROR {r['error'][:60]}")
             continue
-        tf = f"{r['tflops']:8.0f}" if "tflops" in r else f"{'':>8}"
+        tf = f"{r['tflops']:8.0f}" if "tflops" in r else f"{r['gbps']:5.0f}GB/s"
         err = f"{r['rel_err']:9.2e}" if "rel_err" in r else f"{'':>9}"
         ratio = f"{r['vs_bf16']:7.2f}" if r.get("vs_bf16") else f"{'':>7}"
-        lines.append(f"{r['M']:>6} {kn:<12} {r['shape']:<13} {r['variant']:<15} {r['ms']:8.3f} {tf} {ratio} {err}")
+        lines.append(f"{r['M']:>6} {kn:<12} {r['shape']:<13} {r['variant']:<20} {r['ms']:8.3f} {tf} {ratio} {err}")
     return "\n".join(lines)
 
 
