@@ -203,8 +203,8 @@ if triton is not None:
             if EVEN_K:
                 a, b = tl.load(a_ptrs), tl.load(b_ptrs)
             else:
-                a = tl.load(a_ptrs, mask=rk[None, :] < K - i * BLOCK_K, other=0)
-                b = tl.load(b_ptrs, mask=rk[:, None] < K - i * BLOCK_K, other=0)
+                a = tl.load(a_ptrs, mask=rk[None, :] < K - i * BLOCK_K, other=0.0)
+                b = tl.load(b_ptrs, mask=rk[:, None] < K - i * BLOCK_K, other=0.0)
             if IS_FP8:  # fast: accumulate in the tensor core's reduced precision; else promote every tile
                 acc = tl.dot(a, b, acc, max_num_imprecise_acc=None if FAST_ACCUM else BLOCK_K)
             else:
