@@ -72,9 +72,14 @@ def _fill(name: str, t: torch.Tensor, g: torch.Generator) -> None:
         t.normal_(0.0, 1.0 / math.sqrt(t[0].numel()), generator=g)
 
 
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
 def random_host_expert(model: torch.nn.Module, seed: int, pin: bool = True) -> HostExpert:
     """One expert of `model`'s layout with random weights, generated on the GPU, held in pinned RAM."""
     layouts = layouts_of(model)
+    _log(f"building a random expert: {sum(lay.nbytes for lay in layouts.values()) / GB:.1f} GB, pinned={pin}")
     host = HostExpert.empty(layouts, pin=pin)
     g = torch.Generator("cuda").manual_seed(seed)
     for unit, lay in layouts.items():
@@ -131,6 +136,7 @@ def bench_ours(tmpl, hosts, *, height, width, frames, mode, cfg_batched, vram_gb
     out = {"label": label, "height": height, "width": width, "frames": frames, "tokens": L, "mode": mode,
            "cfg_batched": cfg_batched, "vram_cap_gb": vram_gb, "compile": compile_blocks, "ffn_chunk": ffn_chunk,
            "weights_vram_gb": res.device_bytes / GB}
+    _log(f"{label}: warm-up pass")
     try:
         t0 = time.perf_counter()
         res.high.guided(x, torch.tensor([999], device="cuda"), ctx, ctx_null, 4.0)  # warm-up and first load
@@ -139,6 +145,7 @@ def bench_ours(tmpl, hosts, *, height, width, frames, mode, cfg_batched, vram_gb
         ts = [990 - i for i in range(steps)] + [860 - i for i in range(steps)]
         res.plan_steps(ts, SamplingConfig().boundary_timestep)
         times = []
+        _log(f"{label}: warm-up {out['warmup_s']:.1f} s, timing {len(ts)} steps")
         for t in ts:
             expert = res.high if t >= 875 else res.low
             torch.cuda.synchronize()
