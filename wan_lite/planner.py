@@ -2,16 +2,19 @@
 VAE tile, text encoder placement. One frozen `Plan`, printed as a readable block and stored in the
 run's metadata (`plan.to_dict()`).
 
-The arithmetic (DESIGN.md section 3), all in bytes:
+The arithmetic (DESIGN.md section 3), all in bytes, fitted to H100 measurements of
+`python -m wan_lite.bench` (int8 w8a8 experts, blocks compiled, 81 frames; BENCHMARKS.md):
 - weights: the exact bytes of one expert's tensors, summed from the model's own layout (meta
-  device) for the scheme: bf16, or 8-bit block Linears with float32 per-channel scales. Resident
-  mode holds one expert; streaming holds the embed and head units plus `slots` blocks.
-- activations: peak bytes per token x channel of one pass through a block, `ACT_PEAK`, including
-  the float32 residual stream (4 of them). Measured on an H100 with `python -m wan_lite.bench` (peak
-  allocated minus weights over B*L*dim): see `ACT_PEAK`'s comment. CFG as one batch of 2 doubles it;
-  block-major sequential CFG keeps two residual streams and one pass's transients.
-- `HEADROOM` is left free for the CUDA context and allocator fragmentation when the budget is a card's
-  size; a measured free-memory budget has the context already taken out, but keeps the headroom.
+  device) for the scheme: bf16, or 8-bit block Linears with float32 per-channel scales (14.9 GB for
+  int8: the float32 time projection alone is 0.63 GB). Resident mode holds one expert; streaming
+  holds the embed and head units plus `slots` blocks.
+- activations: `ACT_PEAK` bytes per token x channel for one pass (the float32 residual stream and
+  a block's transients) + `FIXED`; an unchunked FFN adds `FFN_PEAK`; block-major sequential CFG
+  (streaming) adds `STREAM_EXTRA` (the second pass's residual streams); one batch of 2 doubles it.
+- the budget is compared with the *reserved* memory the caching allocator will hold:
+  `FRAGMENTATION` x allocated + `SLACK` (expandable segments on; measured 1.04-1.09x). A budget in
+  GB (1e9) on a card sold in GiB leaves the CUDA context its ~0.5 GB; a measured free-memory budget
+  has it taken out already.
 
 Choices, in order: resident if one expert and one pass's activations fit, else streaming (block-major,
 batched CFG if two passes fit, else sequential); a fused attention kernel where the device has one, the
@@ -33,16 +36,17 @@ from .config import ModelConfig
 GB = 1e9
 QUANTS = ("int8", "fp8", "bf16")
 RESOLUTIONS = {"480p": (480, 832), "720p": (720, 1280)}  # (height, width), the official landscape sizes
-# Peak bytes per (token x channel) of one pass through a block, residual stream included, with the FFN
-# chunked over tokens; eager and with `model.compile_blocks` (which fuses the float32 modulation /
-# norm / RoPE work). Measured by the bench (int8 w8a8, peak allocated minus weights over L x dim).
-ACT_PEAK = {False: 24.0, True: 18.0}
+# Peak bytes per (token x channel) of one pass, FFN chunked, by whether the blocks are compiled.
+# Compiled: fitted to 480p and 720p resident runs (3.78 and 7.88 GB over the weights: 18.7 B x L x dim
+# + 0.64 GB). Eager: not measured here; the compiled value plus what compile saved in the lead's
+# one-block measurement (8.0 -> 4.4 GiB at 720p: +10 B).
+ACT_PEAK = {False: 28.7, True: 18.7}
+FIXED = 0.64 * GB  # latents, text context, RoPE tables, workspaces (the fit's intercept)
 FFN_CHUNK = 8192  # tokens per FFN chunk when the model supports it (GEMMs of 8192 rows stay efficient)
-FFN_PEAK = 10.8  # what an unchunked FFN adds: hidden + GELU output, 2 x ffn_dim/dim x 2 bytes (A14B)
-RESIDUAL = 4.0  # the float32 residual stream, per token x channel
-FIXED = 0.6 * GB  # latents, text context, RoPE tables, cuBLAS/cuDNN workspaces
-HEADROOM = 1.0 * GB  # CUDA context + allocator fragmentation on a real card
-TEXT_PARAMS = 5.68e9  # umt5-xxl encoder
+FFN_PEAK = 6.3  # what an unchunked FFN adds (480p: 25.0 vs 18.7 B x L x dim)
+STREAM_EXTRA = 12.1  # block-major sequential CFG over one pass (480p streaming: 30.8 vs 18.7)
+FRAGMENTATION, SLACK = 1.045, 0.15 * GB  # reserved = FRAGMENTATION x allocated + SLACK
+TEXT_PARAMS = 6.73e9  # umt5-xxl encoder as transformers builds it (measured 13.5 GB in bf16)
 STREAM_SLOTS = 2
 
 
@@ -136,12 +140,12 @@ def ffn_chunking() -> bool:
 def activation_bytes(L: int, cfg: ModelConfig, mode: str, cfg_batched: bool, batch: int = 1,
                      compiled: bool = True, ffn_chunk: int | None = FFN_CHUNK) -> float:
     """Peak activation bytes of one guided step (see the module docstring)."""
-    per_token_dim = ACT_PEAK[compiled] + (FFN_PEAK * cfg.ffn_dim / 13824 if ffn_chunk is None else 0.0)
+    per_token_dim = ACT_PEAK[compiled] + (FFN_PEAK if ffn_chunk is None else 0.0)
     per_pass = per_token_dim * L * cfg.dim * batch
     if cfg_batched:
         return 2 * per_pass
     if mode == "streaming":  # block-major: two residual streams, one pass's transients
-        return per_pass + RESIDUAL * L * cfg.dim * batch
+        return per_pass + STREAM_EXTRA * L * cfg.dim * batch
     return per_pass
 
 
@@ -174,7 +178,7 @@ def make_plan(vram_gb: float | None = None, *, height: int, width: int, frames: 
     if height % 16 or width % 16 or (frames - 1) % 4:
         raise PlanError(f"{width}x{height}x{frames}: width and height must be multiples of 16, frames 4n+1")
     L = tokens(height, width, frames, cfg)
-    usable = vram_gb * GB - HEADROOM
+    usable = (vram_gb * GB - SLACK) / FRAGMENTATION  # what may be allocated
 
     candidates = [("resident", False), ("streaming", True), ("streaming", False)]
     if mode is not None:
@@ -184,7 +188,7 @@ def make_plan(vram_gb: float | None = None, *, height: int, width: int, frames: 
     fits = [(m, b, *_estimate(L, cfg, quant, m, b, compiled, ffn_chunk)) for m, b in candidates]
     chosen = next((c for c in fits if c[4] <= usable), None)
     if chosen is None:
-        smallest = min(c[4] for c in fits) + HEADROOM
+        smallest = min(c[4] for c in fits) * FRAGMENTATION + SLACK
         raise PlanError(
             f"{vram_gb:.1f} GB is too small for {width}x{height}x{frames} ({L:,} tokens) with {quant} weights"
             + (f" in {mode} mode" if mode else "")
@@ -200,9 +204,9 @@ def make_plan(vram_gb: float | None = None, *, height: int, width: int, frames: 
     from .vae import tile_for_memory
 
     try:
-        vae_tile = tile_for_memory(height, width, frames, int(vram_gb * GB - HEADROOM), 4)
+        vae_tile = tile_for_memory(height, width, frames, int(usable), 4)
     except MemoryError:
-        vae_tile = tile_for_memory(height, width, frames, int(vram_gb * GB - HEADROOM), 2)
+        vae_tile = tile_for_memory(height, width, frames, int(usable), 2)
     embed, block, head = unit_bytes(cfg, quant)
     return Plan(
         vram_gb=round(vram_gb, 2), height=height, width=width, frames=frames, tokens=L, quant=quant, mode=m,
