@@ -3,14 +3,17 @@
 `select_kernel(device, scheme, override)` returns "w8a8" or "w8a16":
 
 - w8a8 (int8: Ampere+; fp8 e4m3: Ada sm89, Hopper sm90): per-token activation scales by a fused
-  Triton kernel (one read of each row of x, one write of the 8-bit row and its scale), then one
-  Triton GEMM for both schemes (wgmma on Hopper) whose epilogue applies scale_a (x) scale_b and the
-  bias and writes bf16. The weight stays row-major (N, K): K-major, as 8-bit tensor-core operands
-  must be. int8 accumulates exactly in int32; fp8 in fp32 with the tensor core's fast accumulation
-  (FP8_FAST_ACCUM, WAN_LITE_FP8_FAST_ACCUM=0 turns it off).
-  Measured alternatives, kept for `bench_linear`: `fp8_matmul` (torch._scaled_mm, rowwise scales,
-  bias in its epilogue) and `int8_matmul_torch` (torch._int_mm, then a separate dequantize that
-  reads and writes an M x N int32 tensor: half the speed of bf16 at Wan shapes).
+  Triton kernel (one read of each row of x, one write of the 8-bit row and its scale; ~3 TB/s on
+  H100, the copy bandwidth), then an 8-bit GEMM whose epilogue applies scale_a (x) scale_b and the
+  bias and writes bf16:
+  - fp8: torch._scaled_mm with rowwise scales (scale_a (M, 1), scale_b (1, N), fp32) and fast
+    accumulation (FP8_FAST_ACCUM; WAN_LITE_FP8_FAST_ACCUM=0 turns it off). The weight is stored
+    row-major (N, K); `w.t()` is the column-major operand it wants. Shapes it refuses (K or N not a
+    multiple of 16) go to the Triton GEMM below.
+  - int8: a Triton GEMM (`w8a8_matmul`, wgmma on Hopper, int32 accumulation) with the same fused
+    epilogue; it also runs fp8 and is kept as the fp8 fallback. `torch._int_mm` followed by a separate
+    dequantize (`int8_matmul_torch`) reads and writes an M x N int32 tensor: half of bf16's speed at
+    Wan shapes, kept for bench_linear only.
 - w8a16 (everything else, the CPU included): dequantize the weight to the compute dtype and run
   a plain matmul. With `linear_w8a8_reference` (the w8a8 arithmetic in plain torch), the reference
   the fast paths are tested against.
@@ -275,9 +278,15 @@ def fp8_matmul(xq, x_scale, w, w_scale, bias, out_dtype=torch.bfloat16, fast_acc
 
 
 def linear_w8a8(x2, w, w_scale, bias, smooth, scheme, out_dtype=torch.bfloat16):
-    """Fused activation quantization + 8-bit GEMM with the dequantizing epilogue: x2 (M, K) -> (M, N)."""
-    m = x2.shape[0]
+    """Fused activation quantization + 8-bit GEMM with the dequantizing epilogue: x2 (M, K) -> (M, N).
+
+    fp8 runs torch._scaled_mm where its shape rules hold (K, N multiples of 16): on H100 it beat the
+    Triton fp8 GEMM on 5 of the 6 Wan shapes (bench_linear, 2026-11-26); int8 runs the Triton GEMM.
+    """
+    m, n = x2.shape[0], w.shape[0]
     xq, x_scale = quantize_rows(x2, scheme, smooth)
+    if scheme == "fp8" and x2.shape[1] % 16 == 0 and n % 16 == 0:
+        return fp8_matmul(xq, x_scale, w, w_scale, bias).to(out_dtype)[:m]  # rowwise _scaled_mm: bf16 out
     return w8a8_matmul(xq, x_scale, w, w_scale, bias, out_dtype)[:m]
 
 

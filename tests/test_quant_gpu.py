@@ -73,6 +73,16 @@ def test_w8a8_matches_reference_and_w8a16(scheme, in_dtype, shape):
         assert rel(y.float(), lin(x.float())) < (2e-2 if scheme == "int8" else 6e-2)
 
 
+def test_fp8_linear_outside_scaled_mm_shapes_uses_the_triton_gemm():
+    need_w8a8("fp8")
+    lin = nn.Linear(96, 40, device=CUDA)  # N = 40: not a multiple of 16, which _scaled_mm refuses
+    q = QuantLinear.from_linear(lin, "fp8")
+    x = torch.randn(3, 7, 96, device=CUDA)
+    ref = kernels.linear_w8a8_reference(x.reshape(-1, 96), q.weight, q.weight_scale, q.bias, None, "fp8",
+                                        torch.float64)
+    assert rel(q(x).reshape(-1, 40), ref) < 5e-3
+
+
 @pytest.mark.parametrize("m, k, n", [(256, 512, 384), (75, 96, 40), (4096, 1024, 2048)])
 def test_int8_triton_gemm_matches_reference(m, k, n):
     need_w8a8("int8")

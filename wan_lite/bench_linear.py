@@ -6,10 +6,10 @@ for ffn.0, 13824x5120 for ffn.2) at M = 32,760 (480x832x81) and 75,600 (1280x720
 | variant            | what runs                                                                |
 |--------------------|--------------------------------------------------------------------------|
 | bf16               | F.linear(x, w, b), the baseline                                          |
-| fp8 w8a8           | runtime path: fused act quant + Triton fp8 GEMM (fast accum), epilogue   |
-| fp8 w8a8 precise   | the same, fp32 promotion every K tile (WAN_LITE_FP8_FAST_ACCUM=0)        |
-| fp8 _scaled_mm     | fused act quant + torch._scaled_mm rowwise, fast accum, bias, bf16 out   |
-| fp8 _scaled_mm prec| the same without fast accumulation                                       |
+| fp8 w8a8           | runtime path: fused act quant + torch._scaled_mm rowwise, fast accum, bias, bf16 out |
+| fp8 _scaled_mm prec| the same without fast accumulation (WAN_LITE_FP8_FAST_ACCUM=0)           |
+| fp8 Triton GEMM    | fused act quant + the Triton 8-bit GEMM in fp8 (fast accum), epilogue    |
+| fp8 Triton precise | the same, fp32 promotion every K tile                                    |
 | int8 w8a8          | runtime path: fused act quant + Triton int8 GEMM, dequantize epilogue    |
 | int8 _int_mm       | fused act quant + torch._int_mm + a separate dequantize                  |
 | w8a16              | dequantize the int8 weight to bf16, then F.linear (the fallback path)    |
@@ -46,9 +46,9 @@ def variants(x, w, b):
     out = {
         "bf16": lambda: F.linear(x, w, b),
         "fp8 w8a8": lambda: K.quant_linear(x, wf8, sf8, b, None, "fp8", "w8a8", torch.bfloat16),
-        "fp8 w8a8 precise": lambda: K.w8a8_matmul(*q("fp8"), wf8, sf8, b, fast_accum=False)[:m],
-        "fp8 _scaled_mm": lambda: K.fp8_matmul(*q("fp8"), wf8, sf8, b, fast_accum=True)[:m],
         "fp8 _scaled_mm prec": lambda: K.fp8_matmul(*q("fp8"), wf8, sf8, b, fast_accum=False)[:m],
+        "fp8 Triton GEMM": lambda: K.w8a8_matmul(*q("fp8"), wf8, sf8, b, fast_accum=True)[:m],
+        "fp8 Triton precise": lambda: K.w8a8_matmul(*q("fp8"), wf8, sf8, b, fast_accum=False)[:m],
         "int8 w8a8": lambda: K.quant_linear(x, w8, s8, b, None, "int8", "w8a8", torch.bfloat16),
         "int8 _int_mm": lambda: K.int8_matmul_torch(*q("int8"), w8, s8, b)[:m],
         "w8a16": lambda: K.quant_linear(x, w8, s8, b, None, "int8", "w8a16", torch.bfloat16),
