@@ -163,3 +163,19 @@ def test_other_dimensions_round_trip(tmp_path, layout):
     x, t, ctx = torch.randn(2, 16, 2, 4, 6), torch.tensor([950.0, 120.0]), torch.randn(2, 9, 20)
     with torch.no_grad():
         assert rel_err(model(x, t, ctx), official_forward(ref, x, t, ctx)) < TOL_FP32
+
+
+def test_ffn_chunking_matches_whole_ffn():
+    """Block.ffn_chunk splits the FFN over tokens; LayerNorm and FFN are per token, so it is exact."""
+    cfg = ModelConfig.tiny()
+    torch.manual_seed(0)
+    model = WanModel(cfg).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x, t, ctx = torch.randn(2, 16, 3, 4, 6), torch.tensor([900, 300]), torch.randn(2, 5, cfg.text_dim)
+    with torch.no_grad():
+        whole = model(x, t, ctx)
+        for block in model.blocks:
+            block.ffn_chunk = 5  # 18 tokens: chunks of 5, 5, 5, 3
+        chunked = model(x, t, ctx)
+    assert ((chunked - whole).norm() / whole.norm()).item() < 1e-6

@@ -142,6 +142,8 @@ class CrossAttention(SelfAttention):
 class Block(nn.Module):
     """AdaLN-modulated self-attention, cross-attention to the text, FFN; residual adds in float32."""
 
+    ffn_chunk: int | None = None  # tokens per FFN chunk (bounds the (L, ffn_dim) hidden); None: all at once
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.eps = cfg.eps
@@ -157,10 +159,17 @@ class Block(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + cond.mod).unsqueeze(2).unbind(1)
         x = x + self.self_attn(layer_norm(x, self.eps) * (1 + scale1) + shift1, cond) * gate1
         x = x + self.cross_attn(self.norm3(x), cond.context)
-        return x + self.feed_forward(layer_norm(x, self.eps) * (1 + scale2) + shift2) * gate2
+        if self.ffn_chunk is None:
+            return self.ffn_residual(x, shift2, scale2, gate2)
+        for xs in x.split(self.ffn_chunk, dim=1):  # views of x, which this forward made: update in place
+            xs.copy_(self.ffn_residual(xs, shift2, scale2, gate2))
+        return x
 
-    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(self.ffn[2], self.ffn[1](linear(self.ffn[0], x)))
+    def ffn_residual(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                     gate: torch.Tensor) -> torch.Tensor:
+        """x + gate * FFN(modulated norm(x)); every token on its own, so chunks over tokens are exact."""
+        h = layer_norm(x, self.eps) * (1 + scale) + shift
+        return x + linear(self.ffn[2], self.ffn[1](linear(self.ffn[0], h))) * gate
 
 
 # ---------------------------------------------------------------------------------------------
