@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(prog="python -m wan_lite.quantize", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:3]))
+                                epilog="\n\n".join(__doc__.split("\n\n")[1:5]))
     p.add_argument("--ckpt", required=True, help="source model root (official or diffusers layout)")
     p.add_argument("--out", help="output model root (convert)")
     p.add_argument("--scheme", choices=SCHEMES, help="quantization scheme (convert)")
