@@ -15,7 +15,8 @@ for weight copies during the first low-noise step), peak VRAM (allocated and res
 the 40-step total, and the time a plain `.to("cuda")` of one expert from pageable memory takes.
 `--baselines` adds, in the same process: our bf16 resident path without a cap, and diffusers'
 `WanTransformer3DModel` with block-level group offloading (use_stream=True) under the same cap.
-`--text` / `--vae` time the umt5 encoder and the VAE decode (random weights, real size).
+`--what text,vae` times the umt5 encoder and the VAE decode (random weights, real size).
+Runs with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True unless the variable is set.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -341,6 +343,8 @@ def main(argv=None) -> int:
     p.add_argument("--baselines", action="store_true", help="shorthand: add bf16 and diffusers to --what")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
+    # as measured (before CUDA starts): less fragmentation, reserved within 1.05x of allocated
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if not torch.cuda.is_available():
         print("the benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
