@@ -9,7 +9,16 @@ import torch
 from wan_lite.config import ModelConfig, SamplingConfig
 from wan_lite.model import WanModel
 from wan_lite.pipeline import sample
-from wan_lite.residency import Call, HostExpert, Layout, Residency, swap_schedule, template, unit_names
+from wan_lite.residency import (
+    Call,
+    HostExpert,
+    Layout,
+    Residency,
+    layouts_of,
+    swap_schedule,
+    template,
+    unit_names,
+)
 from wan_lite.scheduler import sigma_grid
 
 CFG = ModelConfig.tiny(num_layers=4)
@@ -165,13 +174,16 @@ def test_checkpoint_source_through_staging(experts, official_root):
 
     model = load_expert(official_root.high, dtype=torch.float32)
     tmpl = template(model.cfg, torch.float32)
-    src = HostExpert.from_checkpoint(open_expert(official_root.high), HostExpert.from_module(tmpl.to_empty(
-        device="cpu"), pin=False).layouts)
-    res = Residency(template(model.cfg, torch.float32), src, src, device="cpu", mode="streaming")
+    layouts = layouts_of(tmpl)
+    mapped = HostExpert.from_checkpoint(open_expert(official_root.high), layouts)
+    in_ram = HostExpert.from_checkpoint(open_expert(official_root.high), layouts, in_ram=True)
     x = torch.randn(1, 16, 1, 4, 4)
     ctx, ctx_null = torch.randn(1, 5, model.cfg.text_dim), torch.randn(1, 2, model.cfg.text_dim)
     t = torch.tensor([999])
-    assert torch.equal(res.high.guided(x, t, ctx, ctx_null, 4.0), plain_guided(model, x, t, ctx, ctx_null, 4.0))
+    ref = plain_guided(model, x, t, ctx, ctx_null, 4.0)
+    for src in (mapped, in_ram):
+        res = Residency(tmpl, src, src, device="cpu", mode="streaming")
+        assert torch.equal(res.high.guided(x, t, ctx, ctx_null, 4.0), ref)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -164,9 +164,17 @@ class HostExpert:
         return host
 
     @classmethod
-    def from_checkpoint(cls, source, layouts: dict[str, Layout]) -> HostExpert:
-        """Serve units straight from a memory-mapped checkpoint (`checkpoint.open_expert`)."""
-        return cls(layouts, read=source.tensor)
+    def from_checkpoint(cls, source, layouts: dict[str, Layout], *, in_ram: bool = False,
+                        pin: bool = True) -> HostExpert:
+        """From a checkpoint (`checkpoint.open_expert`): read unit by unit into (pinned) RAM with
+        `in_ram` (one copy of the expert, cast to the layout's dtypes), else serve each unit from the
+        memory-mapped files through a pinned staging buffer at copy time."""
+        if not in_ram:
+            return cls(layouts, read=source.tensor)
+        host = cls.empty(layouts, pin and torch.cuda.is_available())
+        for u, lay in layouts.items():
+            lay.pack(source.tensor, host.flats[u])
+        return host
 
     @property
     def pinned(self) -> bool:
