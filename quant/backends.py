@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-QUANTO_QMAP = "quanto_qmap.json"
+from wan_lite.checkpoint import QUANTO_MARKER as QUANTO_QMAP
+
 QUANTO_QTYPES = {"quanto-int8": "qint8", "quanto-fp8": "qfloat8_e4m3fn"}  # scheme -> quanto qtype name
 NF4_BLOCKSIZE = 64
 
@@ -183,7 +184,7 @@ def load_quanto_folder(path, *, dtype=torch.bfloat16, device="cpu"):
 
     path = Path(path)
     qmap = json.loads((path / QUANTO_QMAP).read_text())
-    files = ck._weight_files(path)
+    files = ck.weight_files(path)
     diffusers = any(k.startswith(("condition_embedder.", "proj_out.")) or ".attn1." in k for k in files)
     rename = ck.diffusers_to_official if diffusers else (lambda n: n)
     qmap = {rename(name + ".").removesuffix("."): spec for name, spec in qmap.items()}
@@ -199,7 +200,7 @@ def load_quanto_folder(path, *, dtype=torch.bfloat16, device="cpu"):
     shape_files = {n.removesuffix("._data"): f for n, f in ours.items() if not n.endswith("._scale")}
     shape_stored = {n.removesuffix("._data"): stored[n] for n in ours if not n.endswith("._scale")}
     source = ck.ExpertSource(path, "quanto", None, shape_files, shape_stored)
-    cfg = ck._config_from_shapes(source, ck._read_config(path))
+    cfg = ck.config_from_shapes(source, ck.read_config(path))
     state = {}
     for file in sorted(set(ours.values())):
         with safe_open(file, framework="pt") as f:

@@ -440,7 +440,7 @@ def test_loads_a_bare_quanto_diffusers_checkpoint(tmp_path, reference_experts, o
     (folder / "quanto_qmap.json").write_text(json.dumps(quanto.quantization_map(model)))
     model.save_config(folder)
     assert quant.is_quantized_folder(folder)
-    loaded = quant.load_quantized_expert(folder, dtype=torch.bfloat16)
+    loaded = load_expert(folder, dtype=torch.bfloat16)  # routed to quant/ by the quanto_qmap.json marker
     assert type(loaded.blocks[0].ffn[0]).__name__ == "QLinear"
     ref = load_expert(official_root.high, dtype=torch.float32)
     x, t, ctx = forward_inputs(tiny_cfg)

@@ -25,7 +25,8 @@ from safetensors import safe_open
 from .config import ModelConfig
 from .model import WanModel
 
-QUANT_MARKER = "wan_lite_quant.json"
+QUANT_MARKER = "wan_lite_quant.json"  # our quantized layout (quant/format.py)
+QUANTO_MARKER = "quanto_qmap.json"  # a bare optimum-quanto expert (quant/backends.py reads it)
 
 # diffusers name pattern -> official name (block index carried through)
 DIFFUSERS_TO_OFFICIAL = [
@@ -83,18 +84,20 @@ def param_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
 
 
 def detect_layout(path: Path) -> str:
-    """'official', 'diffusers' or 'wan-lite-quant' for one expert folder; CheckpointError otherwise."""
+    """'official', 'diffusers', 'wan-lite-quant' or 'quanto' for one expert folder; CheckpointError otherwise."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a folder: pass one expert's folder (e.g. high_noise_model/ "
                               "or transformer/), or a model root to find_experts()")
     if (path / QUANT_MARKER).exists():
         return "wan-lite-quant"
+    if (path / QUANTO_MARKER).exists():
+        return "quanto"
     experts = [d for d in ("high_noise_model", "transformer") if (path / d).is_dir()]
     if experts and not (path / "config.json").exists():
         raise CheckpointError(f"{path} is a model root, not one expert: pass {path / experts[0]} (one expert "
                               "folder), or use find_experts(root) to get both")
-    config = _read_config(path)
+    config = read_config(path)
     if config.get("_class_name") == "WanTransformer3DModel" or "num_attention_heads" in config:
         return "diffusers"
     if config.get("_class_name") == "WanModel" or "num_heads" in config:
@@ -105,7 +108,7 @@ def detect_layout(path: Path) -> str:
         "WanTransformer3DModel, as in Wan-AI/Wan2.2-T2V-A14B-Diffusers/transformer): point at an expert folder")
 
 
-def _read_config(path: Path) -> dict:
+def read_config(path: Path) -> dict:
     cfg_file = path / "config.json"
     if not cfg_file.exists():
         raise CheckpointError(f"{cfg_file} is missing: an expert folder needs its config.json "
@@ -138,7 +141,7 @@ def _open(file: Path):
         yield f
 
 
-def _weight_files(path: Path) -> dict[str, Path]:
+def weight_files(path: Path) -> dict[str, Path]:
     """Map each stored tensor name to its file, checking that every shard named by the index exists."""
     indexes = sorted(path.glob("*.safetensors.index.json"))
     if len(indexes) > 1:
@@ -197,16 +200,16 @@ def open_expert(path) -> ExpertSource:
     """Open one expert folder of the official or diffusers layout."""
     path = Path(path)
     layout = detect_layout(path)
-    if layout == "wan-lite-quant":
-        raise CheckpointError(f"{path} is a wan-lite quantized expert: load it with load_expert()")
-    stored_files = _weight_files(path)
+    if layout in ("wan-lite-quant", "quanto"):
+        raise CheckpointError(f"{path} is a quantized expert ({layout}): load it with load_expert()")
+    stored_files = weight_files(path)
     rename = diffusers_to_official if layout == "diffusers" else (lambda n: n)
     files, stored = {}, {}
     for name, f in stored_files.items():
         ours = rename(name)
         files[ours], stored[ours] = f, name
     source = ExpertSource(path, layout, ModelConfig(), files, stored)
-    source.config = _config_from_shapes(source, _read_config(path))
+    source.config = config_from_shapes(source, read_config(path))
     return source
 
 
@@ -218,7 +221,7 @@ def _shape(source: ExpertSource, name: str) -> list[int]:
         return list(f.get_slice(source.stored[name]).get_shape())
 
 
-def _config_from_shapes(source: ExpertSource, config: dict) -> ModelConfig:
+def config_from_shapes(source: ExpertSource, config: dict) -> ModelConfig:
     dim, in_dim, *patch = _shape(source, "patch_embedding.weight")
     num_heads = config.get("num_heads") or config.get("num_attention_heads")
     if not num_heads:
@@ -252,8 +255,8 @@ def load_expert(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu") -> W
     modulation tables, norms and head in float32, as the official model computes them.
     """
     path = Path(path)
-    if detect_layout(path) == "wan-lite-quant":
-        from quant import load_quantized_expert  # the quantized layout is quant/'s format
+    if detect_layout(path) in ("wan-lite-quant", "quanto"):
+        from quant import load_quantized_expert  # quantized layouts are quant/'s business
 
         return load_quantized_expert(path, dtype=dtype, device=device)
     source = open_expert(path)

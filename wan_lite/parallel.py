@@ -271,7 +271,7 @@ def load_parallel_expert(path, ctx: ParallelContext, *, dtype: torch.dtype = tor
     as ctx says. Rank 0 reads each tensor memory-mapped, casts it to its runtime dtype on its device and
     scatters it (FSDP) or broadcasts it (replicated); other ranks read only shapes. Host RAM: one tensor."""
     path = Path(path)
-    if detect_layout(path) == "wan-lite-quant":
+    if detect_layout(path) in ("wan-lite-quant", "quanto"):
         raise CheckpointError(f"{path} is a wan-lite quantized expert: several-GPU runs load the bf16 checkpoint "
                               "(official or diffusers layout); load quantized experts with load_expert() and wrap "
                               "them with wrap_experts() on a context made with fsdp=False")
