@@ -112,7 +112,8 @@ def build_ui(app: App) -> gr.Blocks:
 
         def initial():
             s = app.settings()
-            return [*(getattr(s, n) for n in SETTING_NAMES), app.plan(s), *listing()]
+            ready = f"Ready: {'demo model' if app.is_demo else app.pipe.root.name} on {app.device.type}."
+            return [*(getattr(s, n) for n in SETTING_NAMES), app.plan(s), *listing(), ready]
 
         gen = generate.click(run, set(controls), result, concurrency_limit=1, concurrency_id="gpu",
                              show_progress_on=[video])
@@ -125,7 +126,7 @@ def build_ui(app: App) -> gr.Blocks:
         gallery.select(open_item, shown, [video, params, status], concurrency_limit=None)
         load.click(load_model, model, [banner, model, c["size"], c["frames"], c["steps"], plan],
                    concurrency_limit=None)
-        blocks.load(initial, None, [*controls, plan, gallery, shown], concurrency_limit=None)
+        blocks.load(initial, None, [*controls, plan, gallery, shown, status], concurrency_limit=None)
     return blocks
 
 

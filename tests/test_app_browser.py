@@ -1,0 +1,182 @@
+"""The app in a real browser: `python -m app` on the demo model, driven by Playwright in headless Chromium.
+
+Needs Debian's Chromium (`apt-get install -y chromium`) and `pip install playwright` (Playwright's own
+browser download does not work here; it drives /usr/bin/chromium). Skipped, with that reason, only
+when /usr/bin/chromium is absent. Leaves a screenshot in tests/artifacts/app.png to look at.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import av
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "tests" / "artifacts"
+RUN_TIMEOUT_MS = 120_000
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
+                                reason="needs Debian's Chromium at /usr/bin/chromium: apt-get install -y chromium")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`python -m app` on the demo model; yields (url, outputs folder)."""
+    outputs, cache = tmp_path_factory.mktemp("outputs"), tmp_path_factory.mktemp("cache")
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("log") / "app.log", "w+")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port), "--outputs", str(outputs),
+                             "--cache-dir", str(cache), "--device", "cpu"], cwd=REPO, stdout=log,
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        end = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"python -m app exited with {proc.returncode}:\n{log.read()}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < end, "the app did not answer within 180 s"
+            time.sleep(0.5)
+        yield url, outputs
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+def open_page(browser, url):
+    """A page in its own browser context (its own gradio session)."""
+    page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
+    page.goto(url)
+    page.wait_for_selector("#generate")
+    wait_status(page, "^Ready", timeout=60_000)  # the remembered settings have been loaded into the controls
+    return page
+
+
+def set_number(page, elem_id: str, value: int) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def status(page) -> str:
+    return page.locator("#status textarea").input_value()
+
+
+def wait_status(page, pattern: str, timeout=RUN_TIMEOUT_MS) -> str:
+    from playwright.sync_api import TimeoutError
+
+    try:
+        page.wait_for_function("p => new RegExp(p).test(document.querySelector('#status textarea').value)",
+                               arg=pattern, timeout=timeout)
+    except TimeoutError:
+        pytest.fail(f"the status never matched {pattern!r}; it reads {status(page)!r}")
+    return status(page)
+
+
+def frame_count(path) -> int:
+    with av.open(str(path)) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
+def test_generate_shows_the_video(server, browser):
+    url, outputs = server
+    page = open_page(browser, url)
+    assert "Demo model" in page.locator("#banner").inner_text()
+    page.locator("#prompt textarea").fill("a small dog runs in the snow")
+    set_number(page, "frames", 13)
+    set_number(page, "steps", 6)
+    page.locator("#generate").click()
+    done = wait_status(page, "^Done")
+    page.wait_for_selector("#video video", timeout=RUN_TIMEOUT_MS)
+    name = re.search(r"(\S+\.mp4)$", done).group(1)
+    seed = int(re.search(r"seed (\d+)", done).group(1))
+    mp4 = outputs / name
+    assert frame_count(mp4) == 13
+    sidecar = json.loads(mp4.with_suffix(".json").read_text())
+    assert sidecar["prompt"] == "a small dog runs in the snow" and sidecar["seed"] == seed
+    assert page.locator("#seed input").input_value() == str(seed)  # the seed used is shown
+    assert f'"seed":{seed},' in re.sub(r"\s", "", page.locator("#params").inner_text())
+    page.wait_for_selector("#gallery .thumbnail-item")
+    assert "a small dog runs in the snow" in page.locator("#gallery").inner_text()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
+    # an earlier output opens from the gallery with its parameters
+    page.locator("#status textarea").evaluate("e => e.value = ''")
+    page.locator("#gallery .thumbnail-item").first.click()
+    assert wait_status(page, "^Showing ", timeout=30_000) == f"Showing {name}"
+
+
+def test_second_request_waits_in_the_queue(server, browser):
+    url, outputs = server
+    first, second = open_page(browser, url), open_page(browser, url)
+    set_number(first, "steps", 40)  # several seconds even on an idle machine
+    set_number(first, "frames", 81)
+    set_number(second, "steps", 2)
+    set_number(second, "frames", 5)
+    first.locator("#generate").click()
+    wait_status(first, r"step \d+/40")  # running
+    second.locator("#generate").click()
+    second.wait_for_function("/queue: \\d+\\/\\d+/.test(document.body.innerText)", timeout=30_000)  # its position
+    done_first = wait_status(first, "^Done")
+    assert not status(second).startswith("Done")
+    done_second = wait_status(second, "^Done")
+    a, b = (outputs / re.search(r"(\S+\.mp4)$", d).group(1) for d in (done_first, done_second))
+    assert frame_count(a) == 81 and frame_count(b) == 5
+    assert b.stat().st_mtime >= a.stat().st_mtime  # the second ran after the first
+
+
+def test_cancel_stops_the_run(server, browser):
+    url, outputs = server
+    page = open_page(browser, url)
+    before = set(outputs.glob("*.mp4"))
+    set_number(page, "steps", 100)  # 161 frames: several seconds of steps even on an idle machine
+    set_number(page, "frames", 161)
+    page.locator("#generate").click()
+    wait_status(page, r"step \d+/100")
+    page.locator("#cancel").click()
+    cancelled = wait_status(page, "^Cancelled after step")
+    assert int(re.search(r"step (\d+)/100", cancelled).group(1)) < 100
+    assert set(outputs.glob("*.mp4")) == before
+    # the app takes the next run
+    set_number(page, "steps", 2)
+    set_number(page, "frames", 5)
+    page.locator("#generate").click()
+    wait_status(page, "^Done")
