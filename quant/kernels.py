@@ -290,11 +290,24 @@ def linear_w8a8(x2, w, w_scale, bias, smooth, scheme, out_dtype=torch.bfloat16):
     return w8a8_matmul(xq, x_scale, w, w_scale, bias, out_dtype)[:m]
 
 
+@torch.library.custom_op("wan_lite::linear_w8a8", mutates_args=())
+def linear_w8a8_op(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                   smooth: torch.Tensor | None, scheme: str, out_dtype: torch.dtype) -> torch.Tensor:
+    """`linear_w8a8` as one opaque op, so torch.compile of a block keeps it whole (dynamo cannot trace
+    the Triton autotuner) and still fuses the elementwise work around it."""
+    return linear_w8a8(x2, w, w_scale, bias, smooth, scheme, out_dtype)
+
+
+@linear_w8a8_op.register_fake
+def _(x2, w, w_scale, bias, smooth, scheme, out_dtype):
+    return x2.new_empty(x2.shape[0], w.shape[0], dtype=out_dtype)
+
+
 def quant_linear(x: torch.Tensor, w, w_scale, bias, smooth, scheme: str, kernel: str, dtype: torch.dtype):
     """y = (x / smooth) @ (w * w_scale)^T + bias for x (..., K) -> (..., N) in `dtype`."""
     x2 = x.reshape(-1, x.shape[-1])  # (M, K)
     if kernel == "w8a8":
-        y = linear_w8a8(x2, w, w_scale, bias, smooth, scheme, dtype)
+        y = linear_w8a8_op(x2, w, w_scale, bias, smooth, scheme, dtype)
     else:
         y = linear_w8a16(x2, w, w_scale, bias, smooth, dtype)
     return y.view(*x.shape[:-1], w.shape[0])  # (..., N)

@@ -88,6 +88,12 @@ def layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return F.layer_norm(x.float(), x.shape[-1:], eps=eps)
 
 
+def compute_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype a Linear computes in: its bias's. Every Wan Linear has a bias, and every backend (plain,
+    quant/'s QuantLinear, optimum-quanto, bitsandbytes) keeps it in the compute dtype."""
+    return module.bias.dtype
+
+
 def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Run a Linear on x: a plain nn.Linear gets x in its weight dtype; a quantized Linear (quant/)
     takes float32 or bfloat16 input and casts it itself."""
@@ -157,8 +163,9 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
         """x (B, L, C) float32 residual stream -> same."""
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + cond.mod).unsqueeze(2).unbind(1)
-        x = x + self.self_attn(layer_norm(x, self.eps) * (1 + scale1) + shift1, cond) * gate1
-        x = x + self.cross_attn(self.norm3(x), cond.context)
+        dtype = compute_dtype(self.ffn[0])  # the Linears' input dtype: cast once, keep no float32 copy alive
+        x = x + self.self_attn((layer_norm(x, self.eps) * (1 + scale1) + shift1).to(dtype), cond) * gate1
+        x = x + self.cross_attn(self.norm3(x).to(dtype), cond.context)
         if self.ffn_chunk is None:
             return self.ffn_residual(x, shift2, scale2, gate2)
         for xs in x.split(self.ffn_chunk, dim=1):  # views of x, which this forward made: update in place
@@ -168,7 +175,7 @@ class Block(nn.Module):
     def ffn_residual(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                      gate: torch.Tensor) -> torch.Tensor:
         """x + gate * FFN(modulated norm(x)); every token on its own, so chunks over tokens are exact."""
-        h = layer_norm(x, self.eps) * (1 + scale) + shift
+        h = (layer_norm(x, self.eps) * (1 + scale) + shift).to(compute_dtype(self.ffn[0]))
         return x + linear(self.ffn[2], self.ffn[1](linear(self.ffn[0], h))) * gate
 
 
