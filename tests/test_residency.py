@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from wan_lite.checkpoint import find_experts, load_expert
 from wan_lite.config import ModelConfig, SamplingConfig
 from wan_lite.model import WanModel
 from wan_lite.pipeline import sample
@@ -14,6 +15,7 @@ from wan_lite.residency import (
     HostExpert,
     Layout,
     Residency,
+    host_experts,
     layouts_of,
     swap_schedule,
     template,
@@ -221,3 +223,44 @@ def test_gpu_swap_and_streaming_match_plain(mode, batched):
         assert torch.equal(got, ref), (mode, t)
     first = len(cfg.num_layers * [0]) + 2 if mode == "resident" else 4
     assert res.stats.misses == first  # the first load only: every later copy was sent ahead
+
+
+# ---------------------------------------------------------------------------------------------
+# from checkpoints on disk (what T2VPipeline runs on one GPU)
+
+
+@pytest.mark.parametrize("in_ram", [True, False])
+def test_host_experts_from_checkpoints_sample_like_the_loaded_experts(official_root, in_ram):
+    """Unquantized experts read unit by unit from the files (into RAM, or served at copy time) give
+    the latents of the experts loaded with load_expert."""
+    sampling = SamplingConfig(steps=4, shift=3.0)
+    tmpl, high, low = host_experts(official_root.high, official_root.low, dtype=torch.float32, in_ram=in_ram)
+    res = Residency(tmpl, high, low, device="cpu")
+    res.plan_steps(sigma_grid(sampling.steps, sampling.shift)[1].tolist(), sampling.boundary_timestep)
+    cfg = tmpl.cfg
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, cfg.in_dim, 2, 4, 6, generator=g)
+    ctx, ctx_null = torch.randn(1, 7, cfg.text_dim, generator=g), torch.randn(1, 3, cfg.text_dim, generator=g)
+    ref = sample(load_expert(official_root.high, dtype=torch.float32),
+                 load_expert(official_root.low, dtype=torch.float32), x, ctx, ctx_null, sampling)
+    assert torch.equal(sample(res.high, res.low, x, ctx, ctx_null, sampling), ref)
+
+
+def test_host_experts_from_a_quantized_root(official_root, tmp_path):
+    """int8 experts (quant/ layout) packed for the residency sample like the loaded quantized experts."""
+    from quant.convert import convert_checkpoint
+
+
+    dst = convert_checkpoint(official_root.root, tmp_path / "int8", "int8", progress=False)
+    high_path, low_path = find_experts(dst)
+    sampling = SamplingConfig(steps=3, shift=3.0)
+    tmpl, high, low = host_experts(high_path, low_path, dtype=torch.bfloat16)
+    assert tmpl.blocks[0].ffn[0].weight.device.type == "meta"
+    res = Residency(tmpl, high, low, device="cpu")
+    res.plan_steps(sigma_grid(sampling.steps, sampling.shift)[1].tolist(), sampling.boundary_timestep)
+    cfg = tmpl.cfg
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, cfg.in_dim, 2, 4, 6, generator=g)
+    ctx, ctx_null = torch.randn(1, 7, cfg.text_dim, generator=g), torch.randn(1, 3, cfg.text_dim, generator=g)
+    ref = sample(load_expert(high_path), load_expert(low_path), x, ctx, ctx_null, sampling)
+    assert torch.equal(sample(res.high, res.low, x, ctx, ctx_null, sampling), ref)

@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="bf16", help="bf16 or fp32, for the experts and the text encoder")
     p.add_argument("--vae-tile", type=int, default=None,
                    help="VAE tile side in pixels, a multiple of 32; 0 decodes untiled (default: from free memory)")
+    p.add_argument("--vram-gb", type=float, default=None,
+                   help="one GPU: plan for this much VRAM (e.g. 24, 16, 12, 8; default: the free memory now)")
     p.add_argument("--parallel", default="auto", choices=("auto", "ulysses", "cfg"),
                    help="under torchrun: CFG parallel on even GPU counts (auto), or Ulysses sequence parallel")
     p.add_argument("--no-fsdp", action="store_true", help="under torchrun: replicate the experts, don't shard them")
@@ -94,6 +96,10 @@ def run(args: argparse.Namespace) -> int:
     if main:
         print(f"{pipe.layout} checkpoint {pipe.root} on {pipe.device}; encoding the prompt and loading the experts",
               file=sys.stderr)
+    plan = None
+    if pipe.device.type == "cuda" and ctx is None:  # one GPU: how the run fits, decided and shown up front
+        plan = pipe.make_plan(args.size, args.frames, args.vram_gb)
+        print(plan.describe(), file=sys.stderr)
     bar = tqdm(total=args.steps, desc="denoise", unit="step", file=sys.stderr, disable=not main)
 
     def on_step(step: int, total: int, t: int, expert: str) -> None:
@@ -106,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         result = pipe(args.prompt, negative_prompt=args.negative_prompt, size=args.size, frames=args.frames,
                       steps=args.steps, seed=args.seed, shift=args.shift, guidance_high=args.guidance_high,
                       guidance_low=args.guidance_low, solver=args.solver, callback=on_step, out=args.out,
-                      vae_tile="auto" if args.vae_tile is None else (args.vae_tile or None))
+                      vae_tile="auto" if args.vae_tile is None else (args.vae_tile or None), plan=plan)
     finally:
         bar.close()
     total = time.perf_counter() - start

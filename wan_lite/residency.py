@@ -45,7 +45,7 @@ import psutil
 import torch
 import torch.nn as nn
 
-from .checkpoint import param_dtype
+from .checkpoint import detect_layout, load_expert, open_expert, param_dtype
 from .config import ModelConfig
 from .model import WanModel, compile_blocks
 
@@ -345,6 +345,31 @@ class Stats:
         if self.waits:
             torch.cuda.synchronize()
         return sum(a.elapsed_time(b) for c, _, (a, b) in self.waits if call is None or c == call)
+
+
+def host_experts(high_path, low_path, *, dtype: torch.dtype = torch.bfloat16,
+                 in_ram: bool | None = None) -> tuple[nn.Module, HostExpert, HostExpert]:
+    """(meta template, high, low) for a Residency, from two expert folders of any layout.
+
+    Unquantized experts are read unit by unit from the memory-mapped checkpoint, cast to `dtype`:
+    into (pinned) RAM with `in_ram` (default: when RAM holds both with room to spare), else served
+    from the files at copy time. Quantized experts are loaded (8-bit) and packed; the loaded model,
+    moved to the meta device, is the template.
+    """
+    hosts, model = [], None
+    for path in (high_path, low_path):
+        if detect_layout(path) in ("wan-lite-quant", "quanto"):
+            loaded = load_expert(path, dtype=dtype)
+            hosts.append(HostExpert.from_module(loaded))
+            model = loaded.to("meta")
+            continue
+        source = open_expert(path)
+        model = model or template(source.config, dtype)
+        layouts = layouts_of(model)
+        if in_ram is None:
+            in_ram = psutil.virtual_memory().available > 2.2 * sum(lay.nbytes for lay in layouts.values())
+        hosts.append(HostExpert.from_checkpoint(source, layouts, in_ram=in_ram))
+    return model, hosts[0], hosts[1]
 
 
 # ---------------------------------------------------------------------------------------------

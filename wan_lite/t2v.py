@@ -5,7 +5,8 @@ The recipe, read top to bottom in `T2VPipeline.__call__`:
 2. encode prompt + negative prompt (cached on disk), then free the text encoder;
 3. draw the noise from the seed, as the official code does: a `torch.Generator` on the run's device,
    fp32, shape (16, (F-1)/4+1, H/8, W/8) (so CUDA and CPU runs of one seed differ, as in the reference);
-4. place the experts and `sample()`; take them off the GPU again;
+4. `sample()`: on one GPU through `residency` as the planner says (the active expert in VRAM, the
+   other in host RAM, or blocks streamed); on the CPU, or sharded over several GPUs, directly;
 5. VAE-decode (tiled to fit the free memory), and write the mp4 when asked.
 
 A model root is either layout of Wan2.2-T2V-A14B (official: high_noise_model/, low_noise_model/,
@@ -13,8 +14,8 @@ models_t5_umt5-xxl-enc-bf16.pth, Wan2.1_VAE.pth, google/umt5-xxl/; diffusers: mo
 transformer/, transformer_2/, text_encoder/, tokenizer/, vae/), or a Hugging Face id that is
 downloaded with `snapshot_download` when online.
 
-Expert placement here is deliberately simple: both experts on the run's device when they fit, else
-an error. Swapping and streaming for 24 GB cards belong to `wan_lite.residency`.
+Where weights live is `residency.py`'s business and how the run fits the card `planner.py`'s; this
+module only strings the phases together.
 """
 
 from __future__ import annotations
@@ -29,10 +30,14 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint import QUANT_MARKER, CheckpointError, find_experts, load_expert
+from .checkpoint import QUANT_MARKER, CheckpointError, find_experts, load_expert, open_expert
 from .config import SamplingConfig
 from .parallel import ParallelContext, load_parallel_experts
 from .pipeline import Callback, sample
+from .planner import QUANTS, Plan, make_plan
+from .planner import apply as apply_plan
+from .residency import Residency, host_experts
+from .scheduler import sigma_grid
 from .text import DEFAULT_NEGATIVE_PROMPT, TextEncoder, clean_text
 from .vae import STRIDE, VAE
 from .video import check_writable, write_mp4
@@ -132,34 +137,6 @@ def validate(prompt: str, size: tuple[int, int], frames: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Experts on the device
-
-
-def _place_experts(high: torch.nn.Module, low: torch.nn.Module, device: torch.device) -> None:
-    """Both experts onto `device` when they fit in its free memory; the residency module replaces this."""
-    if device.type != "cuda":
-        high.to(device), low.to(device)
-        return
-    need = sum(p.numel() * p.element_size() for m in (high, low) for p in m.parameters() if p.device != device)
-    free, _ = torch.cuda.mem_get_info(device)
-    if need > 0.9 * free:
-        raise MemoryError(
-            f"both experts need {need / 2**30:.1f} GiB on {device}, only {free / 2**30:.1f} GiB is free: this "
-            "pipeline keeps both on the GPU; run on the CPU (--device cpu) or on a larger GPU, or swap "
-            "experts with wan_lite.residency"
-        )
-    high.to(device), low.to(device)
-
-
-def _evict(*modules: torch.nn.Module) -> None:
-    """Move modules off the GPU and return their memory to the driver."""
-    for m in modules:
-        m.to("cpu")
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-# ---------------------------------------------------------------------------------------------------
 # The pipeline
 
 
@@ -196,7 +173,8 @@ class T2VPipeline:
         self.text = TextEncoder.from_pretrained(root, device=text_device, dtype=text_dtype, cache_dir=cache_dir)
         high, low = _quant_scheme(self.high_path), _quant_scheme(self.low_path)
         self.quantization = high if high == low else f"high: {high}, low: {low}"
-        self.experts: tuple[torch.nn.Module, torch.nn.Module] | None = None
+        self.experts: tuple[torch.nn.Module, torch.nn.Module] | None = None  # CPU runs, several GPUs
+        self.hosts: tuple | None = None  # one GPU: (template, high, low) in host RAM for the residency
         self.vae: VAE | None = None
 
     @classmethod
@@ -228,6 +206,24 @@ class T2VPipeline:
             self.experts = (load_expert(self.high_path, dtype=self.dtype), load_expert(self.low_path, dtype=self.dtype))
         return self.experts
 
+    def make_plan(self, size: tuple[int, int], frames: int, vram_gb: float | None = None) -> Plan:
+        """How a run of this size fits the GPU (None: its free memory now): residency mode, CFG
+        batching, attention kernel, chunking. Raises PlanError naming the smallest budget that works."""
+        quant = self.quantization if self.quantization in QUANTS else "bf16" if self.quantization == "none" else "int8"
+        cfg = open_expert(self.high_path).config if quant == "bf16" else None
+        width, height = size
+        return make_plan(vram_gb, height=height, width=width, frames=frames, quant=quant, device=self.device,
+                         cfg=cfg)
+
+    def residency(self, plan: Plan) -> Residency:
+        """Both experts in host RAM (read once), run from the GPU as the plan says."""
+        if self.hosts is None:
+            self.hosts = host_experts(self.high_path, self.low_path, dtype=self.dtype)
+        template, high, low = self.hosts
+        return Residency(template, high, low, device=self.device, mode=plan.mode, cfg_batched=plan.cfg_batched,
+                         slots=plan.slots if plan.mode == "streaming" else 2, compile=plan.compile,
+                         ffn_chunk=plan.ffn_chunk)
+
     def noise(self, seed: int, size: tuple[int, int], frames: int) -> torch.Tensor:
         """The official initial noise: (1, 16, (F-1)/4+1, H/8, W/8) fp32 from a generator on the device."""
         width, height = size
@@ -252,8 +248,13 @@ class T2VPipeline:
         out: str | os.PathLike | None = None,
         extra_metadata: dict | None = None,
         vae_tile: int | None | str = "auto",
+        plan: Plan | None = None,
+        vram_gb: float | None = None,
     ) -> T2VResult | None:
         """Generate one video. size is (width, height); seed None draws one; `out` also writes the mp4.
+
+        On one GPU the experts run through the residency as `plan` says (default: `make_plan` for
+        `vram_gb`, or for the free memory); the plan goes into the metadata.
 
         callback(step, total, t, expert) runs after each denoising step (expert is "high" or "low").
         Over several GPUs (`parallel`) every rank calls it; only rank 0 decodes, writes and gets a result.
@@ -265,6 +266,9 @@ class T2VPipeline:
                                   guidance_low=guidance_low, solver=solver)
         if out is not None:
             check_writable(out)
+        one_gpu = self.device.type == "cuda" and self.parallel is None
+        if one_gpu and plan is None:
+            plan = self.make_plan(size, frames, vram_gb)
         if vae_tile not in ("auto", None) and (not isinstance(vae_tile, int) or vae_tile <= 0 or vae_tile % 32):
             raise ValueError(f"vae_tile must be 'auto', None (untiled) or a positive multiple of 32, got {vae_tile!r}")
         negative_prompt = DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
@@ -284,13 +288,17 @@ class T2VPipeline:
         # 3-4. noise and denoising
         start = time.perf_counter()
         noise = self.noise(seed, size, frames)  # (1, 16, F', H/8, W/8)
-        high, low = self.load_experts()
-        if self.parallel is None:
-            _place_experts(high, low, self.device)
         context, context_null = (c.unsqueeze(0).to(self.device) for c in (context, context_null))  # (1, L, 4096)
-        latents = sample(high, low, noise, context, context_null, sampling, callback=callback).cpu()
-        if self.device.type == "cuda" and self.parallel is None:
-            _evict(high, low)
+        if one_gpu:  # the active expert in VRAM (or streamed), the other in host RAM
+            apply_plan(plan)
+            residency = self.residency(plan)
+            residency.plan_steps(sigma_grid(steps, shift)[1].tolist(), sampling.boundary_timestep)
+            latents = sample(residency.high, residency.low, noise, context, context_null, sampling,
+                             callback=callback).cpu()
+            residency.evict()  # the VAE gets the VRAM
+        else:  # the CPU, or this rank's shards of both experts
+            high, low = self.load_experts()
+            latents = sample(high, low, noise, context, context_null, sampling, callback=callback).cpu()
         timings["denoise"] = time.perf_counter() - start
         if not main:
             return None  # rank 0 decodes and writes
@@ -311,6 +319,7 @@ class T2VPipeline:
             "guidance_low": guidance_low, "boundary": self.boundary, "solver": solver,
             "quantization": self.quantization, "dtype": str(self.dtype).removeprefix("torch."),
             "model": self.model_name, "layout": self.layout, "wan_lite_version": __version__,
+            "plan": plan.to_dict() if plan is not None else None,
         }  # fmt: skip
         result = T2VResult(video=video, latents=latents, seed=seed, params=params, timings=timings)
         if out is not None:
