@@ -327,7 +327,13 @@ WHAT = ("ours", "bf16", "diffusers", "text", "vae")
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m wan_lite.bench", description=__doc__.split("\n")[0])
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["linear"]:  # python -m wan_lite.bench linear ...: the 8-bit Linear kernels alone
+        from .bench_linear import main as bench_linear
+
+        return bench_linear(argv[1:])
+    p = argparse.ArgumentParser(prog="python -m wan_lite.bench", description=__doc__.split("\n")[0],
+                                epilog="python -m wan_lite.bench linear --help: the 8-bit Linear kernels alone")
     p.add_argument("--res", choices=sorted(RESOLUTIONS), default="480p")
     p.add_argument("--frames", type=int, default=81)
     p.add_argument("--quant", choices=("int8", "fp8", "bf16"), default="int8")

@@ -131,7 +131,7 @@ def environment() -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m wan_lite.bench_linear", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m wan_lite.bench linear", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", help="write environment + every row here")
     p.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma list of M values")
     p.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time per measurement")
