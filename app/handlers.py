@@ -7,11 +7,14 @@ message that names the fix; the app keeps running.
 A run (`App.generate`):
 1. validates the settings (size among the loaded model's presets, frames 4n+1, ...);
 2. takes the GPU lock (one video at a time, also across a cancelled run that is still stopping);
-3. calls `T2VPipeline`; its per-step callback moves the gr.Progress bar ("high-noise expert 12/26",
+3. on CUDA asks the planner how to fit the VRAM profile (a profile too small for the size is refused
+   with the planner's message) and hands the plan to the pipeline, which runs the experts as it says
+   (resident or streamed) and records it in the sidecar;
+4. calls `T2VPipeline`; its per-step callback moves the gr.Progress bar ("high-noise expert 12/26",
    ETA, peak VRAM), records the step for the status line that the ui polls (`App.status`), and raises
    `GenerationCancelled` when this browser session pressed Cancel, so a run stops after its current
    step;
-4. returns the mp4 path, the parameters (what the sidecar JSON holds) and the seed used; on cancel or
+5. returns the mp4 path, the parameters (what the sidecar JSON holds) and the seed used; on cancel or
    error it first moves the models off the GPU and empties the CUDA cache, then says what to change.
 
 Settings are remembered in `<outputs>/settings.json` (written at each run's start), not in the browser:
@@ -42,7 +45,7 @@ import torch
 
 from wan_lite import planner
 from wan_lite.checkpoint import CheckpointError, open_expert
-from wan_lite.config import SOLVERS
+from wan_lite.config import SOLVERS, ModelConfig
 from wan_lite.scheduler import sigma_grid
 from wan_lite.t2v import T2VPipeline, check_root
 from wan_lite.text import DEFAULT_NEGATIVE_PROMPT
@@ -232,7 +235,8 @@ class App:
         try:
             check_root(path)
             is_demo = demo.is_demo(path)
-            dtype = torch.float32 if is_demo else torch.bfloat16
+            # the tiny demo in float32 on a CPU; on a GPU bf16, which every fused attention kernel takes
+            dtype = torch.float32 if is_demo and self.device.type == "cpu" else torch.bfloat16
             pipe = T2VPipeline.from_pretrained(path, device=self.device, dtype=dtype, text_dtype=dtype,
                                                cache_dir=self.cache_dir / "text" if self.cache_dir else None)
         except (CheckpointError, FileNotFoundError, ValueError) as e:
@@ -320,30 +324,52 @@ class App:
         q = self.pipe.quantization
         return "bf16" if q == "none" else q
 
+    def make_plan(self, s: Settings) -> planner.Plan | None:
+        """The planner's choice for valid settings; None on a CPU with the 'auto' profile. Raises PlanError.
+
+        A CPU run with a chosen profile previews the plan for a CUDA card of that size (capability 8.9).
+        """
+        width, height = self.size_presets()[s.size]
+        vram = VRAM_PROFILES[s.vram_profile]
+        cuda = self.device.type == "cuda"
+        if vram is None and not cuda:
+            return None
+        quant = self.stored_quant() if s.quantization == "auto" else s.quantization
+        return planner.make_plan(vram, height=height, width=width, frames=int(s.frames), quant=quant,
+                                 device=self.device if cuda else "cuda", cfg=self.model_config(),
+                                 capability=None if cuda else (8, 9))
+
+    def model_config(self) -> ModelConfig:
+        """The experts' dimensions (a quantized checkpoint is always the A14B model)."""
+        if self.pipe.quantization != "none":
+            return ModelConfig.a14b()
+        return open_expert(self.pipe.high_path).config
+
     def plan(self, s: Settings) -> str:
         """The planner's choice for these settings, as text (shown beside the VRAM profile)."""
-        presets = self.size_presets()
-        if s.size not in presets or not _is_int(s.frames) or (s.frames - 1) % 4:
-            return "Memory plan: choose a size and 4n+1 frames."
-        width, height = presets[s.size]
-        vram = VRAM_PROFILES.get(s.vram_profile)
-        quant = self.stored_quant() if s.quantization == "auto" else s.quantization
-        if vram is None and self.device.type != "cuda":
-            return f"Memory plan: running on the {self.device.type} (no VRAM to plan); pick a profile to preview one."
+        if s.size not in self.size_presets() or not _is_int(s.frames) or (s.frames - 1) % 4 \
+                or s.vram_profile not in VRAM_PROFILES:
+            return "Memory plan: choose a size, 4n+1 frames and a VRAM profile."
         try:
-            cfg = open_expert(self.pipe.high_path).config
-            p = planner.make_plan(vram, height=height, width=width, frames=s.frames, quant=quant,
-                                  device=self.device if self.device.type == "cuda" else "cuda", cfg=cfg,
-                                  capability=None if self.device.type == "cuda" else (8, 9))
+            p = self.make_plan(s)
         except (planner.PlanError, CheckpointError, ValueError) as e:
             return f"Memory plan: {e}"
-        return "Memory plan (planner's choice):\n" + p.describe()
+        if p is None:
+            return f"Memory plan: running on the {self.device.type} (no VRAM to plan); pick a profile to preview one."
+        preview = "" if self.device.type == "cuda" else " (a preview for a CUDA card: this app runs on the CPU)"
+        return f"Memory plan, the planner's choice{preview}:\n" + p.describe()
 
     # --- a run -----------------------------------------------------------------------------------
 
     def generate(self, s: Settings, session: str = "local", progress=None) -> Update:
         """Run one video and return its `Update` (see the module docstring). `progress` is a gr.Progress."""
         size = self.validate(s)
+        plan = None
+        if self.device.type == "cuda":
+            try:
+                plan = self.make_plan(s)
+            except planner.PlanError as e:
+                raise gr.Error(f"{e}. Or choose a larger VRAM profile.") from None
         self.save_settings(s)
         pipe = self.pipe
         seed = random.randint(0, MAX_SEED) if s.random_seed else s.seed
@@ -363,7 +389,7 @@ class App:
                 job.report()
                 pipe(s.prompt, s.negative_prompt, size=size, frames=s.frames, steps=s.steps, seed=seed, shift=s.shift,
                      guidance_high=s.guidance_high, guidance_low=s.guidance_low, solver=s.solver,
-                     callback=job.on_step, out=out, extra_metadata={"vram_profile": s.vram_profile})
+                     callback=job.on_step, out=out, plan=plan, extra_metadata={"vram_profile": s.vram_profile})
             except GenerationCancelled as e:
                 error = f"Cancelled after step {e.step}/{e.total}"
             except torch.cuda.OutOfMemoryError:
