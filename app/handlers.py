@@ -363,13 +363,17 @@ class App:
 
     def generate(self, s: Settings, session: str = "local", progress=None) -> Update:
         """Run one video and return its `Update` (see the module docstring). `progress` is a gr.Progress."""
-        size = self.validate(s)
-        plan = None
-        if self.device.type == "cuda":
-            try:
-                plan = self.make_plan(s)
-            except planner.PlanError as e:
-                raise gr.Error(f"{e}. Or choose a larger VRAM profile.") from None
+        try:
+            size = self.validate(s)
+            plan = None
+            if self.device.type == "cuda":
+                try:
+                    plan = self.make_plan(s)
+                except planner.PlanError as e:
+                    raise gr.Error(f"{e}. Or choose a larger VRAM profile.") from None
+        except gr.Error as e:  # also kept in the status line: the pop-up goes away
+            self.last_status[session] = f"Not started: {e.message}"
+            raise
         self.save_settings(s)
         pipe = self.pipe
         seed = random.randint(0, MAX_SEED) if s.random_seed else s.seed

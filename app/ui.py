@@ -71,8 +71,8 @@ def build_ui(app: App) -> gr.Blocks:
             with gr.Row():
                 model = gr.Dropdown(app.model_roots(), value=str(app.pipe.root), allow_custom_value=not app.share,
                                     label="Model folder (Wan2.2-T2V-A14B root, official or diffusers layout)",
-                                    scale=5)
-                load = gr.Button("Load", scale=1)
+                                    scale=5, elem_id="model")
+                load = gr.Button("Load", scale=1, elem_id="load")
 
         controls = [c[name] for name in SETTING_NAMES]
         result = [status, video, params, c["seed"]]
@@ -125,7 +125,7 @@ def build_ui(app: App) -> gr.Blocks:
         refresh.click(listing, None, [gallery, shown], concurrency_limit=None)
         gallery.select(open_item, shown, [video, params, status], concurrency_limit=None)
         load.click(load_model, model, [banner, model, c["size"], c["frames"], c["steps"], plan],
-                   concurrency_limit=None)
+                   concurrency_limit=None, show_progress_on=[model])
         blocks.load(initial, None, [*controls, plan, gallery, shown, status], concurrency_limit=None)
     return blocks
 

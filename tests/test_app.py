@@ -147,6 +147,7 @@ def test_bad_input_is_a_clear_message(demo_app, changes, message):
     with pytest.raises(gr.Error, match=message):
         demo_app.generate(tiny_settings(**changes), session="bad")
     assert mp4s(demo_app.outputs) == before and not demo_app.jobs
+    assert demo_app.status("bad").startswith("Not started: ")
 
 
 # ---------------------------------------------------------------------------------------------------

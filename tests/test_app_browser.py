@@ -180,3 +180,23 @@ def test_cancel_stops_the_run(server, browser):
     set_number(page, "frames", 5)
     page.locator("#generate").click()
     wait_status(page, "^Done")
+
+
+def test_errors_are_shown_and_the_app_keeps_running(server, browser):
+    url, _ = server
+    page = open_page(browser, url)
+    model = page.locator("#model input")
+    model.fill("/nonexistent/Wan2.2-T2V-A14B")
+    model.press("Enter")
+    page.locator("#load").click()
+    page.wait_for_selector(".toast-body:has-text('No folder /nonexistent/Wan2.2-T2V-A14B')")
+    assert "Demo model" in page.locator("#banner").inner_text()  # the loaded model stays
+    page.locator("#prompt textarea").fill("  ")
+    page.locator("#generate").click()
+    page.wait_for_selector(".toast-body:has-text('The prompt is empty')")
+    assert wait_status(page, "^Not started: The prompt is empty", timeout=30_000)
+    page.locator("#prompt textarea").fill("a blue cat")
+    set_number(page, "steps", 2)
+    set_number(page, "frames", 5)
+    page.locator("#generate").click()
+    wait_status(page, "^Done")
