@@ -197,7 +197,7 @@ class App:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self.share = share  # with a public link, only the listed model roots can be loaded
-        self.gpu = threading.Lock()  # held by the worker thread for the whole run
+        self.gpu = threading.Lock()  # held for the whole of a run, also while a cancelled one stops
         self.jobs: dict[str, Job] = {}  # browser session -> its run in progress
         self.last_status: dict[str, str] = {}  # browser session -> how its last run ended
         self.sent_status: dict[str, str] = {}  # browser session -> the status line its timer last showed
@@ -320,9 +320,10 @@ class App:
     # --- memory plan -----------------------------------------------------------------------------
 
     def stored_quant(self) -> str:
-        """The experts' weight format as the planner names it (bf16 for unquantized checkpoints)."""
+        """The experts' weight format as the planner names it: bf16 when unquantized, int8 for the other
+        8-bit and 4-bit backends (quanto, nf4), as T2VPipeline.make_plan budgets them."""
         q = self.pipe.quantization
-        return "bf16" if q == "none" else q
+        return "bf16" if q == "none" else q if q in planner.QUANTS else "int8"
 
     def make_plan(self, s: Settings) -> planner.Plan | None:
         """The planner's choice for valid settings; None on a CPU with the 'auto' profile. Raises PlanError.
