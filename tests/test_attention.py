@@ -51,7 +51,7 @@ def test_choice_order(monkeypatch):
     assert A.resolve(cpu) == ("sdpa-flash", False)
     A.set_backend("sdpa-math")
     try:
-        assert A.resolve(cpu) == ("sdpa-math", True)
+        assert A.resolve(cpu) == ("sdpa-math", False)  # the planner's choice may fall back
         monkeypatch.setenv(A.ENV, "blockwise")
         assert A.resolve(cpu) == ("blockwise", True)
         assert A.resolve(cpu, "sdpa-efficient") == ("sdpa-efficient", True)

@@ -16,9 +16,10 @@ fail loudly when it cannot run these inputs; `blockwise` is exact attention over
 blocks, one math-SDPA call per block, so at most `max_block_bytes` of scores (and their softmax, as
 much again) exist at once (75,600^2 scores x 40 heads would be 457 GB). It runs anywhere, in any
 dtype: the fallback where no fused kernel exists, and the exact reference the fused ones are tested
-against. The device default (no override) lets torch fall
-back down a priority list (e.g. cuDNN -> flash -> efficient -> math) when the first choice does not
-support the inputs (fp32 on CUDA, say); an explicit name never falls back.
+against. The device default and the planner's
+`set_backend` choice let torch fall back down a priority list (e.g. cuDNN -> flash -> efficient ->
+math) when the first choice does not support the inputs (fp32 on CUDA, say); a name given to the
+call or in the environment never falls back.
 
 Deliberately unsupported: masks, dropout, causal attention, GQA. The Wan DiT uses none of them.
 """
@@ -64,9 +65,11 @@ def device_default(device: torch.device, capability: tuple[int, int] | None = No
 
 def resolve(device: torch.device, backend: str | None = None) -> tuple[str, bool]:
     """(backend name, explicit?) for a call on `device`: argument > env > set_backend > device default."""
-    for name in (backend, os.environ.get(ENV) or None, _chosen):
+    for name in (backend, os.environ.get(ENV) or None):
         if name is not None:
             return _check(name), True
+    if _chosen is not None:  # the planner's choice may fall back (fp32 inputs on cuDNN, say)
+        return _chosen, False
     return device_default(device), False
 
 
