@@ -293,9 +293,11 @@ class T2VPipeline:
             apply_plan(plan)
             residency = self.residency(plan)
             residency.plan_steps(sigma_grid(steps, shift)[1].tolist(), sampling.boundary_timestep)
-            latents = sample(residency.high, residency.low, noise, context, context_null, sampling,
-                             callback=callback).cpu()
-            residency.evict()  # the VAE gets the VRAM
+            try:
+                latents = sample(residency.high, residency.low, noise, context, context_null, sampling,
+                                 callback=callback).cpu()
+            finally:  # also after a cancel or an error: the VAE (or the next run) gets the VRAM
+                residency.evict()
         else:  # the CPU, or this rank's shards of both experts
             high, low = self.load_experts()
             latents = sample(high, low, noise, context, context_null, sampling, callback=callback).cpu()
