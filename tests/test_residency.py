@@ -229,6 +229,12 @@ def test_gpu_swap_and_streaming_match_plain(mode, batched):
 # from checkpoints on disk (what T2VPipeline runs on one GPU)
 
 
+def denoise_inputs(cfg, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, cfg.in_dim, 2, 4, 6, generator=g)
+    return x, torch.randn(1, 7, cfg.text_dim, generator=g), torch.randn(1, 3, cfg.text_dim, generator=g)
+
+
 @pytest.mark.parametrize("in_ram", [True, False])
 def test_host_experts_from_checkpoints_sample_like_the_loaded_experts(official_root, in_ram):
     """Unquantized experts read unit by unit from the files (into RAM, or served at copy time) give
@@ -237,10 +243,7 @@ def test_host_experts_from_checkpoints_sample_like_the_loaded_experts(official_r
     tmpl, high, low = host_experts(official_root.high, official_root.low, dtype=torch.float32, in_ram=in_ram)
     res = Residency(tmpl, high, low, device="cpu")
     res.plan_steps(sigma_grid(sampling.steps, sampling.shift)[1].tolist(), sampling.boundary_timestep)
-    cfg = tmpl.cfg
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(1, cfg.in_dim, 2, 4, 6, generator=g)
-    ctx, ctx_null = torch.randn(1, 7, cfg.text_dim, generator=g), torch.randn(1, 3, cfg.text_dim, generator=g)
+    x, ctx, ctx_null = denoise_inputs(tmpl.cfg, seed=3)
     ref = sample(load_expert(official_root.high, dtype=torch.float32),
                  load_expert(official_root.low, dtype=torch.float32), x, ctx, ctx_null, sampling)
     assert torch.equal(sample(res.high, res.low, x, ctx, ctx_null, sampling), ref)
@@ -258,9 +261,6 @@ def test_host_experts_from_a_quantized_root(official_root, tmp_path):
     assert tmpl.blocks[0].ffn[0].weight.device.type == "meta"
     res = Residency(tmpl, high, low, device="cpu")
     res.plan_steps(sigma_grid(sampling.steps, sampling.shift)[1].tolist(), sampling.boundary_timestep)
-    cfg = tmpl.cfg
-    g = torch.Generator().manual_seed(4)
-    x = torch.randn(1, cfg.in_dim, 2, 4, 6, generator=g)
-    ctx, ctx_null = torch.randn(1, 7, cfg.text_dim, generator=g), torch.randn(1, 3, cfg.text_dim, generator=g)
+    x, ctx, ctx_null = denoise_inputs(tmpl.cfg, seed=4)
     ref = sample(load_expert(high_path), load_expert(low_path), x, ctx, ctx_null, sampling)
     assert torch.equal(sample(res.high, res.low, x, ctx, ctx_null, sampling), ref)
