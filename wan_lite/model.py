@@ -95,9 +95,8 @@ def compute_dtype(module: nn.Module) -> torch.dtype:
 
 
 def linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Run a Linear on x: a plain nn.Linear gets x in its weight dtype; a quantized Linear (quant/)
-    takes float32 or bfloat16 input and casts it itself."""
-    return module(x.to(module.weight.dtype)) if type(module) is nn.Linear else module(x)
+    """Run a (plain or quantized) Linear on x cast to its compute dtype (a no-op when it already is)."""
+    return module(x.to(compute_dtype(module)))
 
 
 @dataclass
