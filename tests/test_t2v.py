@@ -258,3 +258,18 @@ def test_cli_missing_checkpoint_in_a_subprocess(roots, tmp_path):
     assert lines == [f"error: {root} (official layout) is missing Wan2.1_VAE.pth: download them from "
                      f"Wan-AI/Wan2.2-T2V-A14B into {root}"]
     assert not (tmp_path / "v.mp4").exists()
+
+
+def test_planned_run_goes_through_the_residency(roots, cache, tmp_path):
+    """With a plan (what one GPU always has) the experts run from the residency's host buffers: the
+    same latents as the plain run, the plan in the metadata, the experts never loaded as modules."""
+    plain = open_pipe(roots["official"], cache)
+    ref = plain("a dog runs in snow", size=SIZE, frames=FRAMES, steps=STEPS, seed=5)
+    pipe = open_pipe(roots["official"], cache)
+    plan = pipe.make_plan(SIZE, FRAMES, vram_gb=24)
+    result = pipe("a dog runs in snow", size=SIZE, frames=FRAMES, steps=STEPS, seed=5, plan=plan,
+                  out=tmp_path / "planned.mp4")
+    assert torch.equal(result.latents, ref.latents)
+    assert pipe.experts is None and pipe.hosts is not None
+    assert result.params["plan"] == plan.to_dict() and read_metadata(tmp_path / "planned.mp4")["plan"]["mode"]
+    assert pipe.text.device.type == plan.text_device == "cpu"

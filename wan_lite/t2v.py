@@ -171,6 +171,7 @@ class T2VPipeline:
         if self.layout == "diffusers":
             self.boundary = json.loads((root / "model_index.json").read_text()).get("boundary_ratio", BOUNDARY)
         self.text = TextEncoder.from_pretrained(root, device=text_device, dtype=text_dtype, cache_dir=cache_dir)
+        self.text_device_from_plan = False  # from_pretrained sets it when no text_device was asked for
         high, low = _quant_scheme(self.high_path), _quant_scheme(self.low_path)
         self.quantization = high if high == low else f"high: {high}, low: {low}"
         self.experts: tuple[torch.nn.Module, torch.nn.Module] | None = None  # CPU runs, several GPUs
@@ -194,9 +195,11 @@ class T2VPipeline:
         `text_device` (default: `device`) runs the umt5 encoder; `cache_dir` holds prompt embeddings."""
         root = resolve_root(path_or_hub_id)
         device = parallel.device if parallel else torch.device(device) if device is not None else _default_device()
-        text_device = torch.device(text_device) if text_device is not None else device
-        return cls(root, model=str(path_or_hub_id), device=device, dtype=dtype, text_device=text_device,
+        pipe = cls(root, model=str(path_or_hub_id), device=device, dtype=dtype,
+                   text_device=torch.device(text_device) if text_device is not None else device,
                    text_dtype=text_dtype, vae_dtype=vae_dtype, cache_dir=cache_dir, parallel=parallel)
+        pipe.text_device_from_plan = text_device is None  # on one GPU the planner may move it to the CPU
+        return pipe
 
     def load_experts(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         """(high, low) experts in host memory, loaded once."""
@@ -254,7 +257,8 @@ class T2VPipeline:
         """Generate one video. size is (width, height); seed None draws one; `out` also writes the mp4.
 
         On one GPU the experts run through the residency as `plan` says (default: `make_plan` for
-        `vram_gb`, or for the free memory); the plan goes into the metadata.
+        `vram_gb`, or for the free memory; a plan given on the CPU runs the same path there); the plan
+        goes into the metadata.
 
         callback(step, total, t, expert) runs after each denoising step (expert is "high" or "low").
         Over several GPUs (`parallel`) every rank calls it; only rank 0 decodes, writes and gets a result.
@@ -266,9 +270,9 @@ class T2VPipeline:
                                   guidance_low=guidance_low, solver=solver)
         if out is not None:
             check_writable(out)
-        one_gpu = self.device.type == "cuda" and self.parallel is None
-        if one_gpu and plan is None:
+        if plan is None and self.device.type == "cuda" and self.parallel is None:
             plan = self.make_plan(size, frames, vram_gb)
+        planned = plan is not None and self.parallel is None  # one device, weights placed by the residency
         if vae_tile not in ("auto", None) and (not isinstance(vae_tile, int) or vae_tile <= 0 or vae_tile % 32):
             raise ValueError(f"vae_tile must be 'auto', None (untiled) or a positive multiple of 32, got {vae_tile!r}")
         negative_prompt = DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
@@ -278,6 +282,8 @@ class T2VPipeline:
 
         # 2. text: both prompts in one pass (or from the cache), then the encoder leaves the GPU
         start = time.perf_counter()
+        if planned and self.text_device_from_plan:  # umt5-xxl needs 13.5 GB in bf16: the CPU on small cards
+            self.text.device = torch.device(plan.text_device)
         embeddings = [e.cpu() for e in self.text.encode([prompt, negative_prompt])] if main else None
         self.text.unload()
         if self.parallel:  # every rank samples from rank 0's seed and prompt embeddings
@@ -289,7 +295,7 @@ class T2VPipeline:
         start = time.perf_counter()
         noise = self.noise(seed, size, frames)  # (1, 16, F', H/8, W/8)
         context, context_null = (c.unsqueeze(0).to(self.device) for c in (context, context_null))  # (1, L, 4096)
-        if one_gpu:  # the active expert in VRAM (or streamed), the other in host RAM
+        if planned:  # the active expert in VRAM (or streamed), the other in host RAM
             apply_plan(plan)
             residency = self.residency(plan)
             residency.plan_steps(sigma_grid(steps, shift)[1].tolist(), sampling.boundary_timestep)
