@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .kernels import QDTYPE, quant_linear, quantize_rows_reference
+from .kernels import QDTYPE, quant_linear, quantize_rows_reference, select_kernel
 
 SCHEMES_8BIT = tuple(QDTYPE)  # ("int8", "fp8")
 
@@ -67,8 +67,6 @@ class QuantLinear(nn.Module):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from .kernels import select_kernel
-
         kernel = select_kernel(x.device, self.scheme, self.kernel)
         return quant_linear(x, self.weight, self.weight_scale, self.bias, self.smooth, self.scheme, kernel,
                             self.dtype)
