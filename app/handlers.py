@@ -372,6 +372,8 @@ class App:
                     plan = self.make_plan(s)
                 except planner.PlanError as e:
                     raise gr.Error(f"{e}. Or choose a larger VRAM profile.") from None
+                except CheckpointError as e:
+                    raise gr.Error(str(e)) from None
         except gr.Error as e:  # also kept in the status line: the pop-up goes away
             self.last_status[session] = f"Not started: {e.message}"
             raise
@@ -458,9 +460,14 @@ class App:
 
     def gallery(self) -> list[tuple[str, str]]:
         """(mp4 path, caption) of earlier outputs, newest first, captioned from their sidecars."""
-        videos = sorted(self.outputs.glob("*.mp4"), key=lambda p: p.stat().st_mtime, reverse=True)
+        dated = []
+        for path in self.outputs.glob("*.mp4"):
+            try:  # a dangling link, or a file deleted since the glob, is skipped
+                dated.append((path.stat().st_mtime, path))
+            except OSError:
+                continue
         items = []
-        for path in videos[:GALLERY_LIMIT]:
+        for _, path in sorted(dated, reverse=True)[:GALLERY_LIMIT]:
             params = read_sidecar(path)
             prompt = str(params.get("prompt", "(no parameters file)"))
             caption = (prompt[:60] + "...") if len(prompt) > 60 else prompt

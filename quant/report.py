@@ -59,6 +59,7 @@ def quality_report(src_root, q_root, *, steps: int = 6, size=(480, 832), frames:
     g = torch.Generator().manual_seed(seed)
     if context is None:  # random embeddings: the report measures the weights, not a prompt
         context = torch.randn(1, 32, cfg.text_dim, generator=g)
+    if context_null is None:
         context_null = torch.randn(1, 12, cfg.text_dim, generator=g)
     h, w = size
     noise = torch.randn(1, cfg.in_dim, (frames - 1) // 4 + 1, h // 8, w // 8, generator=g)

@@ -316,9 +316,9 @@ def bench_vae(height: int, width: int, frames: int, vram_gb: float | None, dtype
 # the command line
 
 
-def _free_host(hosts) -> None:
-    """Drop host experts and PyTorch's cache of pinned blocks (else the next build doubles host RAM)."""
-    del hosts
+def _empty_host_cache() -> None:
+    """Return freed pinned blocks to the OS (the caller has dropped its host experts first), else the
+    next build doubles host RAM."""
     gc.collect()
     torch._C._host_emptyCache()
 
@@ -394,13 +394,15 @@ def main(argv=None) -> int:
         if compile_blocks and "error" in run and not run["error"].startswith("OOM"):  # measure eager instead
             record(bench_ours(tmpl, hosts, mode=mode, cfg_batched=batched, vram_gb=vram_gb,
                               label=f"wan-lite {args.quant} {mode} (eager: compile failed)", **common))
-        _free_host(hosts)
+        del hosts
+        _empty_host_cache()
     if "bf16" in what:
         tmpl16 = runtime_template(cfg, "bf16")
         hosts = (random_host_expert(tmpl16, 1), random_host_expert(tmpl16, 2))
         record(bench_ours(tmpl16, hosts, mode="resident", cfg_batched=False, vram_gb=None,
                           label="wan-lite bf16 resident, no cap", compile_blocks=compile_blocks, **common))
-        _free_host(hosts)
+        del hosts
+        _empty_host_cache()
     if "diffusers" in what:
         record(bench_diffusers(cfg, height=height, width=width, frames=args.frames, vram_gb=vram_gb))
     if "text" in what:

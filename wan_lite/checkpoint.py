@@ -16,7 +16,7 @@ import json
 import math
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -130,14 +130,17 @@ def find_experts(root) -> tuple[Path, Path]:
         "Wan-AI/Wan2.2-T2V-A14B) or transformer/ + transformer_2/ (Wan-AI/Wan2.2-T2V-A14B-Diffusers)")
 
 
-@contextmanager
-def _open(file: Path):
+def _safe_open(file: Path):
     """safe_open that reports a damaged or truncated file as a CheckpointError naming it."""
     try:
-        handle = safe_open(file, framework="pt")
+        return safe_open(file, framework="pt")
     except Exception as e:  # safetensors raises its own error types for bad headers
         raise CheckpointError(f"cannot read {file} ({e}): the file is damaged or truncated, download it again") from e
-    with handle as f:
+
+
+@contextmanager
+def _open(file: Path):
+    with _safe_open(file) as f:
         yield f
 
 
@@ -183,10 +186,15 @@ class ExpertSource:
     def names(self) -> list[str]:
         return list(self.files)
 
+    _handles: dict[Path, object] = field(default_factory=dict, repr=False)  # file -> open safe_open handle
+
     def tensor(self, name: str) -> torch.Tensor:
-        """One tensor in its stored dtype, read from the memory-mapped file."""
-        with _open(self.files[name]) as f:
-            return f.get_tensor(self.stored[name])
+        """One tensor in its stored dtype, read from the memory-mapped file (each file opened once:
+        streaming reads every block's tensors every step)."""
+        file = self.files[name]
+        if file not in self._handles:
+            self._handles[file] = _safe_open(file)
+        return self._handles[file].get_tensor(self.stored[name])
 
     def fingerprint(self) -> str:
         """Identifies the source: file names, sizes and config, hashed (no full read)."""

@@ -47,7 +47,7 @@ def sample(high, low, noise: torch.Tensor, context: torch.Tensor, context_null: 
             expert, model, scale = "high", high, sampling.guidance_high
         else:
             expert, model, scale = "low", low, sampling.guidance_low
-        t_batch = torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)
+        t_batch = torch.full((x.shape[0],), t, dtype=torch.int64)  # on the CPU: reading it never syncs the GPU
         v = guided_velocity(model, x, t_batch, context, context_null, scale)
         x = unipc.step(i, x, v) if unipc else euler_step(x, v, float(sigmas[i]), float(sigmas[i + 1]))
         if callback is not None:

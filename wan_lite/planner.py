@@ -203,10 +203,10 @@ def make_plan(vram_gb: float | None = None, *, height: int, width: int, frames: 
 
     from .vae import tile_for_memory
 
-    try:
+    try:  # the pipeline decodes in float32 (4 bytes), after the experts have left the GPU
         vae_tile = tile_for_memory(height, width, frames, int(usable), 4)
-    except MemoryError:
-        vae_tile = tile_for_memory(height, width, frames, int(usable), 2)
+    except MemoryError as e:
+        raise PlanError(f"{vram_gb:.1f} GB: {e}") from e
     embed, block, head = unit_bytes(cfg, quant)
     return Plan(
         vram_gb=round(vram_gb, 2), height=height, width=width, frames=frames, tokens=L, quant=quant, mode=m,

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .checkpoint import QUANT_MARKER, CheckpointError, find_experts, load_expert, open_expert
-from .config import SamplingConfig
+from .checkpoint import QUANT_MARKER, QUANTO_MARKER, CheckpointError, find_experts, load_expert, open_expert
+from .config import ModelConfig, SamplingConfig
 from .parallel import ParallelContext, load_parallel_experts
 from .pipeline import Callback, sample
 from .planner import QUANTS, Plan, make_plan
@@ -109,8 +109,28 @@ def resolve_root(path_or_hub_id: str | os.PathLike) -> Path:
 
 
 def _quant_scheme(expert_folder: Path) -> str:
+    """The expert's quantization: the scheme in wan_lite_quant.json, "quanto-int8" for a bare
+    optimum-quanto folder, "none" for float weights."""
     marker = expert_folder / QUANT_MARKER
-    return json.loads(marker.read_text()).get("scheme", "unknown") if marker.is_file() else "none"
+    if marker.is_file():
+        return json.loads(marker.read_text()).get("scheme", "unknown")
+    qmap = expert_folder / QUANTO_MARKER
+    if qmap.is_file():  # a bare optimum-quanto folder: {module: {"weights": "qint8" | "qfloat8_e4m3fn", ...}}
+        weights = {spec.get("weights") for spec in json.loads(qmap.read_text()).values()}
+        return "quanto-fp8" if any("float8" in str(w) for w in weights) else "quanto-int8"
+    return "none"
+
+
+def _expert_config(expert_folder: Path) -> ModelConfig:
+    """Model dimensions of an expert folder of any layout (quantized ones record theirs)."""
+    marker = expert_folder / QUANT_MARKER
+    if marker.is_file():
+        from quant.format import config_from_dict
+
+        return config_from_dict(json.loads(marker.read_text())["config"])
+    if (expert_folder / QUANTO_MARKER).is_file():
+        return ModelConfig.a14b()  # bare quanto folders record none; they are A14B experts
+    return open_expert(expert_folder).config
 
 
 def _default_device() -> torch.device:
@@ -174,6 +194,7 @@ class T2VPipeline:
         self.text_device_from_plan = False  # from_pretrained sets it when no text_device was asked for
         high, low = _quant_scheme(self.high_path), _quant_scheme(self.low_path)
         self.quantization = high if high == low else f"high: {high}, low: {low}"
+        self.config: ModelConfig | None = None  # the experts' dimensions, read on first plan
         self.experts: tuple[torch.nn.Module, torch.nn.Module] | None = None  # CPU runs, several GPUs
         self.hosts: tuple | None = None  # one GPU: (template, high, low) in host RAM for the residency
         self.vae: VAE | None = None
@@ -212,11 +233,13 @@ class T2VPipeline:
     def make_plan(self, size: tuple[int, int], frames: int, vram_gb: float | None = None) -> Plan:
         """How a run of this size fits the GPU (None: its free memory now): residency mode, CFG
         batching, attention kernel, chunking. Raises PlanError naming the smallest budget that works."""
-        quant = self.quantization if self.quantization in QUANTS else "bf16" if self.quantization == "none" else "int8"
-        cfg = open_expert(self.high_path).config if quant == "bf16" else None
+        scheme = self.quantization
+        quant = scheme if scheme in QUANTS else "bf16" if scheme == "none" else "int8"  # 4-bit planned as 8
+        if self.config is None:
+            self.config = _expert_config(self.high_path)
         width, height = size
         return make_plan(vram_gb, height=height, width=width, frames=frames, quant=quant, device=self.device,
-                         cfg=cfg)
+                         cfg=self.config)
 
     def residency(self, plan: Plan) -> Residency:
         """Both experts in host RAM (read once), run from the GPU as the plan says."""
@@ -284,8 +307,10 @@ class T2VPipeline:
         start = time.perf_counter()
         if planned and self.text_device_from_plan:  # umt5-xxl needs 13.5 GB in bf16: the CPU on small cards
             self.text.device = torch.device(plan.text_device)
-        embeddings = [e.cpu() for e in self.text.encode([prompt, negative_prompt])] if main else None
-        self.text.unload()
+        try:
+            embeddings = [e.cpu() for e in self.text.encode([prompt, negative_prompt])] if main else None
+        finally:  # also after an error: 13.5 GB of encoder must not stay on the GPU
+            self.text.unload()
         if self.parallel:  # every rank samples from rank 0's seed and prompt embeddings
             seed, embeddings = self.parallel.from_main((seed, embeddings))
         context, context_null = embeddings  # (L, 4096), (L', 4096)
@@ -316,9 +341,13 @@ class T2VPipeline:
         if self.vae is None:
             self.vae = VAE.from_pretrained(self.root, device=self.device, dtype=self.vae_dtype)
         self.vae.model.to(self.device)
-        video = self.vae.decode(latents, tile=vae_tile)[0].cpu()  # (3, F, H, W)
-        if self.device.type == "cuda":
-            self.vae.unload()
+        if vae_tile == "auto" and plan is not None:  # the plan's tile fits its budget, not the card's
+            vae_tile = plan.vae_tile
+        try:
+            video = self.vae.decode(latents, tile=vae_tile)[0].cpu()  # (3, F, H, W)
+        finally:
+            if self.device.type == "cuda":
+                self.vae.unload()
         timings["decode"] = time.perf_counter() - start
 
         params = {

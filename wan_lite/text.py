@@ -274,5 +274,9 @@ class TextEncoder:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         meta = {"text": text, "format": CACHE_FORMAT, "weights": str(self.weights), "layout": self.layout}
-        save_file({"context": emb.contiguous()}, tmp, metadata={"wan_lite": json.dumps(meta, ensure_ascii=False)})
-        os.replace(tmp, path)
+        try:
+            save_file({"context": emb.contiguous()}, tmp, metadata={"wan_lite": json.dumps(meta, ensure_ascii=False)})
+            os.replace(tmp, path)
+        except BaseException:  # a full disk or an interrupt leaves no stray file in the cache
+            tmp.unlink(missing_ok=True)
+            raise
