@@ -273,3 +273,20 @@ def test_planned_run_goes_through_the_residency(roots, cache, tmp_path):
     assert pipe.experts is None and pipe.hosts is not None
     assert result.params["plan"] == plan.to_dict() and read_metadata(tmp_path / "planned.mp4")["plan"]["mode"]
     assert pipe.text.device.type == plan.text_device == "cpu"
+
+
+def test_planned_run_with_library_quantized_experts_swaps_modules(roots, cache, tmp_path):
+    """optimum-quanto experts hold tensor subclasses the residency's flat buffers cannot pack: a
+    planned run swaps them as whole modules and gives the latents of the plain run."""
+    pytest.importorskip("optimum.quanto")
+    from quant.convert import convert_checkpoint
+
+    root = convert_checkpoint(roots["official"], tmp_path / "quanto", "quanto-int8", progress=False)
+    plain = open_pipe(root, cache)
+    assert plain.quantization == "quanto-int8"
+    ref = plain("a dog runs in snow", size=SIZE, frames=FRAMES, steps=STEPS, seed=5)
+    pipe = open_pipe(root, cache)
+    result = pipe("a dog runs in snow", size=SIZE, frames=FRAMES, steps=STEPS, seed=5,
+                  plan=pipe.make_plan(SIZE, FRAMES, vram_gb=24))
+    assert torch.equal(result.latents, ref.latents)
+    assert pipe.hosts is None and pipe.experts is not None  # swapped as modules, not packed

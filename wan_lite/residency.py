@@ -372,6 +372,35 @@ def host_experts(high_path, low_path, *, dtype: torch.dtype = torch.bfloat16,
     return model, hosts[0], hosts[1]
 
 
+class ModuleSwap:
+    """Experts quantized by a library (optimum-quanto, bitsandbytes) hold tensor subclasses that the
+    flat unit buffers cannot pack. For them: the active expert runs as a module on the device, the
+    other waits on the CPU, and the switch at the boundary is a plain `.to()` (a visible stall of a
+    few seconds, not the overlapped slot swap). `high` / `low` are callable as `model(x, t, context)`."""
+
+    def __init__(self, high: nn.Module, low: nn.Module, device):
+        self.models = {"high": high, "low": low}
+        self.device = torch.device(device)
+        self.active: str | None = None
+        self.high, self.low = (lambda x, t, c: self.activate("high")(x, t, c),
+                               lambda x, t, c: self.activate("low")(x, t, c))
+
+    def activate(self, name: str) -> nn.Module:
+        """The expert `name` on the device, the other sent to the CPU first."""
+        if self.active != name:
+            self.evict()
+            self.models[name].to(self.device)
+            self.active = name
+        return self.models[name]
+
+    def evict(self) -> None:
+        if self.active is not None:
+            self.models[self.active].to("cpu")
+            self.active = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 # ---------------------------------------------------------------------------------------------
 # the residency
 

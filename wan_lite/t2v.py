@@ -36,7 +36,7 @@ from .parallel import ParallelContext, load_parallel_experts
 from .pipeline import Callback, sample
 from .planner import QUANTS, Plan, make_plan
 from .planner import apply as apply_plan
-from .residency import Residency, host_experts
+from .residency import ModuleSwap, Residency, host_experts
 from .scheduler import sigma_grid
 from .text import DEFAULT_NEGATIVE_PROMPT, TextEncoder, clean_text
 from .vae import STRIDE, VAE
@@ -131,6 +131,9 @@ def _expert_config(expert_folder: Path) -> ModelConfig:
     if (expert_folder / QUANTO_MARKER).is_file():
         return ModelConfig.a14b()  # bare quanto folders record none; they are A14B experts
     return open_expert(expert_folder).config
+
+
+LIBRARY_SCHEMES = ("quanto", "nf4")  # quantized by optimum-quanto / bitsandbytes: swapped as whole modules
 
 
 def _default_device() -> torch.device:
@@ -241,8 +244,14 @@ class T2VPipeline:
         return make_plan(vram_gb, height=height, width=width, frames=frames, quant=quant, device=self.device,
                          cfg=self.config)
 
-    def residency(self, plan: Plan) -> Residency:
-        """Both experts in host RAM (read once), run from the GPU as the plan says."""
+    def residency(self, plan: Plan) -> Residency | ModuleSwap:
+        """Both experts in host RAM (read once), run from the GPU as the plan says; experts quantized
+        by optimum-quanto or bitsandbytes swap as whole modules instead."""
+        if self.quantization.startswith(LIBRARY_SCHEMES):
+            if self.experts is None:  # each loaded on the device (nf4 quantizes there), then parked
+                self.experts = tuple(load_expert(p, dtype=self.dtype, device=self.device).to("cpu")
+                                     for p in (self.high_path, self.low_path))
+            return ModuleSwap(*self.experts, device=self.device)
         if self.hosts is None:
             self.hosts = host_experts(self.high_path, self.low_path, dtype=self.dtype)
         template, high, low = self.hosts
@@ -323,7 +332,8 @@ class T2VPipeline:
         if planned:  # the active expert in VRAM (or streamed), the other in host RAM
             apply_plan(plan)
             residency = self.residency(plan)
-            residency.plan_steps(sigma_grid(steps, shift)[1].tolist(), sampling.boundary_timestep)
+            if isinstance(residency, Residency):
+                residency.plan_steps(sigma_grid(steps, shift)[1].tolist(), sampling.boundary_timestep)
             try:
                 latents = sample(residency.high, residency.low, noise, context, context_null, sampling,
                                  callback=callback).cpu()
