@@ -17,9 +17,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from quant.convert import convert_checkpoint
 from wan_lite import SamplingConfig, bench_parallel, parallel, sample
 from wan_lite.attention import attention
-from wan_lite.checkpoint import load_expert
+from wan_lite.checkpoint import CheckpointError, find_experts, load_expert
 from wan_lite.config import ModelConfig
 from wan_lite.model import WanModel
 from wan_lite.pipeline import guided_velocity
@@ -73,7 +74,7 @@ def qkv_inputs():
 # the ranks
 
 
-def _worker(rank: int, port: int, checkpoint: str, out_dir: str) -> None:
+def _worker(rank: int, port: int, checkpoint: str, quantized: str, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
@@ -102,6 +103,11 @@ def _worker(rank: int, port: int, checkpoint: str, out_dir: str) -> None:
         out["load-fsdp/forward"] = loaded(x, t, context)
         loaded = parallel.load_parallel_expert(checkpoint, grids["cfg"], dtype=torch.float32)
         out["load-replicated/forward"] = loaded(x, t, context)
+        out["load-int8-replicated/forward"] = parallel.load_parallel_expert(quantized, grids["ulysses"])(x, t, context)
+        try:
+            parallel.load_parallel_expert(quantized, grids["ulysses-fsdp"])
+        except CheckpointError as e:
+            out["load-int8-fsdp/error"] = str(e)
     with torch.inference_mode():
         out["inference-mode/forward"] = loaded(x, t, context)
     torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -125,7 +131,9 @@ def free_port() -> int:
 def ranks(tmp_path_factory, official_root):
     """Each rank's saved outputs, one dict per rank."""
     out_dir = tmp_path_factory.mktemp("parallel")
-    mp.spawn(_worker, args=(free_port(), str(official_root.high), str(out_dir)), nprocs=WORLD)
+    quantized = convert_checkpoint(official_root.root, tmp_path_factory.mktemp("int8") / "root", "int8", progress=False)
+    mp.spawn(_worker, args=(free_port(), str(official_root.high), str(find_experts(quantized)[0]), str(out_dir)),
+             nprocs=WORLD)
     return [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
 
 
@@ -190,6 +198,17 @@ def test_checkpoint_streamed_into_shards_matches_load_expert(ranks, official_roo
     for out in ranks:
         for key in ("load-fsdp/forward", "load-replicated/forward", "inference-mode/forward"):
             assert rel_err(out[key], ref) < TOL, key
+
+
+def test_quantized_expert_replicated_matches_load_expert(ranks, official_root, tmp_path):
+    """With --no-fsdp every rank loads the 8-bit expert itself; FSDP refuses it with the way out."""
+    x, t, context, _ = case_inputs("pad")
+    quantized = convert_checkpoint(official_root.root, tmp_path / "root", "int8", progress=False)
+    with torch.no_grad():
+        ref = load_expert(find_experts(quantized)[0])(x, t, context)
+    for out in ranks:
+        assert rel_err(out["load-int8-replicated/forward"], ref) < 2e-2
+        assert "--no-fsdp" in out["load-int8-fsdp/error"]
 
 
 @pytest.mark.parametrize("world, mode", [(3, "ulysses"), (6, "ulysses"), (6, "cfg"), (3, "auto")])

@@ -52,7 +52,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from .checkpoint import CheckpointError, detect_layout, find_experts, open_expert, param_dtype
+from .checkpoint import CheckpointError, detect_layout, find_experts, load_expert, open_expert, param_dtype
 from .model import WanModel
 
 MODES = ("auto", "ulysses", "cfg")
@@ -267,14 +267,16 @@ def wrap_experts(high: WanModel, low: WanModel, ctx: ParallelContext) -> tuple[P
 
 
 def load_parallel_expert(path, ctx: ParallelContext, *, dtype: torch.dtype = torch.bfloat16) -> ParallelExpert:
-    """One expert folder (official or diffusers layout) loaded into a ParallelExpert, sharded or replicated
-    as ctx says. Rank 0 reads each tensor memory-mapped, casts it to its runtime dtype on its device and
-    scatters it (FSDP) or broadcasts it (replicated); other ranks read only shapes. Host RAM: one tensor."""
+    """One expert folder (official or diffusers layout; a quantized one when replicated) loaded into a
+    ParallelExpert, sharded or replicated as ctx says. Rank 0 reads each tensor memory-mapped, casts it
+    to its runtime dtype on its device and scatters it (FSDP) or broadcasts it (replicated); other
+    ranks read only shapes. Host RAM: one tensor."""
     path = Path(path)
     if detect_layout(path) in ("wan-lite-quant", "quanto"):
-        raise CheckpointError(f"{path} is a wan-lite quantized expert: several-GPU runs load the bf16 checkpoint "
-                              "(official or diffusers layout); load quantized experts with load_expert() and wrap "
-                              "them with wrap_experts() on a context made with fsdp=False")
+        if ctx.fsdp_mesh is None:  # replicated: every rank loads the quantized expert itself
+            return parallelize(load_expert(path, dtype=dtype, device=ctx.device), ctx)
+        raise CheckpointError(f"{path} is a quantized expert: FSDP shards float weights only; run with "
+                              "--no-fsdp (each GPU holds the whole 8-bit expert) or from the bf16 checkpoint")
     source = open_expert(path)
     with torch.device("meta"):
         model = WanModel(source.config)
