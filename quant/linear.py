@@ -22,8 +22,6 @@ import torch.nn as nn
 
 from .kernels import QDTYPE, quant_linear, quantize_rows_reference, select_kernel
 
-SCHEMES_8BIT = tuple(QDTYPE)  # ("int8", "fp8")
-
 
 def quantize_linear_weight(w: torch.Tensor, scheme: str, smooth: torch.Tensor | None = None):
     """(N, K) float weight [* smooth per input channel] -> (q (N, K) 8-bit, scale (N,) float32)."""

@@ -177,10 +177,6 @@ class HostExpert:
         return host
 
     @property
-    def pinned(self) -> bool:
-        return self.flats is not None and next(iter(self.flats.values())).is_pinned()
-
-    @property
     def nbytes(self) -> int:
         return sum(lay.nbytes for lay in self.layouts.values())
 
@@ -258,17 +254,6 @@ class Placement:
         self.content[slot] = nxt
         return slot, *nxt
 
-    def first(self, c: int) -> list[tuple[str, str, str]]:
-        """The copies that put call c's first units in place (a prefetch before it runs)."""
-        if c >= len(self.calls):
-            return []
-        expert, out, seen = self.calls[c].expert, [], set()
-        for u in range(len(self.units)):
-            if self.slot(u) not in seen:
-                seen.add(self.slot(u))
-                if (copy := self.before(expert, u)) is not None:
-                    out.append(copy)
-        return out
 
 
 def swap_schedule(calls: list[Call], units: list[str], mode: str, slots: int = 2) -> list[tuple]:
@@ -467,12 +452,6 @@ class Residency:
         p = self.placement
         p.calls = p.calls[: self._call + 1] + plan
         p.planned = len(p.calls)
-
-    def prefetch(self) -> None:
-        """Start copying what the next planned call needs first (e.g. while the text encoder runs)."""
-        self._skeleton()
-        for copy_ in self.placement.first(self._call + 1):
-            self._send(*copy_)
 
     def where(self) -> dict[str, list[str]]:
         """Which expert's units sit (or are on their way) in the device slots."""
