@@ -61,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error("--report needs --quantized DST")
     elif not (a.out and a.scheme):
         p.error("converting needs --out DST and --scheme (or pass --report --quantized DST)")
+    elif a.calib and a.scheme not in ("int8", "fp8"):  # before any calibration work
+        p.error(f"--calib (SmoothQuant) applies to --scheme int8 or fp8, not {a.scheme}: drop --calib")
     return a
 
 
