@@ -44,8 +44,8 @@ import gradio as gr
 import torch
 
 from wan_lite import planner
-from wan_lite.checkpoint import CheckpointError, open_expert
-from wan_lite.config import SOLVERS, ModelConfig
+from wan_lite.checkpoint import CheckpointError
+from wan_lite.config import SOLVERS
 from wan_lite.scheduler import sigma_grid
 from wan_lite.t2v import T2VPipeline, check_root
 from wan_lite.text import DEFAULT_NEGATIVE_PROMPT
@@ -310,7 +310,7 @@ class App:
             if not ok:
                 raise gr.Error(message)
         s.frames, s.steps, s.seed = int(s.frames), int(s.steps), int(s.seed) if _is_int(s.seed) else 0
-        stored = self.stored_quant()
+        stored = self.pipe.plan_quant
         if s.quantization not in ("auto", stored):
             raise gr.Error(f"This checkpoint's experts are stored as {stored}; running them as {s.quantization} "
                            f"needs a converted copy: python -m wan_lite.quantize --ckpt {self.pipe.root} --out DST "
@@ -318,12 +318,6 @@ class App:
         return presets[s.size]
 
     # --- memory plan -----------------------------------------------------------------------------
-
-    def stored_quant(self) -> str:
-        """The experts' weight format as the planner names it: bf16 when unquantized, int8 for the other
-        8-bit and 4-bit backends (quanto, nf4), as T2VPipeline.make_plan budgets them."""
-        q = self.pipe.quantization
-        return "bf16" if q == "none" else q if q in planner.QUANTS else "int8"
 
     def make_plan(self, s: Settings) -> planner.Plan | None:
         """The planner's choice for valid settings; None on a CPU with the 'auto' profile. Raises PlanError.
@@ -335,16 +329,10 @@ class App:
         cuda = self.device.type == "cuda"
         if vram is None and not cuda:
             return None
-        quant = self.stored_quant() if s.quantization == "auto" else s.quantization
+        quant = self.pipe.plan_quant if s.quantization == "auto" else s.quantization
         return planner.make_plan(vram, height=height, width=width, frames=int(s.frames), quant=quant,
-                                 device=self.device if cuda else "cuda", cfg=self.model_config(),
+                                 device=self.device if cuda else "cuda", cfg=self.pipe.expert_config(),
                                  capability=None if cuda else (8, 9))
-
-    def model_config(self) -> ModelConfig:
-        """The experts' dimensions (a quantized checkpoint is always the A14B model)."""
-        if self.pipe.quantization != "none":
-            return ModelConfig.a14b()
-        return open_expert(self.pipe.high_path).config
 
     def plan(self, s: Settings) -> str:
         """The planner's choice for these settings, as text (shown beside the VRAM profile)."""

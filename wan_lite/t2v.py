@@ -233,16 +233,25 @@ class T2VPipeline:
             self.experts = (load_expert(self.high_path, dtype=self.dtype), load_expert(self.low_path, dtype=self.dtype))
         return self.experts
 
+    @property
+    def plan_quant(self) -> str:
+        """The experts' weight format as the planner budgets it: bf16, int8 or fp8 (the library 8-bit
+        and 4-bit schemes are budgeted as int8)."""
+        q = self.quantization
+        return q if q in QUANTS else "bf16" if q == "none" else "int8"
+
+    def expert_config(self) -> ModelConfig:
+        """The experts' dimensions, read once."""
+        if self.config is None:
+            self.config = _expert_config(self.high_path)
+        return self.config
+
     def make_plan(self, size: tuple[int, int], frames: int, vram_gb: float | None = None) -> Plan:
         """How a run of this size fits the GPU (None: its free memory now): residency mode, CFG
         batching, attention kernel, chunking. Raises PlanError naming the smallest budget that works."""
-        scheme = self.quantization
-        quant = scheme if scheme in QUANTS else "bf16" if scheme == "none" else "int8"  # 4-bit planned as 8
-        if self.config is None:
-            self.config = _expert_config(self.high_path)
         width, height = size
-        return make_plan(vram_gb, height=height, width=width, frames=frames, quant=quant, device=self.device,
-                         cfg=self.config)
+        return make_plan(vram_gb, height=height, width=width, frames=frames, quant=self.plan_quant,
+                         device=self.device, cfg=self.expert_config())
 
     def residency(self, plan: Plan) -> Residency | ModuleSwap:
         """Both experts in host RAM (read once), run from the GPU as the plan says; experts quantized
