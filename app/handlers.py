@@ -45,8 +45,8 @@ import torch
 
 from wan_lite import planner
 from wan_lite.checkpoint import CheckpointError
-from wan_lite.config import SOLVERS
-from wan_lite.scheduler import sigma_grid
+from wan_lite.config import SOLVERS, SamplingConfig
+from wan_lite.pipeline import high_steps
 from wan_lite.t2v import T2VPipeline, check_root
 from wan_lite.text import DEFAULT_NEGATIVE_PROMPT
 
@@ -369,8 +369,8 @@ class App:
         pipe = self.pipe
         seed = random.randint(0, MAX_SEED) if s.random_seed else s.seed
         out = self._output_path(seed)
-        _, timesteps = sigma_grid(s.steps, s.shift)
-        job = Job(session, s.steps, high_steps=int((timesteps >= pipe.boundary * 1000).sum()),
+        job = Job(session, s.steps, high_steps=high_steps(SamplingConfig(steps=s.steps, shift=s.shift,
+                                                                         boundary=pipe.boundary)),
                   progress=_no_progress if progress is None else progress)  # a gr.Progress is falsy
         self.jobs[session] = job
         error = None

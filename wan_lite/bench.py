@@ -35,9 +35,9 @@ import psutil
 import torch
 
 from .config import ModelConfig, SamplingConfig
+from .pipeline import high_steps
 from .planner import RESOLUTIONS, PlanError, make_plan, tokens
 from .residency import HostExpert, Residency, layouts_of, template
-from .scheduler import sigma_grid
 
 GB = 1e9
 
@@ -120,8 +120,7 @@ def _host_rss_gb() -> float:
 def extrapolate(high_s: float, low_s: float, stall_s: float, sampling: SamplingConfig | None = None) -> dict:
     """The official schedule: steps with t >= boundary on the high expert (26 of 40), the rest low."""
     sampling = sampling or SamplingConfig()
-    _, timesteps = sigma_grid(sampling.steps, sampling.shift)
-    n_high = int((timesteps >= sampling.boundary_timestep).sum())
+    n_high = high_steps(sampling)
     n_low = sampling.steps - n_high
     return {"steps_high": n_high, "steps_low": n_low, "denoise_total_s": n_high * high_s + n_low * low_s + stall_s}
 
@@ -145,14 +144,15 @@ def bench_ours(tmpl, hosts, *, height, width, frames, mode, cfg_batched, vram_gb
         torch.cuda.synchronize()
         out["warmup_s"] = time.perf_counter() - t0
         ts = [990 - i for i in range(steps)] + [860 - i for i in range(steps)]
-        res.plan_steps(ts, SamplingConfig().boundary_timestep)
+        boundary = SamplingConfig().boundary_timestep
+        res.plan_steps(ts, boundary)
         times = []
         _log(f"{label}: warm-up {out['warmup_s']:.1f} s, timing {len(ts)} steps")
         for t in ts:
-            expert = res.high if t >= 875 else res.low
+            expert = res.high if t >= boundary else res.low
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            v = expert.guided(x, torch.tensor([t], device="cuda"), ctx, ctx_null, 4.0 if t >= 875 else 3.0)
+            v = expert.guided(x, torch.tensor([t], device="cuda"), ctx, ctx_null, 4.0 if t >= boundary else 3.0)
             x = x - 0.01 * v
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)

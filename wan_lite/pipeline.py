@@ -32,6 +32,16 @@ def guided_velocity(model, x: torch.Tensor, t: torch.Tensor, context: torch.Tens
     return uncond + scale * (cond - uncond)
 
 
+def timesteps(sampling: SamplingConfig) -> list[int]:
+    """The timesteps `sample` runs, in order (the residency plans its swap from them)."""
+    return sigma_grid(sampling.steps, sampling.shift, sampling.num_train_timesteps)[1].tolist()
+
+
+def high_steps(sampling: SamplingConfig) -> int:
+    """How many of those steps the high-noise expert takes (26 of the official 40)."""
+    return sum(t >= sampling.boundary_timestep for t in timesteps(sampling))
+
+
 def sample(high, low, noise: torch.Tensor, context: torch.Tensor, context_null: torch.Tensor,
            sampling: SamplingConfig, callback: Callback | None = None) -> torch.Tensor:
     """Denoise `noise` (B, 16, F, H, W) into latents with the high- then low-noise expert.

@@ -33,11 +33,10 @@ from . import __version__
 from .checkpoint import QUANT_MARKER, QUANTO_MARKER, CheckpointError, find_experts, load_expert, open_expert
 from .config import ModelConfig, SamplingConfig
 from .parallel import ParallelContext, load_parallel_experts
-from .pipeline import Callback, sample
+from .pipeline import Callback, sample, timesteps
 from .planner import QUANTS, Plan, make_plan
 from .planner import apply as apply_plan
 from .residency import ModuleSwap, Residency, host_experts
-from .scheduler import sigma_grid
 from .text import DEFAULT_NEGATIVE_PROMPT, TextEncoder, clean_text
 from .vae import STRIDE, VAE
 from .video import check_writable, write_mp4
@@ -342,7 +341,7 @@ class T2VPipeline:
             apply_plan(plan)
             residency = self.residency(plan)
             if isinstance(residency, Residency):
-                residency.plan_steps(sigma_grid(steps, shift)[1].tolist(), sampling.boundary_timestep)
+                residency.plan_steps(timesteps(sampling), sampling.boundary_timestep)
             try:
                 latents = sample(residency.high, residency.low, noise, context, context_null, sampling,
                                  callback=callback).cpu()
