@@ -219,3 +219,14 @@ def test_boundary_timestep_itself_uses_the_high_expert(experts, tiny_cfg):
     by_t = {t: e for _, _, t, e in rec.calls}
     assert by_t[877] == "high" and by_t[865] == "low"
     assert [e for *_, e in rec.calls].count("high") == 26
+
+
+def test_schedule_helpers_match_the_loop():
+    """pipeline.timesteps / high_steps (used by the residency plan, the bench and the app) are the
+    steps sample() takes: 26 of the official 40 on the high-noise expert."""
+    from wan_lite.pipeline import high_steps, timesteps
+
+    sampling = SamplingConfig()
+    assert timesteps(sampling) == sigma_grid(40, 12.0)[1].tolist()
+    assert high_steps(sampling) == 26
+    assert high_steps(SamplingConfig(steps=10, shift=3.0)) == sum(t >= 875 for t in sigma_grid(10, 3.0)[1].tolist())
