@@ -199,8 +199,7 @@ def load_quanto_folder(path, *, dtype=torch.bfloat16, device="cpu"):
     # shapes of the quantized weights sit under .weight._data: expose them as .weight to read the config
     shape_files = {n.removesuffix("._data"): f for n, f in ours.items() if not n.endswith("._scale")}
     shape_stored = {n.removesuffix("._data"): stored[n] for n in ours if not n.endswith("._scale")}
-    source = ck.ExpertSource(path, "quanto", None, shape_files, shape_stored)
-    cfg = ck.config_from_shapes(source, ck.read_config(path))
+    cfg = ck.config_from_shapes(path, shape_files, shape_stored, ck.read_config(path))
     state = {}
     for file in sorted(set(ours.values())):
         with safe_open(file, framework="pt") as f:

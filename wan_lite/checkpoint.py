@@ -216,34 +216,34 @@ def open_expert(path) -> ExpertSource:
     for name, f in stored_files.items():
         ours = rename(name)
         files[ours], stored[ours] = f, name
-    source = ExpertSource(path, layout, ModelConfig(), files, stored)
-    source.config = config_from_shapes(source, read_config(path))
-    return source
+    return ExpertSource(path, layout, config_from_shapes(path, files, stored, read_config(path)), files, stored)
 
 
-def _shape(source: ExpertSource, name: str) -> list[int]:
-    if name not in source.files:
-        raise CheckpointError(f"{source.path}: tensor {source.stored.get(name, name)!r} is missing, so the model "
-                              "size cannot be read: the checkpoint is incomplete, download it again")
-    with _open(source.files[name]) as f:
-        return list(f.get_slice(source.stored[name]).get_shape())
+def config_from_shapes(path: Path, files: dict[str, Path], stored: dict[str, str], config: dict) -> ModelConfig:
+    """The model dimensions of an expert from its tensors' shapes (our name -> file, -> stored name)
+    and its config.json, which the official release leaves incomplete."""
 
+    def _shape(name: str) -> list[int]:
+        if name not in files:
+            raise CheckpointError(f"{path}: tensor {stored.get(name, name)!r} is missing, so the model size "
+                                  "cannot be read: the checkpoint is incomplete, download it again")
+        with _open(files[name]) as f:
+            return list(f.get_slice(stored[name]).get_shape())
 
-def config_from_shapes(source: ExpertSource, config: dict) -> ModelConfig:
-    dim, in_dim, *patch = _shape(source, "patch_embedding.weight")
+    dim, in_dim, *patch = _shape("patch_embedding.weight")
     num_heads = config.get("num_heads") or config.get("num_attention_heads")
     if not num_heads:
-        raise CheckpointError(f"{source.path / 'config.json'} has no num_heads / num_attention_heads: "
+        raise CheckpointError(f"{path / 'config.json'} has no num_heads / num_attention_heads: "
                               "restore the config.json that came with the weights")
-    num_layers = sum(1 for n in source.files if re.fullmatch(r"blocks\.\d+\.modulation", n))
-    head_out = _shape(source, "head.head.weight")[0]
+    num_layers = sum(1 for n in files if re.fullmatch(r"blocks\.\d+\.modulation", n))
+    head_out = _shape("head.head.weight")[0]
     return ModelConfig(
         dim=dim,
-        ffn_dim=_shape(source, "blocks.0.ffn.0.weight")[0],
+        ffn_dim=_shape("blocks.0.ffn.0.weight")[0],
         num_heads=int(num_heads),
         num_layers=num_layers,
-        freq_dim=_shape(source, "time_embedding.0.weight")[1],
-        text_dim=_shape(source, "text_embedding.0.weight")[1],
+        freq_dim=_shape("time_embedding.0.weight")[1],
+        text_dim=_shape("text_embedding.0.weight")[1],
         text_len=int(config.get("text_len", 512)),
         in_dim=in_dim,
         out_dim=head_out // math.prod(patch),
