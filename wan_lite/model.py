@@ -160,22 +160,24 @@ class Block(nn.Module):
         self.modulation = nn.Parameter(torch.zeros(1, 6, cfg.dim))  # this block's table, float32
 
     def forward(self, x: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """x (B, L, C) float32 residual stream -> same."""
+        """x (B, L, C) float32 residual stream, updated in place and returned.
+
+        In place because the stream is the largest tensor alive (4 bytes x L x dim: 1.55 GB at 720p) and
+        `x = x + y` holds two of it at once; the caller owns x (WanModel.embed made it)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = (self.modulation + cond.mod).unsqueeze(2).unbind(1)
         dtype = compute_dtype(self.ffn[0])  # the Linears' input dtype: cast once, keep no float32 copy alive
-        x = x + self.self_attn((layer_norm(x, self.eps) * (1 + scale1) + shift1).to(dtype), cond) * gate1
-        x = x + self.cross_attn(self.norm3(x).to(dtype), cond.context)
-        if self.ffn_chunk is None:
-            return self.ffn_residual(x, shift2, scale2, gate2)
-        for xs in x.split(self.ffn_chunk, dim=1):  # views of x, which this forward made: update in place
-            xs.copy_(self.ffn_residual(xs, shift2, scale2, gate2))
+        x.addcmul_(self.self_attn((layer_norm(x, self.eps) * (1 + scale1) + shift1).to(dtype), cond), gate1)
+        x += self.cross_attn(self.norm3(x).to(dtype), cond.context)
+        for xs in x.split(self.ffn_chunk or x.shape[1], dim=1):  # views of x: each chunk updated in place
+            self.ffn_residual(xs, shift2, scale2, gate2)
         return x
 
     def ffn_residual(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-                     gate: torch.Tensor) -> torch.Tensor:
-        """x + gate * FFN(modulated norm(x)); every token on its own, so chunks over tokens are exact."""
+                     gate: torch.Tensor) -> None:
+        """x += gate * FFN(modulated norm(x)), in place; every token on its own, so chunks over tokens
+        are exact."""
         h = (layer_norm(x, self.eps) * (1 + scale) + shift).to(compute_dtype(self.ffn[0]))
-        return x + linear(self.ffn[2], self.ffn[1](linear(self.ffn[0], h))) * gate
+        x.addcmul_(linear(self.ffn[2], self.ffn[1](linear(self.ffn[0], h))), gate)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,7 +225,7 @@ class WanModel(nn.Module):
         w = self.patch_embedding.weight
         h = self.patch_embedding(x.to(w.dtype))  # (B, C, F, H/2, W/2)
         grid = tuple(h.shape[2:])
-        h = h.flatten(2).transpose(1, 2).float()  # (B, L, C)
+        h = h.flatten(2).transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format)  # (B, L, C), owned
 
         time = self.time_embedding(sinusoidal_embedding(self.cfg.freq_dim, t.to(x.device)))  # (B, C) float32
         mod = self.time_projection(time).unflatten(1, (6, self.cfg.dim))  # (B, 6, C) float32
