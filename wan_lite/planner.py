@@ -37,14 +37,15 @@ GB = 1e9
 QUANTS = ("int8", "fp8", "bf16")
 RESOLUTIONS = {"480p": (480, 832), "720p": (720, 1280)}  # (height, width), the official landscape sizes
 # Peak bytes per (token x channel) of one pass, FFN chunked, by whether the blocks are compiled.
-# Compiled: fitted to 480p and 720p resident runs (3.78 and 7.88 GB over the weights: 18.7 B x L x dim
-# + 0.64 GB). Eager: not measured here; the compiled value plus what compile saved in the lead's
-# one-block measurement (8.0 -> 4.4 GiB at 720p: +10 B).
-ACT_PEAK = {False: 28.7, True: 18.7}
-FIXED = 0.64 * GB  # latents, text context, RoPE tables, workspaces (the fit's intercept)
+# Compiled: fitted to the 480p and 720p resident runs of 2026-11-26 (in-place residual, element-wise
+# RoPE: 2.47 and 5.57 GB over the weights -> 14.15 B x L x dim + 0.10 GB). The peak is the fused q/k
+# norm + RoPE kernel: the float32 stream (4), the modulated input (2), raw and rotated q and k (8).
+# Eager: not measured; the compiled value plus what compile saved in a one-block measurement (+10 B).
+ACT_PEAK = {False: 24.2, True: 14.15}
+FIXED = 0.10 * GB  # latents, text context, RoPE tables, workspaces (the fit's intercept)
 FFN_CHUNK = 8192  # tokens per FFN chunk when the model supports it (GEMMs of 8192 rows stay efficient)
-FFN_PEAK = 6.3  # what an unchunked FFN adds (480p: 25.0 vs 18.7 B x L x dim)
-STREAM_EXTRA = 12.1  # block-major sequential CFG over one pass (480p streaming: 30.8 vs 18.7)
+FFN_PEAK = 6.3  # what an unchunked FFN adds (measured before the in-place residual: 25.0 vs 18.7 B x L x dim)
+STREAM_EXTRA = 4.13  # block-major sequential CFG: the second pass's float32 stream (480p streaming, 8 GB cap)
 FRAGMENTATION, SLACK = 1.045, 0.15 * GB  # reserved = FRAGMENTATION x allocated + SLACK
 TEXT_PARAMS = 6.73e9  # umt5-xxl encoder as transformers builds it (measured 13.5 GB in bf16)
 STREAM_SLOTS = 2
