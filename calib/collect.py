@@ -129,6 +129,15 @@ def run(root, *, prompts_file=DEFAULT_PROMPTS, size=(480, 832), frames=17, steps
     """Load both experts of `root`, encode the prompts, collect: the whole tool as a function."""
     from wan_lite.checkpoint import find_experts, load_expert
 
+    from wan_lite import SamplingConfig
+    from wan_lite.pipeline import high_steps
+
+    h, w = size  # check the settings before two experts are loaded
+    if h % 16 or w % 16 or (frames - 1) % 4:
+        raise ValueError(f"calibration size {h}x{w}x{frames}: height/width must be multiples of 16, frames 4n+1")
+    if not 0 < high_steps(SamplingConfig(steps=steps)) < steps:
+        raise ValueError(f"a {steps}-step denoise does not run both experts, so one would get no statistics: "
+                         "calibrate with more steps (--steps 8 runs both)")
     prompts = read_prompts(prompts_file)[:max_prompts]
     high_path, low_path = find_experts(root)
     high = load_expert(high_path, dtype=dtype, device=device)
@@ -138,9 +147,6 @@ def run(root, *, prompts_file=DEFAULT_PROMPTS, size=(480, 832), frames=17, steps
         contexts, null = random_contexts(len(prompts), cfg.text_dim, seed)
     else:
         contexts, null = encode_prompts(root, prompts, device)
-    h, w = size
-    if h % 16 or w % 16 or (frames - 1) % 4:
-        raise ValueError(f"calibration size {h}x{w}x{frames}: height/width must be multiples of 16, frames 4n+1")
     latent_shape = (cfg.in_dim, (frames - 1) // 4 + 1, h // 8, w // 8)
     stats = collect(high, low, [c.to(dtype) for c in contexts], null.to(dtype), latent_shape=latent_shape,
                     steps=steps, seed=seed, progress=progress)

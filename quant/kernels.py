@@ -77,13 +77,18 @@ def w8a8_unsupported(device: torch.device, scheme: str) -> str | None:
     return None
 
 
+@functools.cache
+def _w8a8_unsupported_cached(device: torch.device, scheme: str) -> str | None:
+    return w8a8_unsupported(device, scheme)  # per (device, scheme): select_kernel runs on every call
+
+
 def select_kernel(device, scheme: str, override: str | None = None) -> str:
     """'w8a8' or 'w8a16' for a quantized Linear of `scheme` on `device` (see the module docstring)."""
     choice = override or os.environ.get(ENV_VAR) or None
     if choice is not None and choice not in KERNELS:
         raise ValueError(f"unknown quantized-Linear kernel {choice!r} (from {'argument' if override else ENV_VAR}): "
                          f"choose one of {', '.join(KERNELS)}")
-    why_not = w8a8_unsupported(torch.device(device), scheme)
+    why_not = _w8a8_unsupported_cached(torch.device(device), scheme)
     if choice == "w8a8" and why_not:
         raise RuntimeError(f"kernel w8a8 was asked for but {why_not}: use {ENV_VAR}=w8a16 (or leave it unset)")
     return choice or ("w8a16" if why_not else "w8a8")

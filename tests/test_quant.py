@@ -399,6 +399,17 @@ def test_calibrated_conversion(tmp_path, official_root, calib_stats, tiny_cfg):
         convert_checkpoint(official_root.root, tmp_path / "n", "nf4", calib=calib_stats, progress=False)
 
 
+def test_calibration_settings_checked_before_loading(tmp_path, monkeypatch):
+    """Bad size or too few steps fail at once, before two experts are loaded (no checkpoint needed)."""
+    from calib import collect
+
+    monkeypatch.setattr("wan_lite.checkpoint.load_expert", lambda *a, **k: pytest.fail("loaded an expert"))
+    with pytest.raises(ValueError, match="multiples of 16"):
+        collect.run(tmp_path, size=(30, 32), frames=5, random_context=True, progress=False)
+    with pytest.raises(ValueError, match="does not run both experts.*--steps 8"):
+        collect.run(tmp_path, size=(32, 32), frames=5, steps=1, random_context=True, progress=False)
+
+
 def test_prompts_file():
     from calib.collect import read_prompts
 
