@@ -127,9 +127,8 @@ def load_stats(path) -> dict[str, dict[str, torch.Tensor]]:
 def run(root, *, prompts_file=DEFAULT_PROMPTS, size=(480, 832), frames=17, steps=8, max_prompts=None,
         device="cpu", dtype=torch.bfloat16, random_context=False, seed=0, progress=True):
     """Load both experts of `root`, encode the prompts, collect: the whole tool as a function."""
-    from wan_lite.checkpoint import find_experts, load_expert
-
     from wan_lite import SamplingConfig
+    from wan_lite.checkpoint import find_experts, load_expert
     from wan_lite.pipeline import high_steps
 
     h, w = size  # check the settings before two experts are loaded
