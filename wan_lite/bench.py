@@ -58,7 +58,7 @@ def runtime_template(cfg: ModelConfig, quant: str, compile_blocks: bool = False)
     return model
 
 
-def _fill(name: str, t: torch.Tensor, g: torch.Generator) -> None:
+def fill_random(name: str, t: torch.Tensor, g: torch.Generator) -> None:
     """A random value of the right scale for one tensor (weights keep activations O(1))."""
     if t.dtype in (torch.int8,):
         t.copy_(torch.randint(-127, 128, t.shape, generator=g, device=t.device, dtype=torch.int8))
@@ -87,7 +87,7 @@ def random_host_expert(model: torch.nn.Module, seed: int, pin: bool = True) -> H
     for unit, lay in layouts.items():
         buf = torch.empty(lay.nbytes, dtype=torch.uint8, device="cuda")
         for name, view in lay.views(buf).items():
-            _fill(name, view, g)
+            fill_random(name, view, g)
         host.flats[unit].copy_(buf)
     torch.cuda.synchronize()
     return host
@@ -198,7 +198,7 @@ def bench_diffusers(cfg: ModelConfig, *, height, width, frames, vram_gb, label="
     g = torch.Generator("cuda").manual_seed(3)
     for name, p in model.named_parameters():  # random on the GPU, parameter by parameter
         buf = torch.empty_like(p, device="cuda")
-        _fill(name, buf, g)
+        fill_random(name, buf, g)
         p.data.copy_(buf)
     model.enable_group_offload(onload_device=torch.device("cuda"), offload_device=torch.device("cpu"),
                                offload_type="block_level", num_blocks_per_group=1, use_stream=True)
@@ -266,7 +266,7 @@ def bench_text() -> dict:
     g = torch.Generator("cuda").manual_seed(4)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            _fill(name, p, g)
+            fill_random(name, p, g)
         ids = torch.randint(0, 256384, (1, 120), device="cuda")
         model(input_ids=ids)
         torch.cuda.synchronize()
@@ -294,7 +294,7 @@ def bench_vae(height: int, width: int, frames: int, vram_gb: float | None, dtype
     g = torch.Generator("cuda").manual_seed(5)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            _fill(name, p, g)
+            fill_random(name, p, g)
     vae = VAE(model, [0.0] * 16, [1.0] * 16, device=torch.device("cuda"), dtype=dtype)
     tile = make_plan(vram_gb or 80, height=height, width=width, frames=frames).vae_tile
     lat = torch.randn(1, 16, (frames - 1) // 4 + 1, height // 8, width // 8, device="cuda")

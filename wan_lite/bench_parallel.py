@@ -22,7 +22,6 @@ import argparse
 import dataclasses
 import datetime
 import json
-import math
 import statistics
 import time
 
@@ -32,6 +31,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from . import parallel
 from .attention import resolve
+from .bench import fill_random
 from .checkpoint import param_dtype
 from .config import ModelConfig
 from .model import WanModel
@@ -48,16 +48,8 @@ def random_expert(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, se
     g = torch.Generator(device).manual_seed(seed)
     state = {}
     for name, p in model.state_dict().items():
-        dt = param_dtype(name, dtype)
-        if name.endswith("modulation"):
-            value = 0.1 * torch.randn(p.shape, generator=g, device=device, dtype=dt)
-        elif p.ndim == 1 and "norm" in name:
-            value = torch.ones(p.shape, device=device, dtype=dt)
-        elif p.ndim == 1:  # biases
-            value = 0.02 * torch.randn(p.shape, generator=g, device=device, dtype=dt)
-        else:
-            value = torch.randn(p.shape, generator=g, device=device, dtype=dt).mul_(1 / math.sqrt(p[0].numel()))
-        state[name] = value
+        state[name] = torch.empty(p.shape, device=device, dtype=param_dtype(name, dtype))
+        fill_random(name, state[name], g)
     model.load_state_dict(state, assign=True)
     return model.eval().requires_grad_(False)
 
