@@ -175,8 +175,9 @@ class Block(nn.Module):
         dtype = compute_dtype(self.ffn[0])  # the Linears' input dtype: cast once, keep no float32 copy alive
         x.addcmul_(self.self_attn((layer_norm(x, self.eps) * (1 + scale1) + shift1).to(dtype), cond), gate1)
         x += self.cross_attn(self.norm3(x).to(dtype), cond.context)
-        for xs in x.split(self.ffn_chunk or x.shape[1], dim=1):  # views of x: each chunk updated in place
-            self.ffn_residual(xs, shift2, scale2, gate2)
+        chunk = self.ffn_chunk or x.shape[1]
+        for start in range(0, x.shape[1], chunk):  # slices of x (not split: autograd forbids its views in place)
+            self.ffn_residual(x[:, start : start + chunk], shift2, scale2, gate2)
         return x
 
     def ffn_residual(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
