@@ -290,7 +290,18 @@ def link_tree(src: Path, dst: Path, skip: set[str] = frozenset()) -> None:
             try:
                 os.link(entry.resolve(), target)
             except OSError:  # another file system, or links not allowed
-                shutil.copy2(entry, target)
+                _copy(entry, target)
+
+
+def _copy(entry: Path, target: Path) -> None:
+    """Copy one file that could not be linked, after checking it fits (an expert is ~57 GB in fp32)."""
+    size, free = entry.stat().st_size, shutil.disk_usage(target.parent).free
+    if size > free:
+        raise ConversionError(
+            f"{entry} ({size / 1e9:.1f} GB) does not fit in {target.parent} ({free / 1e9:.1f} GB free): it is "
+            "copied because it cannot be hard-linked there (another file system). Free space, or put --out on "
+            "the same file system as --ckpt so unquantized files are linked; the conversion resumes where it stopped")
+    shutil.copy2(entry, target)
 
 
 def convert_checkpoint(src, dst, scheme: str, *, experts=("high", "low"), calib=None, alpha: float = 0.5,

@@ -233,6 +233,29 @@ def test_interrupted_conversion_resumes(tmp_path, official_root):
     assert a.keys() == b.keys() and all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
 
 
+def test_unlinkable_file_that_does_not_fit_is_a_clear_error(tmp_path, official_root, monkeypatch):
+    """Across file systems unquantized files are copied; one that cannot fit fails before the copy, naming
+    the fix, and a later run with room finishes the same conversion."""
+    from collections import namedtuple
+
+    from quant import convert as convert_mod
+    from quant.convert import ConversionError
+
+    def no_link(*a):
+        raise OSError(18, "Invalid cross-device link")
+
+    usage, real_usage = namedtuple("usage", "total used free"), convert_mod.shutil.disk_usage
+    monkeypatch.setattr(convert_mod.os, "link", no_link)
+    monkeypatch.setattr(convert_mod.shutil, "disk_usage", lambda p: usage(10, 10, 0))
+    dst = tmp_path / "dst"
+    with pytest.raises(ConversionError, match="does not fit.*GB free.*same file system as --ckpt"):
+        convert_checkpoint(official_root.root, dst, "int8", experts=("high",), progress=False)
+    assert not dst.exists()
+    monkeypatch.setattr(convert_mod.shutil, "disk_usage", real_usage)
+    convert_checkpoint(official_root.root, dst, "int8", experts=("high",), progress=False)
+    assert (dst / "low_noise_model").is_dir() and not (tmp_path / "dst.partial").exists()
+
+
 def test_corrupt_finished_shard_is_redone_on_resume(tmp_path, official_root):
     kw = dict(progress=False, max_shard_bytes=16 * 1024, experts=("high",))
 
