@@ -88,7 +88,10 @@ def select_kernel(device, scheme: str, override: str | None = None) -> str:
     if choice is not None and choice not in KERNELS:
         raise ValueError(f"unknown quantized-Linear kernel {choice!r} (from {'argument' if override else ENV_VAR}): "
                          f"choose one of {', '.join(KERNELS)}")
-    why_not = _w8a8_unsupported_cached(torch.device(device), scheme)
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # the cache is per card
+        device = torch.device("cuda", torch.cuda.current_device())
+    why_not = _w8a8_unsupported_cached(device, scheme)
     if choice == "w8a8" and why_not:
         raise RuntimeError(f"kernel w8a8 was asked for but {why_not}: use {ENV_VAR}=w8a16 (or leave it unset)")
     return choice or ("w8a16" if why_not else "w8a8")
@@ -180,15 +183,16 @@ if triton is not None:
 
     def _gemm_configs():
         # the six fastest of 52 configs swept on H100 at the A14B shapes (M = 512 ... 75,600; 2026-11-26):
-        # 128x256 / 256x128 tiles with 128-deep K steps win at the video token counts, 64x128 at 512 rows
-        return [
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8}, num_stages=s, num_warps=w)
-            for bm, bn, s, w in [(128, 256, 4, 8), (256, 128, 4, 8), (128, 256, 3, 8), (256, 128, 3, 8),
-                                 (128, 128, 3, 4), (64, 128, 3, 4)]
-        ]
+        # 128x256 / 256x128 tiles with 128-deep K steps win at the video token counts, 64x128 at 512 rows.
+        # Those need 72-192 KB of shared memory; the two 64-deep ones (64-80 KB) are for consumer cards
+        # (~100 KB on sm86/sm89). Configs a card cannot run are skipped by the autotuner (OutOfResources).
+        tiles = [(128, 256, 128, 4, 8), (256, 128, 128, 4, 8), (128, 256, 128, 3, 8), (256, 128, 128, 3, 8),
+                 (128, 128, 128, 3, 4), (64, 128, 128, 3, 4), (128, 128, 64, 5, 4), (64, 128, 64, 4, 4)]
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
+                for bm, bn, bk, s, w in tiles]
 
-    # M_BUCKET (M rounded up to a power of two) in the key: the best tile depends on M, and one (N, K)
-    # serves 512 text tokens and 75,600 video tokens alike (a key of N, K alone kept whichever came first)
+    # M_BUCKET (M rounded up to a power of two, at most 65,536) in the key: the best tile depends on M, and
+    # one (N, K) serves 512 text tokens and 75,600 video tokens alike (a key of N, K kept whichever came first)
     @triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K"])
     @triton.jit
     def _w8a8_matmul_kernel(a_ptr, b_ptr, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, M_BUCKET,

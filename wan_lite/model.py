@@ -66,15 +66,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate interleaved channel pairs (2j, 2j+1) of x (B, L, H, D) by the angles whose cos and sin are
     given (L, 1, D/2), in float32; returns x's dtype.
 
-    Written as x * (c, c) + (x1, x0) * (-s, s) per pair: element-wise and index work only, so a compiled
+    Written as (x1, x0) * (-s, s) + x * (c, c) per pair: element-wise and index work only, so a compiled
     block writes the rotated q and k straight in x's dtype (stacking the two halves made inductor keep a
     float32 copy of k: 1.5 GB at 720p). Bitwise the same products and sums as x0 c - x1 s, x0 s + x1 c.
     """
     xf = x.float()
-    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0) per pair
     cos2 = cos.repeat_interleave(2, dim=-1)  # (L, 1, D)
     sin2 = torch.stack([-sin, sin], dim=-1).flatten(-2)  # (L, 1, D): (-s, s) per pair
-    return (xf * cos2 + swapped * sin2).to(x.dtype)
+    out = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2).mul_(sin2)  # (x1, x0) * (-s, s): flip made a copy
+    out += xf * cos2  # in place: eager keeps three float32 copies of q or k, not five
+    return out.to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -206,7 +207,11 @@ class Head(nn.Module):
 
 
 class WanModel(nn.Module):
-    """One Wan2.2 expert. `model(x, t, context)` -> flow velocity, float32."""
+    """One Wan2.2 expert. `model(x, t, context)` -> flow velocity, float32.
+
+    Inference only: the blocks update the residual stream in place (it is the largest tensor alive), so
+    autograd cannot run backward through them.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
