@@ -1,10 +1,11 @@
 """Residency on the CPU: the copy plan (pure), where each expert is at each step, and outputs that are
-bitwise those of the plain models in resident and streaming modes (fp32)."""
+those of the plain models in resident and streaming modes (fp32, within a stated tolerance)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from tolerance import assert_close_fp32
 
 from wan_lite.checkpoint import find_experts, load_expert
 from wan_lite.config import ModelConfig, SamplingConfig
@@ -108,13 +109,13 @@ def plain_guided(model, x, t, ctx, ctx_null, scale):
 
 
 @pytest.mark.parametrize("mode", ["resident", "streaming"])
-def test_guided_is_bitwise_the_plain_model(experts, mode):
+def test_guided_matches_the_plain_model(experts, mode):
     x, ctx, ctx_null = inputs()
     t = torch.tensor([900])
     res = residency(experts, mode=mode, cfg_batched=False)
     for name, model in zip(("high", "low"), experts):
         got = getattr(res, name).guided(x, t, ctx, ctx_null, 4.0)
-        assert torch.equal(got, plain_guided(model, x, t, ctx, ctx_null, 4.0))
+        assert_close_fp32(got, plain_guided(model, x, t, ctx, ctx_null, 4.0))  # flat-buffer views vs parameters
 
 
 def test_batched_cfg_same_in_both_modes_and_close_to_sequential(experts):
@@ -122,7 +123,7 @@ def test_batched_cfg_same_in_both_modes_and_close_to_sequential(experts):
     t = torch.tensor([900, 900])
     outs = [residency(experts, mode=m, cfg_batched=True).high.guided(x, t, ctx, ctx_null, 4.0)
             for m in ("resident", "streaming")]
-    assert torch.equal(outs[0], outs[1])
+    assert_close_fp32(outs[0], outs[1])  # slots at different offsets of the flat buffers
     ref = plain_guided(experts[0], x, t, ctx, ctx_null, 4.0)
     assert ((outs[0] - ref).norm() / ref.norm()).item() < 1e-5
 
@@ -141,7 +142,7 @@ def test_sample_through_residency(experts, mode):
     seen = []
     got = sample(res.high, res.low, x, ctx, ctx_null, sampling,
                  callback=lambda i, n, t, expert: seen.append((expert, res.where())))
-    assert torch.equal(got, ref)
+    assert_close_fp32(got, ref)  # flat-buffer views vs parameters
     n_units = CFG.num_layers + 2
     for _, where in seen:
         # at the end of a step, the slots hold (or receive) what the next step needs
@@ -166,7 +167,7 @@ def test_no_plan_still_correct_with_load_on_demand(experts):
     for name, t in (("high", 999), ("high", 950), ("low", 800)):
         got = getattr(res, name).guided(x, torch.tensor([t]), ctx, ctx_null, 3.0)
         model = experts[0] if name == "high" else experts[1]
-        assert torch.equal(got, plain_guided(model, x, torch.tensor([t]), ctx, ctx_null, 3.0))
+        assert_close_fp32(got, plain_guided(model, x, torch.tensor([t]), ctx, ctx_null, 3.0))
     assert res.where()["low"] and not res.where()["high"]
 
 
@@ -185,7 +186,7 @@ def test_checkpoint_source_through_staging(experts, official_root):
     ref = plain_guided(model, x, t, ctx, ctx_null, 4.0)
     for src in (mapped, in_ram):
         res = Residency(tmpl, src, src, device="cpu", mode="streaming")
-        assert torch.equal(res.high.guided(x, t, ctx, ctx_null, 4.0), ref)
+        assert_close_fp32(res.high.guided(x, t, ctx, ctx_null, 4.0), ref)  # staged/mapped memory vs a copy
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,7 +247,7 @@ def test_host_experts_from_checkpoints_sample_like_the_loaded_experts(official_r
     x, ctx, ctx_null = denoise_inputs(tmpl.cfg, seed=3)
     ref = sample(load_expert(official_root.high, dtype=torch.float32),
                  load_expert(official_root.low, dtype=torch.float32), x, ctx, ctx_null, sampling)
-    assert torch.equal(sample(res.high, res.low, x, ctx, ctx_null, sampling), ref)
+    assert_close_fp32(sample(res.high, res.low, x, ctx, ctx_null, sampling), ref)  # flat buffers vs parameters
 
 
 def test_host_experts_from_a_quantized_root(official_root, tmp_path):
@@ -263,4 +264,5 @@ def test_host_experts_from_a_quantized_root(official_root, tmp_path):
     res.plan_steps(sigma_grid(sampling.steps, sampling.shift)[1].tolist(), sampling.boundary_timestep)
     x, ctx, ctx_null = denoise_inputs(tmpl.cfg, seed=4)
     ref = sample(load_expert(high_path), load_expert(low_path), x, ctx, ctx_null, sampling)
-    assert torch.equal(sample(res.high, res.low, x, ctx, ctx_null, sampling), ref)
+    # bf16 compute: another CPU kernel may round one bf16 ulp (3.9e-3) differently, hence 1e-2
+    assert_close_fp32(sample(res.high, res.low, x, ctx, ctx_null, sampling), ref, rtol=1e-2)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from builders import make_checkpoint_root
 from builders_t2v import add_t2v_components
+from tolerance import assert_close_fp32
 
 import wan_lite.t2v as t2v
 from wan_lite.config import ModelConfig
@@ -269,7 +270,7 @@ def test_planned_run_goes_through_the_residency(roots, cache, tmp_path):
     plan = pipe.make_plan(SIZE, FRAMES, vram_gb=24)
     result = pipe("a dog runs in snow", size=SIZE, frames=FRAMES, steps=STEPS, seed=5, plan=plan,
                   out=tmp_path / "planned.mp4")
-    assert torch.equal(result.latents, ref.latents)
+    assert_close_fp32(result.latents, ref.latents)  # residency's flat buffers vs loaded modules
     assert pipe.experts is None and pipe.hosts is not None
     assert result.params["plan"] == plan.to_dict() and read_metadata(tmp_path / "planned.mp4")["plan"]["mode"]
     assert pipe.text.device.type == plan.text_device == "cpu"
@@ -288,5 +289,5 @@ def test_planned_run_with_library_quantized_experts_swaps_modules(roots, cache, 
     pipe = open_pipe(root, cache)
     result = pipe("a dog runs in snow", size=SIZE, frames=FRAMES, steps=STEPS, seed=5,
                   plan=pipe.make_plan(SIZE, FRAMES, vram_gb=24))
-    assert torch.equal(result.latents, ref.latents)
+    assert_close_fp32(result.latents, ref.latents)  # residency's flat buffers vs loaded modules
     assert pipe.hosts is None and pipe.experts is not None  # swapped as modules, not packed
