@@ -44,10 +44,10 @@ import gradio as gr
 import torch
 
 from wan_lite import planner
-from wan_lite.checkpoint import CheckpointError
+from wan_lite.checkpoint import CheckpointError, check_root
 from wan_lite.config import SOLVERS, SamplingConfig
 from wan_lite.pipeline import high_steps
-from wan_lite.t2v import T2VPipeline, check_root
+from wan_lite.t2v import T2VPipeline
 from wan_lite.text import DEFAULT_NEGATIVE_PROMPT
 
 from . import demo
@@ -60,7 +60,7 @@ SIZE_PRESETS = {  # label -> (width, height): the official Wan2.2 T2V sizes
 }
 DEMO_SIZE_PRESETS = {"64x64 (demo)": (64, 64), "96x64 (demo landscape)": (96, 64), "64x96 (demo portrait)": (64, 96)}
 VRAM_PROFILES = {"auto": None, "24 GB": 24.0, "16 GB": 16.0, "12 GB": 12.0, "8 GB": 8.0}  # None: free memory now
-QUANT_CHOICES = ("auto", *planner.QUANTS)  # auto: as the checkpoint is stored
+QUANT_CHOICES = ("auto", "int8", "fp8", "bf16")  # auto: as the checkpoint is stored; bf16: float weights
 MAX_SEED = 2**31 - 1
 SETTINGS_FILE = "settings.json"
 GALLERY_LIMIT = 48
@@ -310,7 +310,7 @@ class App:
             if not ok:
                 raise gr.Error(message)
         s.frames, s.steps, s.seed = int(s.frames), int(s.steps), int(s.seed) if _is_int(s.seed) else 0
-        stored = self.pipe.plan_quant
+        stored = {"none": "bf16"}.get(self.pipe.scheme, self.pipe.scheme)
         if s.quantization not in ("auto", stored):
             raise gr.Error(f"This checkpoint's experts are stored as {stored}; running them as {s.quantization} "
                            f"needs a converted copy: python -m wan_lite.quantize --ckpt {self.pipe.root} --out DST "
@@ -329,8 +329,9 @@ class App:
         cuda = self.device.type == "cuda"
         if vram is None and not cuda:
             return None
-        quant = self.pipe.plan_quant if s.quantization == "auto" else s.quantization
-        return planner.make_plan(vram, height=height, width=width, frames=int(s.frames), quant=quant,
+        scheme = self.pipe.scheme if s.quantization == "auto" else {"bf16": "none"}.get(s.quantization, s.quantization)
+        return planner.make_plan(vram, height=height, width=width, frames=int(s.frames),
+                                 scheme=planner.budget_scheme(scheme),
                                  device=self.device if cuda else "cuda", cfg=self.pipe.expert_config(),
                                  capability=None if cuda else (8, 9))
 
@@ -397,7 +398,7 @@ class App:
                         "has the traceback."
             finally:  # outside the except blocks: no traceback keeps the run's tensors alive
                 if error is not None:
-                    release_gpu(pipe)
+                    pipe.release()
                 free_memory()
                 self.gpu.release()
         finally:
@@ -485,17 +486,6 @@ def read_sidecar(mp4: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return params if isinstance(params, dict) else {}
-
-
-def release_gpu(pipe: T2VPipeline) -> None:
-    """After a failed or cancelled run: take the pipeline's models off the GPU (a finished run does this itself)."""
-    if pipe.device.type != "cuda":
-        return
-    for model in pipe.experts or ():
-        model.to("cpu")
-    if pipe.vae is not None:
-        pipe.vae.unload()
-    pipe.text.unload()
 
 
 def free_memory() -> None:

@@ -40,7 +40,7 @@ def read_prompts(path=DEFAULT_PROMPTS) -> list[str]:
 @contextlib.contextmanager
 def record_absmax(model: torch.nn.Module, stats: dict[str, torch.Tensor]):
     """While active, stats[name] = running max over tokens of |x| (K,) for each quantized block Linear."""
-    from quant.format import is_quantized_linear
+    from wan_lite.quantized.format import is_quantized_linear
 
     def hook(name):
         def pre(module, args):

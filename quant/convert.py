@@ -32,18 +32,27 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from .format import (
+import wan_lite
+from wan_lite.checkpoint import find_experts, open_expert
+from wan_lite.model import WanModel
+from wan_lite.quantized import backends
+from wan_lite.quantized.backends import QUANTO_QTYPES
+from wan_lite.quantized.format import (
     FORMAT,
     FORMAT_VERSION,
     INDEX_FILE,
     META_FILE,
     QUANTIZED_LINEAR,
+    QUANTO_QMAP,
     SCHEMES,
     check_shard,
     config_to_dict,
     shard_header,
     shard_name,
 )
+from wan_lite.quantized.linear import quantize_linear_weight
+
+from .smooth import Smoother
 
 EXPERT_DIRS = {"high": "high_noise_model", "low": "low_noise_model"}
 PROGRESS_FILE = "progress.json"
@@ -65,12 +74,8 @@ class ConversionError(RuntimeError):
 def quantize_linear(scheme: str, weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """The tensors stored for one quantized Linear's (already smoothed) weight, by suffix (`weight`, ...)."""
     if scheme in ("int8", "fp8"):
-        from .linear import quantize_linear_weight
-
         q, scale = quantize_linear_weight(weight, scheme)
         return {"weight": q, "weight_scale": scale}
-    from . import backends
-
     if scheme == "nf4":
         return backends.nf4_quantize_weight(weight)
     return backends.quanto_quantize_weight(weight, scheme)
@@ -112,8 +117,6 @@ def _fsync(path: Path) -> None:
 
 def plan_shards(cfg, scheme: str, max_shard_bytes: int = MAX_SHARD_BYTES) -> list[list[str]]:
     """Source tensor names grouped into shards, in model order; a block never splits unless it must."""
-    from wan_lite.model import WanModel
-
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in WanModel(cfg).state_dict().items()}
     shards, current, size = [], [], 0
@@ -134,11 +137,6 @@ def convert_expert(src, out, scheme: str, *, stats: dict[str, torch.Tensor] | No
 
     Returns the metadata written to `out/wan_lite_quant.json`.
     """
-    import wan_lite
-    from wan_lite.checkpoint import open_expert
-
-    from .smooth import Smoother
-
     source = open_expert(src)
     cfg, out = source.config, Path(out)
     plan = plan_shards(cfg, scheme, max_shard_bytes)
@@ -254,8 +252,6 @@ def convert_expert(src, out, scheme: str, *, stats: dict[str, torch.Tensor] | No
     _write_json(out / INDEX_FILE, {"metadata": {"format": FORMAT, "scheme": scheme},
                                    "weight_map": {t: e["file"] for e in shards for t in e["tensors"]}})
     if scheme.startswith("quanto-"):
-        from .backends import QUANTO_QMAP, QUANTO_QTYPES
-
         _write_json(out / QUANTO_QMAP, {m: {"weights": QUANTO_QTYPES[scheme], "activations": "none"}
                                         for m in linear_specs})
     _write_json(out / META_FILE, meta)  # last: its presence marks the folder complete
@@ -312,8 +308,6 @@ def convert_checkpoint(src, dst, scheme: str, *, experts=("high", "low"), calib=
     `experts`: which to quantize ("high", "low"); the others are linked unquantized.
     `calib`: activation statistics {"high": {linear: absmax}, "low": {...}} (calib.collect) for smoothing.
     """
-    from wan_lite.checkpoint import find_experts
-
     if scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
     unknown = set(experts) - set(EXPERT_DIRS)

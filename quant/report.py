@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .format import is_quantized_linear
+from wan_lite.quantized.format import is_quantized_linear
 
 
 @torch.no_grad()
@@ -47,9 +47,8 @@ def quality_report(src_root, q_root, *, steps: int = 6, size=(480, 832), frames:
     """Per-layer relative errors and final-latent drift (see the module docstring) as a JSON-able dict."""
     from wan_lite import SamplingConfig, sample
     from wan_lite.checkpoint import find_experts, load_expert
-
-    from .format import META_FILE, read_meta
-    from .kernels import select_kernel
+    from wan_lite.quantized.format import META_FILE, read_meta
+    from wan_lite.quantized.kernels import select_kernel
 
     src = dict(zip(("high", "low"), find_experts(src_root)))
     qnt = dict(zip(("high", "low"), find_experts(q_root)))

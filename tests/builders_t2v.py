@@ -31,7 +31,9 @@ from pathlib import Path
 import torch
 from reference import official
 
-from wan_lite.text import DEFAULT_NEGATIVE_PROMPT, OFFICIAL_TOKENIZER, OFFICIAL_WEIGHTS, official_to_transformers
+from wan_lite.checkpoint import TEXT_WEIGHTS as OFFICIAL_WEIGHTS
+from wan_lite.checkpoint import TOKENIZER as OFFICIAL_TOKENIZER
+from wan_lite.text import DEFAULT_NEGATIVE_PROMPT, official_to_transformers
 
 T5_DIMS = dict(dim_ffn=48, num_heads=4, num_layers=2, num_buckets=32)  # dim = the DiT's text_dim
 WORDS = "a cat dog walks runs on the beach in snow at sunset video of red blue small big".split()

@@ -53,6 +53,7 @@ def test_choice_order(monkeypatch):
     try:
         assert A.resolve(cpu) == ("sdpa-math", False)  # the planner's choice may fall back
         monkeypatch.setenv(A.ENV, "blockwise")
+        A.set_backend("sdpa-math")  # the environment is read when a plan is applied, not on every call
         assert A.resolve(cpu) == ("blockwise", True)
         assert A.resolve(cpu, "sdpa-efficient") == ("sdpa-efficient", True)
     finally:

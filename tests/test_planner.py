@@ -23,7 +23,7 @@ def test_expert_bytes():
     embed, block, head = unit_bytes(A14B, "int8")
     total = embed + head + 40 * block
     assert 14.0e9 < total < 15.5e9
-    _, block16, _ = unit_bytes(A14B, "bf16")
+    _, block16, _ = unit_bytes(A14B, "none")
     assert 1.95 < block16 / block < 2.0
 
 
@@ -54,9 +54,9 @@ def test_plan_for_budget(vram, res, chunked):
     expected = BUDGETS[(vram, res)][0 if chunked else 1]
     if expected is None:
         with pytest.raises(PlanError, match="smallest budget that works"):
-            make_plan(vram, height=res[0], width=res[1], frames=81, quant="int8", **HOPPER)
+            make_plan(vram, height=res[0], width=res[1], frames=81, scheme="int8", **HOPPER)
         return
-    plan = make_plan(vram, height=res[0], width=res[1], frames=81, quant="int8", **HOPPER)
+    plan = make_plan(vram, height=res[0], width=res[1], frames=81, scheme="int8", **HOPPER)
     assert (plan.mode, plan.cfg_batched) == expected
     assert plan.estimated_peak_gb < vram
     assert plan.attention == "sdpa-cudnn"

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 import quant
 from quant import QuantFormatError, QuantLinear, kernels
 from quant.convert import ConversionError, convert_checkpoint
-from quant.format import META_FILE, read_meta
 from wan_lite.checkpoint import load_expert
+from wan_lite.quantized.format import META_FILE, read_meta
 
 TOLERANCE = {"int8": 1e-2, "fp8": 3e-2, "quanto-int8": 2e-2}
 
@@ -351,8 +351,8 @@ def calib_stats(official_root):
 
 
 def test_smoothing_preserves_the_float_function(official_root, calib_stats, tiny_cfg):
-    from quant.format import is_quantized_linear
     from quant.smooth import Smoother
+    from wan_lite.quantized.format import is_quantized_linear
 
     ref = load_expert(official_root.high, dtype=torch.float32)
     state = {k: v.double() for k, v in ref.state_dict().items()}
@@ -506,7 +506,7 @@ def test_nf4_converts_on_cpu_and_refuses_to_run_there(converted, official_root):
 @pytest.mark.parametrize("module, extra, fn", [("optimum.quanto", "quanto", "require_quanto"),
                                                ("bitsandbytes", "bnb", "require_bnb")])
 def test_missing_extra_names_the_install(monkeypatch, module, extra, fn):
-    from quant import backends
+    from wan_lite.quantized import backends
 
     monkeypatch.setitem(sys.modules, module, None)  # import now raises ImportError
     with pytest.raises(ImportError, match=rf'pip install "wan-lite\[{extra}\]"'):

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from quant import QuantLinear, kernels
+from wan_lite.quantized.linear import set_kernel
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 CUDA = torch.device("cuda")
@@ -161,11 +162,8 @@ def test_quantized_model_w8a8_against_w8a16_and_source(tmp_path, tiny_root, sche
     dst = convert_checkpoint(root, tmp_path / "q", scheme, progress=False)
     model = load_expert(dst / "high_noise_model", dtype=torch.bfloat16, device=CUDA)
     assert isinstance(model.blocks[0].ffn[0], QuantLinear) and model.blocks[0].ffn[0].weight.is_cuda
-    monkeypatch.setenv(kernels.ENV_VAR, "w8a8")
-    y8 = _forward(model, cfg)
-    monkeypatch.setenv(kernels.ENV_VAR, "w8a16")
-    y16 = _forward(model, cfg)
-    monkeypatch.delenv(kernels.ENV_VAR)
+    y8 = _forward(set_kernel(model, "w8a8"), cfg)  # the kernel is chosen once per device, not per call
+    y16 = _forward(set_kernel(model, "w8a16"), cfg)
     ref = _forward(load_expert(root / "high_noise_model", dtype=torch.bfloat16, device=CUDA), cfg)
     assert torch.isfinite(y8).all()
     print(f"{scheme}: w8a8 vs w8a16 {rel(y8, y16):.2e}, w8a8 vs bf16 source {rel(y8, ref):.2e}")

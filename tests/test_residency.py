@@ -26,6 +26,7 @@ from wan_lite.scheduler import sigma_grid
 
 CFG = ModelConfig.tiny(num_layers=4)
 BOUNDARY = SamplingConfig().boundary_timestep
+BOUNDARY_RATIO = SamplingConfig().boundary
 
 
 def random_expert(seed: int) -> WanModel:
@@ -138,7 +139,7 @@ def test_sample_through_residency(experts, mode):
     ref = sample(*experts, x, ctx, ctx_null, sampling)
 
     res = residency(experts, mode=mode)
-    res.plan_steps(timesteps.tolist(), sampling.boundary_timestep, calls_per_step=1)
+    res.prepare(sampling)
     seen = []
     got = sample(res.high, res.low, x, ctx, ctx_null, sampling,
                  callback=lambda i, n, t, expert: seen.append((expert, res.where())))
@@ -155,7 +156,7 @@ def test_sample_through_residency(experts, mode):
 
 def test_wrong_plan_is_an_error(experts):
     res = residency(experts)
-    res.plan_steps([999, 800], BOUNDARY)
+    res.plan_steps([999, 800], BOUNDARY_RATIO)
     x, ctx, ctx_null = inputs()
     with pytest.raises(RuntimeError, match="plan_steps"):
         res.low.guided(x, torch.tensor([800]), ctx, ctx_null, 3.0)
@@ -211,7 +212,7 @@ def test_gpu_swap_and_streaming_match_plain(mode, batched):
     x = torch.randn(1, cfg.in_dim, 3, 16, 16, device="cuda")
     ctx, ctx_null = torch.randn(1, 9, cfg.text_dim, device="cuda"), torch.randn(1, 4, cfg.text_dim, device="cuda")
     ts = [999, 950, 900, 800, 700]
-    res.plan_steps(ts, BOUNDARY)
+    res.plan_steps(ts, BOUNDARY_RATIO)
     for t in ts:
         tt = torch.tensor([t], device="cuda")
         name, model = ("high", plain[0]) if t >= BOUNDARY else ("low", plain[1])
@@ -243,7 +244,7 @@ def test_host_experts_from_checkpoints_sample_like_the_loaded_experts(official_r
     sampling = SamplingConfig(steps=4, shift=3.0)
     tmpl, high, low = host_experts(official_root.high, official_root.low, dtype=torch.float32, in_ram=in_ram)
     res = Residency(tmpl, high, low, device="cpu")
-    res.plan_steps(sigma_grid(sampling.steps, sampling.shift)[1].tolist(), sampling.boundary_timestep)
+    res.prepare(sampling)
     x, ctx, ctx_null = denoise_inputs(tmpl.cfg, seed=3)
     ref = sample(load_expert(official_root.high, dtype=torch.float32),
                  load_expert(official_root.low, dtype=torch.float32), x, ctx, ctx_null, sampling)
@@ -261,7 +262,7 @@ def test_host_experts_from_a_quantized_root(official_root, tmp_path):
     tmpl, high, low = host_experts(high_path, low_path, dtype=torch.bfloat16)
     assert tmpl.blocks[0].ffn[0].weight.device.type == "meta"
     res = Residency(tmpl, high, low, device="cpu")
-    res.plan_steps(sigma_grid(sampling.steps, sampling.shift)[1].tolist(), sampling.boundary_timestep)
+    res.prepare(sampling)
     x, ctx, ctx_null = denoise_inputs(tmpl.cfg, seed=4)
     ref = sample(load_expert(high_path), load_expert(low_path), x, ctx, ctx_null, sampling)
     # bf16 compute: another CPU kernel may round one bf16 ulp (3.9e-3) differently, hence 1e-2

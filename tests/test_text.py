@@ -10,14 +10,9 @@ import torch
 from builders_t2v import make_official_t5, save_diffusers_t5, save_official_t5
 from reference import official
 
-from wan_lite.text import (
-    DEFAULT_NEGATIVE_PROMPT,
-    OFFICIAL_TOKENIZER,
-    TEXT_LEN,
-    TextEncoder,
-    clean_text,
-    find_text_files,
-)
+from wan_lite.checkpoint import TOKENIZER as OFFICIAL_TOKENIZER
+from wan_lite.checkpoint import find_text_encoder as find_text_files
+from wan_lite.text import DEFAULT_NEGATIVE_PROMPT, TEXT_LEN, TextEncoder, clean_text
 
 TEXT_DIM = 24  # ModelConfig.tiny().text_dim
 PROMPTS = [

@@ -7,7 +7,8 @@ import torch
 from builders_t2v import vae_files
 from reference import official
 
-from wan_lite.vae import VAE, find_vae, tile_for_memory
+from wan_lite.checkpoint import find_vae
+from wan_lite.vae import VAE, tile_for_memory
 
 GiB = 2**30
 

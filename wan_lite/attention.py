@@ -4,7 +4,8 @@
 runs is decided here and nowhere else, in this order:
 
 1. the `backend=` argument of the call (tests),
-2. the environment variable `WAN_LITE_ATTENTION` (a user's explicit override),
+2. the environment variable `WAN_LITE_ATTENTION` (a user's explicit override, read when the run's
+   plan is applied by `set_backend`, or on the first call: never on every call),
 3. `set_backend(name)` (what the planner chose for this run),
 4. the device default: cuDNN SDPA on Hopper (1.6x its flash backend at Wan shapes, DESIGN section 2),
    flash SDPA on other CUDA GPUs of compute capability >= 8.0, memory-efficient SDPA on older ones,
@@ -44,13 +45,16 @@ DEFAULT_BLOCK_BYTES = 256 * 2**20  # scores one block of the block-wise path may
 
 _chosen: str | None = None  # set_backend()
 _block_bytes: int = DEFAULT_BLOCK_BYTES
+_resolved: dict[torch.device, tuple[str, bool]] = {}  # device -> (backend, explicit), resolved once
 
 
 def set_backend(name: str | None, *, max_block_bytes: int | None = None) -> None:
-    """Choose the kernel for this process (None: the device default); the planner calls this."""
+    """Choose the kernel for this process (None: the device default); applying a plan calls this.
+    The environment override is read again here, so a changed WAN_LITE_ATTENTION takes effect."""
     global _chosen, _block_bytes
     _chosen = _check(name) if name is not None else None
     _block_bytes = max_block_bytes or DEFAULT_BLOCK_BYTES
+    _resolved.clear()
 
 
 def device_default(device: torch.device, capability: tuple[int, int] | None = None) -> str:
@@ -77,7 +81,12 @@ def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str | None = None
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v over all keys: (B, H, Lq, D) x (B, H, Lk, D) -> (B, H, Lq, D)."""
-    name, explicit = resolve(q.device, backend)
+    if backend is not None:
+        name, explicit = _check(backend), True
+    else:
+        if q.device not in _resolved:  # once per device until the next set_backend
+            _resolved[q.device] = resolve(q.device)
+        name, explicit = _resolved[q.device]
     if name == "blockwise":
         return blockwise_attention(q, k, v, max_block_bytes=_block_bytes)
     first = SDPA_BACKENDS[name]

@@ -50,8 +50,8 @@ def runtime_template(cfg: ModelConfig, quant: str, compile_blocks: bool = False)
     """The meta-device model the residency copies onto the GPU: bf16, or 8-bit block Linears."""
     model = template(cfg, torch.bfloat16)
     if quant in ("int8", "fp8"):
-        from quant import convert_for_runtime
-        from quant.format import QUANTIZED_LINEAR
+        from .quantized.format import QUANTIZED_LINEAR
+        from .quantized.linear import convert_for_runtime
 
         names = [n for n, _ in model.named_modules() if QUANTIZED_LINEAR.match(n)]
         convert_for_runtime(model, {n: {"scheme": quant} for n in names})

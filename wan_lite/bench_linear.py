@@ -36,8 +36,8 @@ TOKENS = (32760, 75600)
 
 def variants(x, w, b):
     """name -> zero-argument callable, for one (x (M, K) bf16, w (N, K) bf16, b (N,) bf16)."""
-    from quant import kernels as K
-    from quant.linear import quantize_linear_weight
+    from .quantized import kernels as K
+    from .quantized.linear import quantize_linear_weight
 
     m = x.shape[0]  # quantize_rows pads M to a multiple of 16: the raw matmul rows are sliced back
     w8, s8 = quantize_linear_weight(w, "int8")

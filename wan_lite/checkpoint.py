@@ -1,9 +1,22 @@
-"""Find and read expert checkpoints: the official layout, the diffusers layout, our quantized layout.
+"""The one owner of the model on disk: roots, expert folders, their weight formats, key maps.
 
-An expert folder holds safetensors (one file, or shards with a `*.safetensors.index.json`) and a
-`config.json`. The official config leaves out text_dim, patch_size and other fields, so the model
-dimensions are read from tensor shapes; only the head count comes from the config. The diffusers
-layout is the same tensors under other names: `DIFFUSERS_TO_OFFICIAL` is a plain renaming.
+`open_root(path_or_hub_id) -> ModelRoot` is the frozen description of a model that everything else
+takes (the pipeline, the app, several GPUs, quantize, calib): layout, the two expert folders, their
+weight format (`scheme`, read from metadata, never from a name), config, boundary, and where the text
+encoder, tokenizer and VAE are. Nothing outside this module detects a layout.
+
+An expert is read through an *expert source*: `open_expert(path)` gives an object with `config`,
+`scheme` ("none" for float weights, "int8" / "fp8" for our W8A8 layout), `linears` (the 8-bit block
+Linears), `names()`, `shapes()`, `tensor(name)` (lazy, memory-mapped, official key names) and
+`fingerprint()`. `load_source` builds a `WanModel` from any source, the residency packs any source
+into its unit buffers, so a new file format is a new source and nothing else changes.
+
+Layouts of an expert folder: official (sharded safetensors + index + `config.json`, which leaves
+text_dim, patch_size and more out, so dimensions are read from tensor shapes), diffusers (the same
+tensors under other names: `DIFFUSERS_TO_OFFICIAL` is a plain renaming), ours quantized
+(`wan_lite_quant.json`, see `wan_lite.quantized.format`), a bare optimum-quanto folder
+(`quanto_qmap.json`). Library schemes (optimum-quanto, bitsandbytes) hold tensor subclasses that no
+flat buffer can carry: they load as whole modules (`wan_lite.quantized.backends`).
 
 Loading builds the model on the meta device and assigns memory-mapped tensors cast one at a time,
 so peak host RAM stays about one copy of the expert in the target dtype.
@@ -14,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,9 +38,18 @@ from safetensors import safe_open
 
 from .config import ModelConfig
 from .model import WanModel
+from .quantized import backends
+from .quantized.format import (
+    META_FILE,
+    QUANTO_QMAP,
+    check_shard,
+    config_from_dict,
+    read_meta,
+    runtime_dtype,
+)
+from .quantized.linear import convert_for_runtime
 
-QUANT_MARKER = "wan_lite_quant.json"  # our quantized layout (quant/format.py)
-QUANTO_MARKER = "quanto_qmap.json"  # a bare optimum-quanto expert (quant/backends.py reads it)
+LIBRARY_SCHEMES = ("quanto-int8", "quanto-fp8", "nf4")  # tensor subclasses: loaded and swapped as whole modules
 
 # diffusers name pattern -> official name (block index carried through)
 DIFFUSERS_TO_OFFICIAL = [
@@ -56,14 +79,9 @@ DIFFUSERS_TO_OFFICIAL = [
 ]
 _DIFFUSERS_RULES = [(re.compile("^" + p), r) for p, r in DIFFUSERS_TO_OFFICIAL]
 
-# Weights that run in the requested dtype (bf16 by default); everything else stays float32,
-# because the official model computes it in float32 (time embedding, modulation, norms, head).
-_LOW_PRECISION = re.compile(r"^(patch_embedding|text_embedding\.\d|blocks\.\d+\.(self_attn|cross_attn)\.[qkvo]"
-                            r"|blocks\.\d+\.ffn\.\d)\.(weight|bias)$")
-
-
 class CheckpointError(ValueError):
-    """A checkpoint on disk is missing, incomplete or not in a layout we read."""
+    """A checkpoint on disk is missing, incomplete or not in a layout we read. (A damaged quantized
+    folder raises `wan_lite.quantized.format.QuantFormatError`, also a ValueError naming the fix.)"""
 
 
 def diffusers_to_official(name: str) -> str:
@@ -74,9 +92,7 @@ def diffusers_to_official(name: str) -> str:
     return name
 
 
-def param_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
-    """The dtype an expert parameter is held in when the model runs in `dtype`."""
-    return dtype if _LOW_PRECISION.match(name) else torch.float32
+param_dtype = WanModel.param_dtype  # the dtype each tensor runs in: the model class declares it
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,9 +105,9 @@ def detect_layout(path: Path) -> str:
     if not path.is_dir():
         raise CheckpointError(f"{path} is not a folder: pass one expert's folder (e.g. high_noise_model/ "
                               "or transformer/), or a model root to find_experts()")
-    if (path / QUANT_MARKER).exists():
+    if (path / META_FILE).exists():
         return "wan-lite-quant"
-    if (path / QUANTO_MARKER).exists():
+    if (path / QUANTO_QMAP).exists():
         return "quanto"
     experts = [d for d in ("high_noise_model", "transformer") if (path / d).is_dir()]
     if experts and not (path / "config.json").exists():
@@ -174,27 +190,36 @@ def weight_files(path: Path) -> dict[str, Path]:
 
 
 @dataclass
-class ExpertSource:
-    """Memory-mapped access to one expert's tensors, by our (official) names."""
+class FolderSource:
+    """An official or diffusers expert folder as an expert source: memory-mapped tensors by our names."""
 
     path: Path
     layout: str
     config: ModelConfig
     files: dict[str, Path]  # our name -> file
     stored: dict[str, str]  # our name -> name in the file
+    scheme: str = "none"
+    linears: dict[str, dict] = field(default_factory=dict)
+    _handles: dict[Path, object] = field(default_factory=dict, repr=False)  # file -> open safe_open handle
 
     def names(self) -> list[str]:
         return list(self.files)
 
-    _handles: dict[Path, object] = field(default_factory=dict, repr=False)  # file -> open safe_open handle
+    def shapes(self) -> dict[str, list[int]]:
+        """Every tensor's stored shape, from the headers (no data read)."""
+        out = {}
+        for name in self.files:
+            out[name] = list(self._handle(self.files[name]).get_slice(self.stored[name]).get_shape())
+        return out
+
+    def _handle(self, file: Path):
+        if file not in self._handles:  # each file opened once: streaming reads every block every step
+            self._handles[file] = _safe_open(file)
+        return self._handles[file]
 
     def tensor(self, name: str) -> torch.Tensor:
-        """One tensor in its stored dtype, read from the memory-mapped file (each file opened once:
-        streaming reads every block's tensors every step)."""
-        file = self.files[name]
-        if file not in self._handles:
-            self._handles[file] = _safe_open(file)
-        return self._handles[file].get_tensor(self.stored[name])
+        """One tensor in its stored dtype, read from the memory-mapped file."""
+        return self._handle(self.files[name]).get_tensor(self.stored[name])
 
     def fingerprint(self) -> str:
         """Identifies the source: file names, sizes and config, hashed (no full read)."""
@@ -204,19 +229,89 @@ class ExpertSource:
         return h.hexdigest()[:16]
 
 
-def open_expert(path) -> ExpertSource:
-    """Open one expert folder of the official or diffusers layout."""
+ExpertSource = FolderSource  # the name earlier releases gave it
+
+
+@dataclass
+class QuantizedSource:
+    """A wan-lite int8 / fp8 expert folder (`wan_lite_quant.json`) as an expert source: 8-bit block
+    Linears as stored (`.weight` (N, K), `.weight_scale` (N,) float32), everything else as converted."""
+
+    path: Path
+    meta: dict
+    files: dict[str, Path]  # tensor name -> shard
+    config: ModelConfig = field(init=False)
+    scheme: str = field(init=False)
+    linears: dict[str, dict] = field(init=False)
+    _handles: dict[Path, object] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self.config = config_from_dict(self.meta["config"])
+        self.scheme, self.linears = self.meta["scheme"], self.meta["linears"]
+
+    def names(self) -> list[str]:
+        return list(self.files)
+
+    def shapes(self) -> dict[str, list[int]]:
+        return {n: list(self._handle(f).get_slice(n).get_shape()) for n, f in self.files.items()}
+
+    def _handle(self, file: Path):
+        if file not in self._handles:
+            self._handles[file] = _safe_open(file)
+        return self._handles[file]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._handle(self.files[name]).get_tensor(name)
+
+    def fingerprint(self) -> str:
+        """The shards' sha256 recorded at conversion (no read)."""
+        h = hashlib.sha256(json.dumps([e.get("sha256") for e in self.meta["shards"]]).encode())
+        return h.hexdigest()[:16]
+
+
+def expert_scheme(path) -> str:
+    """The weight format of one expert folder, from its metadata: "none" (float weights), our "int8" /
+    "fp8", or a library scheme ("quanto-int8", "quanto-fp8", "nf4"). An unknown scheme is an error."""
     path = Path(path)
     layout = detect_layout(path)
-    if layout in ("wan-lite-quant", "quanto"):
-        raise CheckpointError(f"{path} is a quantized expert ({layout}): load it with load_expert()")
+    if layout == "wan-lite-quant":
+        return read_meta(path)["scheme"]  # QuantFormatError (a ValueError) names the fix
+    if layout == "quanto":  # a bare optimum-quanto folder: {module: {"weights": "qint8" | "qfloat8_e4m3fn"}}
+        weights = {spec.get("weights") for spec in json.loads((path / QUANTO_QMAP).read_text()).values()}
+        known = {"qint8": "quanto-int8", "qfloat8_e4m3fn": "quanto-fp8", "qfloat8": "quanto-fp8"}
+        schemes = {known.get(w) for w in weights}
+        if len(schemes) != 1 or None in schemes:
+            raise CheckpointError(f"{path / QUANTO_QMAP}: quanto weight types {sorted(map(str, weights))} are not "
+                                  "one of qint8 / qfloat8_e4m3fn, which wan-lite runs: re-quantize the expert")
+        return schemes.pop()
+    return "none"
+
+
+def open_expert(path):
+    """Open one expert folder (official, diffusers or our int8 / fp8 layout) as an expert source.
+    Library schemes cannot be sources (no flat buffers): `load_expert` loads them as modules."""
+    path = Path(path)
+    layout = detect_layout(path)
+    if layout == "wan-lite-quant":
+        return _open_quantized(path)
+    if layout == "quanto":
+        raise CheckpointError(f"{path} is an optimum-quanto expert: load it with load_expert()")
     stored_files = weight_files(path)
     rename = diffusers_to_official if layout == "diffusers" else (lambda n: n)
     files, stored = {}, {}
     for name, f in stored_files.items():
         ours = rename(name)
         files[ours], stored[ours] = f, name
-    return ExpertSource(path, layout, config_from_shapes(path, files, stored, read_config(path)), files, stored)
+    return FolderSource(path, layout, config_from_shapes(path, files, stored, read_config(path)), files, stored)
+
+
+def _open_quantized(path: Path) -> QuantizedSource:
+    meta = read_meta(path)
+    if meta["scheme"] in LIBRARY_SCHEMES:
+        raise CheckpointError(f"{path} is a {meta['scheme']} expert: load it with load_expert()")
+    for entry in meta["shards"]:
+        check_shard(path, entry, meta["scheme"])
+    return QuantizedSource(path, meta, {n: path / e["file"] for e in meta["shards"] for n in e["tensors"]})
 
 
 def config_from_shapes(path: Path, files: dict[str, Path], stored: dict[str, str], config: dict) -> ModelConfig:
@@ -257,46 +352,234 @@ def config_from_shapes(path: Path, files: dict[str, Path], stored: dict[str, str
 
 
 def load_expert(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu") -> WanModel:
-    """Load one expert (official, diffusers or wan-lite quantized layout) as a WanModel on `device`.
+    """Load one expert folder (official, diffusers, our quantized layout or a library scheme) as a
+    WanModel on `device`.
 
     Block Linear weights, the patch and text embeddings are held in `dtype`; the time embedding,
-    modulation tables, norms and head in float32, as the official model computes them.
+    modulation tables, norms and head in float32, as the official model computes them
+    (`WanModel.param_dtype`). Raises CheckpointError naming the file and the fix.
     """
     path = Path(path)
-    if detect_layout(path) in ("wan-lite-quant", "quanto"):
-        from quant import load_quantized_expert  # quantized layouts are quant/'s business
+    scheme = expert_scheme(path)
+    if scheme in LIBRARY_SCHEMES:
+        return _load_library(path, scheme, dtype=dtype, device=device)
+    return load_source(open_expert(path), dtype=dtype, device=device)
 
-        return load_quantized_expert(path, dtype=dtype, device=device)
-    source = open_expert(path)
+
+def load_source(source, *, dtype: torch.dtype = torch.bfloat16, device="cpu") -> WanModel:
+    """A WanModel on `device` from any expert source: every name and shape checked before data is read."""
     with torch.device("meta"):
         model = WanModel(source.config)
-    expected = {name: p.shape for name, p in model.state_dict().items()}
-    missing = sorted(set(expected) - set(source.files))
-    unexpected = sorted(set(source.files) - set(expected))
+    convert_for_runtime(model, source.linears, dtype=dtype)
+    expected = {name: list(t.shape) for name, t in model.state_dict().items()}
+    shapes = source.shapes()
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
-            f"{path} does not match a {source.config.num_layers}-layer Wan2.2 expert: "
+            f"{source.path} does not match a {source.config.num_layers}-layer Wan2.2 expert: "
             + (f"missing keys {_clip(missing)}; " if missing else "")
-            + (f"unexpected keys {_clip([source.stored[n] for n in unexpected])}; " if unexpected else "")
+            + (f"unexpected keys {_clip(unexpected)}; " if unexpected else "")
             + "re-download the folder or point at the right expert (text encoder and VAE live elsewhere)")
-    by_file: dict[Path, list[str]] = {}
-    for name in expected:
-        by_file.setdefault(source.files[name], []).append(name)
-    for file, names in by_file.items():  # check every shape before reading any data
-        with _open(file) as f:
-            for name in names:
-                stored = list(f.get_slice(source.stored[name]).get_shape())
-                if stored != list(expected[name]):
-                    raise CheckpointError(
-                        f"{file}: tensor {source.stored[name]!r} has shape {stored}, the model needs "
-                        f"{list(expected[name])}: the shards mix different models, download them again")
-    state = {}
-    for file, names in by_file.items():
-        with _open(file) as f:
-            for name in names:
-                state[name] = f.get_tensor(source.stored[name]).to(device=device, dtype=param_dtype(name, dtype))
+    for name, shape in shapes.items():
+        if shape != expected[name]:
+            raise CheckpointError(
+                f"{source.path}: tensor {name!r} has shape {shape}, the model needs {expected[name]}: the "
+                "files mix different models, download them again")
+    meta = {"linears": source.linears}
+    state = {name: source.tensor(name).to(device=device, dtype=runtime_dtype(name, meta, dtype))
+             for name in expected}
     model.load_state_dict(state, assign=True)
     return model.eval().requires_grad_(False)
+
+
+def _load_library(path: Path, scheme: str, *, dtype, device) -> torch.nn.Module:
+    """optimum-quanto / bitsandbytes experts: our folders of those schemes, or a bare quanto folder."""
+    if detect_layout(path) == "wan-lite-quant":
+        return backends.load_expert(path, read_meta(path), dtype=dtype, device=device)
+    cfg, state, qmap = _read_quanto_folder(path)
+    return backends.load_quanto(cfg, state, qmap, dtype=dtype, device=device, where=path)
+
+
+def _read_quanto_folder(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, dict]]:
+    """A bare optimum-quanto folder: safetensors (+ index) with *.weight._data/_scale keys and
+    quanto_qmap.json, in official or diffusers key names (renamed); dims from the shapes and config.json."""
+    qmap = json.loads((path / QUANTO_QMAP).read_text())
+    files = weight_files(path)
+    diffusers = any(k.startswith(("condition_embedder.", "proj_out.")) or ".attn1." in k for k in files)
+    rename = diffusers_to_official if diffusers else (lambda n: n)
+    qmap = {rename(name + ".").removesuffix("."): spec for name, spec in qmap.items()}
+    for name, spec in qmap.items():
+        if spec.get("activations", "none") != "none":
+            raise CheckpointError(f"{path / QUANTO_QMAP}: {name} has quanto activation quantization "
+                                  f"({spec['activations']}), which wan-lite does not run: quantize weights only")
+    ours, stored = {}, {}
+    for key, file in files.items():
+        name = rename(key)
+        ours[name], stored[name] = file, key
+    # shapes of the quantized weights sit under .weight._data: expose them as .weight to read the config
+    shape_files = {n.removesuffix("._data"): f for n, f in ours.items() if not n.endswith("._scale")}
+    shape_stored = {n.removesuffix("._data"): stored[n] for n in ours if not n.endswith("._scale")}
+    cfg = config_from_shapes(path, shape_files, shape_stored, read_config(path))
+    state = {}
+    for file in sorted(set(ours.values())):
+        with _open(file) as f:
+            state.update({n: f.get_tensor(stored[n]) for n, fn in ours.items() if fn == file})
+    return cfg, state, qmap
+
+
+def expert_config(path) -> ModelConfig:
+    """Model dimensions of an expert folder of any layout, from metadata and shapes (no data read)."""
+    path = Path(path)
+    layout = detect_layout(path)
+    if layout == "wan-lite-quant":
+        return config_from_dict(read_meta(path)["config"])
+    if layout == "quanto":
+        files = weight_files(path)
+        diffusers = any(k.startswith(("condition_embedder.", "proj_out.")) or ".attn1." in k for k in files)
+        rename = diffusers_to_official if diffusers else (lambda n: n)
+        ours = {rename(k).removesuffix("._data"): (f, k) for k, f in files.items() if not k.endswith("._scale")}
+        return config_from_shapes(path, {n: f for n, (f, _) in ours.items()},
+                                  {n: k for n, (_, k) in ours.items()}, read_config(path))
+    return open_expert(path).config
+
+
+# ---------------------------------------------------------------------------------------------
+# model roots
+
+TEXT_WEIGHTS, TOKENIZER, VAE_WEIGHTS = "models_t5_umt5-xxl-enc-bf16.pth", "google/umt5-xxl", "Wan2.1_VAE.pth"
+LAYOUT_FILES = {  # what each layout's root must hold (a trailing / marks a folder)
+    "official": ["high_noise_model/", "low_noise_model/", TEXT_WEIGHTS, VAE_WEIGHTS, TOKENIZER + "/"],
+    "diffusers": ["model_index.json", "transformer/", "transformer_2/", "text_encoder/", "tokenizer/", "vae/"],
+}
+HUB_IDS = {"official": "Wan-AI/Wan2.2-T2V-A14B", "diffusers": "Wan-AI/Wan2.2-T2V-A14B-Diffusers"}
+BOUNDARY = 0.875  # official boundary ratio; a diffusers root's model_index.json boundary_ratio overrides it
+
+
+@dataclass(frozen=True)
+class ModelRoot:
+    """A Wan2.2-T2V-A14B model on disk, described once: what the pipeline, the app, several GPUs,
+    quantize and calib take. Reading it touches only small files (configs, headers, metadata)."""
+
+    path: Path  # the root folder
+    name: str  # as the user gave it (a path or a hub id): stored in the video's metadata
+    layout: str  # "official" | "diffusers"
+    high: Path  # the high-noise expert (t >= boundary * 1000)
+    low: Path  # the low-noise expert
+    scheme: str  # both experts' weight format: "none" (float), "int8", "fp8", or a library scheme
+    config: ModelConfig  # one expert's dimensions (both have the same)
+    boundary: float  # the ratio 0.875: the high-noise expert runs while t >= boundary * 1000
+    text_encoder: Path  # the umt5-xxl weights: a .pth (official) or a folder (diffusers)
+    tokenizer: Path  # the google/umt5-xxl tokenizer folder
+    vae: Path  # Wan2.1_VAE.pth (official) or vae/ (diffusers)
+
+    @property
+    def library_scheme(self) -> bool:
+        """optimum-quanto / bitsandbytes experts: swapped as whole modules, not packed."""
+        return self.scheme in LIBRARY_SCHEMES
+
+
+def _present(root: Path, entry: str) -> bool:
+    return (root / entry).is_dir() if entry.endswith("/") else (root / entry).is_file()
+
+
+def check_root(root: str | os.PathLike) -> str:
+    """The layout of a model root; one CheckpointError listing every missing file otherwise."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CheckpointError(f"model root {root} is not a folder")
+    found = {layout: [e for e in files if _present(root, e)] for layout, files in LAYOUT_FILES.items()}
+    layout = max(found, key=lambda k: len(found[k]))
+    if not found[layout]:
+        raise CheckpointError(
+            f"{root} is not a Wan2.2-T2V-A14B root: expected {', '.join(LAYOUT_FILES['official'])} (official "
+            f"{HUB_IDS['official']}) or {', '.join(LAYOUT_FILES['diffusers'])} ({HUB_IDS['diffusers']})"
+        )
+    missing = [e for e in LAYOUT_FILES[layout] if e not in found[layout]]
+    if missing:
+        raise CheckpointError(
+            f"{root} ({layout} layout) is missing {', '.join(missing)}: download them from "
+            f"{HUB_IDS[layout]} into {root}"
+        )
+    return layout
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and "\\" not in name
+
+
+def resolve_root(path_or_hub_id: str | os.PathLike) -> Path:
+    """A local folder as is; a Hugging Face id (owner/name) downloaded into the hub cache when online."""
+    path = Path(path_or_hub_id).expanduser()
+    name = str(path_or_hub_id)
+    if path.exists() or not _looks_like_hub_id(name):
+        if not path.exists():
+            raise FileNotFoundError(f"model root {path} does not exist")
+        return path
+    how = (f"download it first (`hf download {name} --local-dir DIR`, about 126 GB) and pass that folder "
+           "as the model path")
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        raise FileNotFoundError(f"{name} is not a local folder and HF_HUB_OFFLINE is set: {how}")
+    from huggingface_hub import snapshot_download  # only when a download is asked for
+
+    try:
+        return Path(snapshot_download(repo_id=name))
+    except Exception as e:  # network down, unknown or gated repo: all end the same way for the user
+        raise FileNotFoundError(
+            f"{name} is no local folder, and downloading it from the Hugging Face Hub failed "
+            f"({type(e).__name__}: {e}): {how}"
+        ) from e
+
+
+def find_text_encoder(root: str | os.PathLike) -> tuple[str, Path, Path]:
+    """(layout, weights, tokenizer folder) of the umt5 encoder in a root of either layout."""
+    root = Path(root)
+    official = (root / TEXT_WEIGHTS, root / TOKENIZER)
+    diffusers = (root / "text_encoder", root / "tokenizer")
+    if official[0].is_file():
+        layout, (weights, tokenizer) = "official", official
+    elif diffusers[0].is_dir():
+        layout, (weights, tokenizer) = "diffusers", diffusers
+    else:
+        raise FileNotFoundError(
+            f"no text encoder in {root}: expected {TEXT_WEIGHTS} + {TOKENIZER}/ (official layout) "
+            "or text_encoder/ + tokenizer/ (diffusers layout)"
+        )
+    if not tokenizer.is_dir():
+        raise FileNotFoundError(f"the {layout} text encoder in {root} has no tokenizer folder {tokenizer}")
+    return layout, weights, tokenizer
+
+
+def find_vae(root: str | os.PathLike) -> tuple[str, Path]:
+    """(layout, path) of the VAE in a model root of either layout."""
+    root = Path(root)
+    if (root / VAE_WEIGHTS).is_file():
+        return "official", root / VAE_WEIGHTS
+    if (root / "vae").is_dir():
+        return "diffusers", root / "vae"
+    raise FileNotFoundError(f"no VAE in {root}: expected {VAE_WEIGHTS} (official layout) or vae/ (diffusers layout)")
+
+
+def open_root(path_or_hub_id: str | os.PathLike) -> ModelRoot:
+    """Describe a model root (either layout, or a quantized copy; a hub id is downloaded when online).
+    Raises CheckpointError / FileNotFoundError naming what is missing or wrong and the fix."""
+    path = resolve_root(path_or_hub_id)
+    layout = check_root(path)
+    high, low = find_experts(path)
+    schemes = {"high": expert_scheme(high), "low": expert_scheme(low)}
+    if schemes["high"] != schemes["low"]:
+        raise CheckpointError(
+            f"{path}: the experts are stored in different formats (high: {schemes['high']}, low: "
+            f"{schemes['low']}): convert both (python -m wan_lite.quantize --experts high,low)")
+    boundary = BOUNDARY
+    if layout == "diffusers":
+        boundary = float(json.loads((path / "model_index.json").read_text()).get("boundary_ratio", BOUNDARY))
+    _, text_encoder, tokenizer = find_text_encoder(path)
+    _, vae = find_vae(path)
+    return ModelRoot(path=path, name=str(path_or_hub_id), layout=layout, high=high, low=low,
+                     scheme=schemes["high"], config=expert_config(high), boundary=boundary,
+                     text_encoder=text_encoder, tokenizer=tokenizer, vae=vae)
 
 
 def _clip(names: list[str], n: int = 6) -> str:

@@ -16,6 +16,7 @@ No device logic lives here: where weights sit is `residency.py`'s business.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -212,6 +213,17 @@ class WanModel(nn.Module):
     Inference only: the blocks update the residual stream in place (it is the largest tensor alive), so
     autograd cannot run backward through them.
     """
+
+    # Tensors held in the run's dtype (bf16 by default); every other tensor stays float32, because the
+    # official model computes it in float32 (time embedding, modulation, norms, head). Cf. diffusers'
+    # `_keep_in_fp32_modules`: the model class says it, loaders and the residency read it here.
+    LOW_PRECISION = re.compile(r"^(patch_embedding|text_embedding\.\d|blocks\.\d+\.(self_attn|cross_attn)\.[qkvo]"
+                               r"|blocks\.\d+\.ffn\.\d)\.(weight|bias)$")
+
+    @classmethod
+    def param_dtype(cls, name: str, dtype: torch.dtype) -> torch.dtype:
+        """The dtype the tensor `name` (state_dict key) is held in when the model runs in `dtype`."""
+        return dtype if cls.LOW_PRECISION.match(name) else torch.float32
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

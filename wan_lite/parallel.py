@@ -47,13 +47,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from .checkpoint import CheckpointError, detect_layout, find_experts, load_expert, open_expert, param_dtype
+from .checkpoint import CheckpointError, ModelRoot, expert_scheme, load_expert, open_expert
 from .model import WanModel
+from .pipeline import combine_guidance
 
 MODES = ("auto", "ulysses", "cfg")
 A14B_HEADS = 40
@@ -63,7 +63,7 @@ A14B_HEADS = 40
 
 
 def plan(mode: str, world_size: int, num_heads: int = A14B_HEADS) -> tuple[int, int]:
-    """(cfg, sp): how `world_size` ranks split between CFG halves and Ulysses sequence shards.
+    """(cfg_size, sp_size): how `world_size` ranks split between CFG halves and Ulysses sequence shards.
 
     "ulysses": (1, N); "cfg": (2, N/2); "auto": CFG parallel when N is even (no communication inside the
     forward), Ulysses over the rest.
@@ -73,18 +73,18 @@ def plan(mode: str, world_size: int, num_heads: int = A14B_HEADS) -> tuple[int, 
     if mode == "cfg" and world_size % 2:
         raise ValueError(f"CFG parallel splits the ranks into a cond and an uncond half: it needs an even number of "
                          f"ranks, got {world_size}; use --parallel ulysses, or an even --nproc_per_node")
-    cfg = 2 if mode == "cfg" or (mode == "auto" and world_size % 2 == 0) else 1
-    check_sp_size(world_size // cfg, num_heads, cfg)
-    return cfg, world_size // cfg
+    cfg_size = 2 if mode == "cfg" or (mode == "auto" and world_size % 2 == 0) else 1
+    check_sp_size(world_size // cfg_size, num_heads, cfg_size)
+    return cfg_size, world_size // cfg_size
 
 
-def check_sp_size(sp: int, num_heads: int, cfg: int = 1) -> None:
+def check_sp_size(sp: int, num_heads: int, cfg_size: int = 1) -> None:
     """Ulysses gives each of the sp ranks num_heads/sp whole heads: sp must divide the head count."""
     if num_heads % sp:
-        valid = ", ".join(str(cfg * d) for d in range(1, num_heads + 1) if num_heads % d == 0)
+        valid = ", ".join(str(cfg_size * d) for d in range(1, num_heads + 1) if num_heads % d == 0)
         raise ValueError(f"Ulysses sequence parallel over {sp} ranks needs {sp} to divide the model's {num_heads} "
                          f"attention heads: run with a number of ranks (--nproc_per_node) in {valid}"
-                         + (" (CFG parallel takes half of them)" if cfg > 1 else ""))
+                         + (" (CFG parallel takes half of them)" if cfg_size > 1 else ""))
 
 
 @dataclass(frozen=True)
@@ -138,10 +138,10 @@ def init_parallel(mode: str = "auto", *, device: torch.device | None = None, fsd
                   num_heads: int = A14B_HEADS) -> ParallelContext:
     """The grid over an initialized default process group. `fsdp`: shard the weights (else replicate)."""
     world = dist.get_world_size()
-    cfg, sp = plan(mode, world, num_heads)
+    cfg_size, sp = plan(mode, world, num_heads)
     device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
                         else torch.device("cpu"))
-    mesh = init_device_mesh(device.type, (cfg, sp), mesh_dim_names=("cfg", "sp"))
+    mesh = init_device_mesh(device.type, (cfg_size, sp), mesh_dim_names=("cfg", "sp"))
     fsdp_mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("fsdp",)) if fsdp else None
     return ParallelContext(mesh, fsdp_mesh, device)
 
@@ -241,7 +241,7 @@ class ParallelExpert(nn.Module):
             both = mine.new_empty(2 * mine.shape[0], *mine.shape[1:])  # (2B, out, F, H, W): cond, uncond
             dist.all_gather_into_tensor(both, mine.contiguous(), group=self.ctx.mesh.get_group("cfg"))
             cond, uncond = both.chunk(2)
-        return uncond + scale * (cond - uncond)
+        return combine_guidance(cond, uncond, scale)
 
 
 def parallelize(model: WanModel, ctx: ParallelContext) -> ParallelExpert:
@@ -272,7 +272,7 @@ def load_parallel_expert(path, ctx: ParallelContext, *, dtype: torch.dtype = tor
     to its runtime dtype on its device and scatters it (FSDP) or broadcasts it (replicated); other
     ranks read only shapes. Host RAM: one tensor."""
     path = Path(path)
-    if detect_layout(path) in ("wan-lite-quant", "quanto"):
+    if expert_scheme(path) != "none":
         if ctx.fsdp_mesh is None:  # replicated: every rank loads the quantized expert itself
             return parallelize(load_expert(path, dtype=dtype, device=ctx.device), ctx)
         raise CheckpointError(f"{path} is a quantized expert: FSDP shards float weights only; run with "
@@ -282,7 +282,7 @@ def load_parallel_expert(path, ctx: ParallelContext, *, dtype: torch.dtype = tor
         model = WanModel(source.config)
     shapes = {name: p.shape for name, p in model.state_dict().items()}
     _check_shapes(source, shapes)
-    model.load_state_dict({name: torch.empty(shape, dtype=param_dtype(name, dtype), device="meta")
+    model.load_state_dict({name: torch.empty(shape, dtype=WanModel.param_dtype(name, dtype), device="meta")
                            for name, shape in shapes.items()}, assign=True)
     expert = parallelize(model, ctx)
     expert.to_empty(device=ctx.device)
@@ -299,32 +299,25 @@ def load_parallel_expert(path, ctx: ParallelContext, *, dtype: torch.dtype = tor
     return expert
 
 
-def load_parallel_experts(root, ctx: ParallelContext, *, dtype: torch.dtype = torch.bfloat16
+def load_parallel_experts(root: ModelRoot, ctx: ParallelContext, *, dtype: torch.dtype = torch.bfloat16
                           ) -> tuple[ParallelExpert, ParallelExpert]:
-    """(high, low) of a model root in either layout, loaded for the grid."""
-    high, low = find_experts(root)
-    return load_parallel_expert(high, ctx, dtype=dtype), load_parallel_expert(low, ctx, dtype=dtype)
+    """(high, low) of a model root, loaded for the grid."""
+    return load_parallel_expert(root.high, ctx, dtype=dtype), load_parallel_expert(root.low, ctx, dtype=dtype)
 
 
 def _check_shapes(source, shapes: dict[str, torch.Size]) -> None:
     """On every rank, from the metadata: the checkpoint has exactly the model's tensors, in its shapes
     (a mismatch found on rank 0 alone would leave the others waiting in a collective)."""
-    missing, unexpected = sorted(set(shapes) - set(source.files)), sorted(set(source.files) - set(shapes))
+    stored = source.shapes()
+    missing, unexpected = sorted(set(shapes) - set(stored)), sorted(set(stored) - set(shapes))
     if missing or unexpected:
         raise CheckpointError(f"{source.path} does not match a {source.config.num_layers}-layer Wan2.2 expert "
                               f"(missing {missing[:6]}, unexpected {unexpected[:6]}): re-download the folder, or "
                               "run load_expert() on it for the full report")
-    by_file: dict[Path, list[str]] = {}
-    for name in shapes:
-        by_file.setdefault(source.files[name], []).append(name)
-    for file, names in by_file.items():
-        with safe_open(file, framework="pt") as f:
-            for name in names:
-                stored = list(f.get_slice(source.stored[name]).get_shape())
-                if stored != list(shapes[name]):
-                    raise CheckpointError(f"{file}: tensor {source.stored[name]!r} has shape {stored}, the model "
-                                          f"needs {list(shapes[name])}: the shards mix different models, download "
-                                          "them again")
+    for name, shape in shapes.items():
+        if stored[name] != list(shape):
+            raise CheckpointError(f"{source.path}: tensor {name!r} has shape {stored[name]}, the model needs "
+                                  f"{list(shape)}: the shards mix different models, download them again")
 
 
 def _on_meta(model: nn.Module) -> bool:

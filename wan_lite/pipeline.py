@@ -18,6 +18,12 @@ from .scheduler import UniPC, euler_step, sigma_grid
 Callback = Callable[[int, int, int, str], None]  # (step, total, t, expert "high" | "low")
 
 
+def combine_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance, the one place it is written: uncond + s * (cond - uncond), float32."""
+    cond, uncond = cond.float(), uncond.float()
+    return uncond + scale * (cond - uncond)
+
+
 def guided_velocity(model, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
                     context_null: torch.Tensor, scale: float) -> torch.Tensor:
     """Classifier-free guidance in float32: uncond + s * (cond - uncond), from two passes.
@@ -27,9 +33,7 @@ def guided_velocity(model, x: torch.Tensor, t: torch.Tensor, context: torch.Tens
     """
     if hasattr(model, "guided"):
         return model.guided(x, t, context, context_null, scale)
-    cond = model(x, t, context).float()
-    uncond = model(x, t, context_null).float()
-    return uncond + scale * (cond - uncond)
+    return combine_guidance(model(x, t, context), model(x, t, context_null), scale)
 
 
 def timesteps(sampling: SamplingConfig) -> list[int]:

@@ -32,9 +32,10 @@ import torch
 
 from . import attention
 from .config import ModelConfig
+from .residency import layouts_of, template
 
 GB = 1e9
-QUANTS = ("int8", "fp8", "bf16")
+SCHEMES = ("int8", "fp8", "none")  # weight formats budgeted: 8-bit block Linears, or float (held in bf16)
 RESOLUTIONS = {"480p": (480, 832), "720p": (720, 1280)}  # (height, width), the official landscape sizes
 # Peak bytes per (token x channel) of one pass, FFN chunked, by whether the blocks are compiled.
 # Compiled: fitted to the 480p and 720p resident runs of 2026-11-26 (in-place residual, element-wise
@@ -64,7 +65,7 @@ class Plan:
     width: int
     frames: int
     tokens: int  # L: video tokens the DiT attends over
-    quant: str  # weights: int8 | fp8 | bf16
+    scheme: str  # weight format: int8 | fp8 | none (float, held in bf16)
     mode: str  # resident | streaming
     slots: int  # streaming: device block buffers (resident: one per unit)
     cfg_batched: bool  # cond and uncond as one batch of 2
@@ -90,7 +91,7 @@ class Plan:
         attn = self.attention + (f" ({self.attention_block_mb} MB blocks)" if self.attention_block_mb else "")
         lines = [
             f"plan for {self.vram_gb:.1f} GB: {self.width}x{self.height}, {self.frames} frames, "
-            f"{self.tokens:,} tokens, {self.quant} weights",
+            f"{self.tokens:,} tokens, {self.scheme if self.scheme != 'none' else 'bf16'} weights",
             f"  experts      {mode}",
             f"  CFG          {cfg}",
             f"  blocks       {'torch.compile' if self.compile else 'eager'}",
@@ -115,21 +116,22 @@ def tokens(height: int, width: int, frames: int, cfg: ModelConfig) -> int:
     return ((frames - 1) // 4 + 1) // pt * (height // 8 // ph) * (width // 8 // pw)
 
 
+def budget_scheme(scheme: str) -> str:
+    """The format a model's weight scheme is budgeted as: library 8-bit and 4-bit schemes as int8 (an
+    upper bound for nf4), float as "none"."""
+    return scheme if scheme in SCHEMES else "int8"
+
+
 @functools.cache
-def unit_bytes(cfg: ModelConfig, quant: str) -> tuple[int, int, int]:
+def unit_bytes(cfg: ModelConfig, scheme: str) -> tuple[int, int, int]:
     """(embed, one block, head) bytes of one expert with this weight format, from the model's layout."""
-    from .residency import layouts_of, template
-
-    model = template(cfg, torch.bfloat16)
-    if quant in ("int8", "fp8"):
-        from quant import convert_for_runtime
-        from quant.format import QUANTIZED_LINEAR
-
-        names = [n for n, m in model.named_modules() if QUANTIZED_LINEAR.match(n)]
-        convert_for_runtime(model, {n: {"scheme": quant} for n in names})
-    elif quant != "bf16":
-        raise ValueError(f"unknown weight format {quant!r}: choose one of {', '.join(QUANTS)}")
-    lay = layouts_of(model)
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown weight format {scheme!r}: choose one of {', '.join(SCHEMES)}")
+    names = [f"blocks.0.{m}" for m in ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q",
+                                       "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")]
+    linears = {} if scheme == "none" else {n.replace("blocks.0.", f"blocks.{i}."): {"scheme": scheme}
+                                           for i in range(cfg.num_layers) for n in names}
+    lay = layouts_of(template(cfg, torch.bfloat16, linears))
     return lay["embed"].nbytes, lay["blocks.0"].nbytes, lay["head"].nbytes
 
 
@@ -152,9 +154,9 @@ def activation_bytes(L: int, cfg: ModelConfig, mode: str, cfg_batched: bool, bat
     return per_pass
 
 
-def _estimate(L: int, cfg: ModelConfig, quant: str, mode: str, cfg_batched: bool, compiled: bool,
+def _estimate(L: int, cfg: ModelConfig, scheme: str, mode: str, cfg_batched: bool, compiled: bool,
               ffn_chunk: int | None) -> tuple:
-    embed, block, head = unit_bytes(cfg, quant)
+    embed, block, head = unit_bytes(cfg, scheme)
     weights = embed + head + block * (cfg.num_layers if mode == "resident" else STREAM_SLOTS)
     act = activation_bytes(L, cfg, mode, cfg_batched, compiled=compiled, ffn_chunk=ffn_chunk)
     return weights, act, weights + act + FIXED
@@ -164,7 +166,7 @@ def _estimate(L: int, cfg: ModelConfig, quant: str, mode: str, cfg_batched: bool
 # the plan
 
 
-def make_plan(vram_gb: float | None = None, *, height: int, width: int, frames: int, quant: str = "int8",
+def make_plan(vram_gb: float | None = None, *, height: int, width: int, frames: int, scheme: str = "int8",
               device: torch.device | str | None = None, cfg: ModelConfig | None = None,
               mode: str | None = None, capability: tuple[int, int] | None = None,
               compile: bool | None = None) -> Plan:
@@ -188,12 +190,12 @@ def make_plan(vram_gb: float | None = None, *, height: int, width: int, frames: 
         candidates = [c for c in candidates if c[0] == mode]
     compiled = device.type == "cuda" if compile is None else compile
     ffn_chunk = FFN_CHUNK if ffn_chunking() and L > FFN_CHUNK else None
-    fits = [(m, b, *_estimate(L, cfg, quant, m, b, compiled, ffn_chunk)) for m, b in candidates]
+    fits = [(m, b, *_estimate(L, cfg, scheme, m, b, compiled, ffn_chunk)) for m, b in candidates]
     chosen = next((c for c in fits if c[4] <= usable), None)
     if chosen is None:
         smallest = min(c[4] for c in fits) * FRAGMENTATION + SLACK
         raise PlanError(
-            f"{vram_gb:.1f} GB is too small for {width}x{height}x{frames} ({L:,} tokens) with {quant} weights"
+            f"{vram_gb:.1f} GB is too small for {width}x{height}x{frames} ({L:,} tokens) with {scheme} weights"
             + (f" in {mode} mode" if mode else "")
             + f": the smallest budget that works is {math.ceil(smallest / GB * 10) / 10:.1f} GB "
             "(streaming, sequential CFG); use fewer frames or a smaller size, or free GPU memory")
@@ -210,17 +212,12 @@ def make_plan(vram_gb: float | None = None, *, height: int, width: int, frames: 
         vae_tile = tile_for_memory(height, width, frames, int(usable), 4)
     except MemoryError as e:
         raise PlanError(f"{vram_gb:.1f} GB: {e}") from e
-    embed, block, head = unit_bytes(cfg, quant)
+    embed, block, head = unit_bytes(cfg, scheme)
     return Plan(
-        vram_gb=round(vram_gb, 2), height=height, width=width, frames=frames, tokens=L, quant=quant, mode=m,
+        vram_gb=round(vram_gb, 2), height=height, width=width, frames=frames, tokens=L, scheme=scheme, mode=m,
         slots=STREAM_SLOTS if m == "streaming" else cfg.num_layers + 2, cfg_batched=batched, compile=compiled,
         attention=attn, attention_block_mb=block_mb, ffn_chunk=ffn_chunk, vae_tile=vae_tile,
         text_device="cuda" if device.type == "cuda" and 2 * TEXT_PARAMS + GB <= usable else "cpu",
         weights_gb=round(weights / GB, 2), activations_gb=round(act / GB, 2),
         estimated_peak_gb=round(peak / GB, 2), host_gb=round(2 * (embed + head + cfg.num_layers * block) / GB, 2),
     )
-
-
-def apply(plan: Plan) -> None:
-    """Set what the plan decides process-wide: the attention kernel (an env override still wins)."""
-    attention.set_backend(plan.attention, max_block_bytes=(plan.attention_block_mb or 0) * 2**20 or None)

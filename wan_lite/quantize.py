@@ -30,7 +30,7 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from quant.format import SCHEMES
+    from .quantized.format import SCHEMES
 
     p = argparse.ArgumentParser(prog="python -m wan_lite.quantize", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -25,8 +25,12 @@ code runs the tests.
 
 Contract with `pipeline.sample`: pass `residency.high` and `residency.low` as the experts. They are
 callable as `model(x, t, context)` and also offer `.guided(x, t, context, context_null, scale)`,
-the CFG velocity in float32 from one call (batched or block-major). Call
-`residency.plan_steps(timesteps, boundary)` before the loop so the swap can start early.
+the CFG velocity in float32 from one call (batched or block-major). Call `residency.prepare(sampling)`
+before the loop so the swap can start early, and `release()` after it.
+
+Every way of holding the experts offers that same interface (`Experts`: `.high`, `.low`,
+`prepare(sampling)`, `release()`): the `Residency`, `ModuleSwap` for library-quantized experts and
+`LoadedExperts` for plain modules (the CPU, shards on several GPUs). The pipeline runs one recipe.
 
 Deliberately unsupported: tensor-subclass weights (every state tensor must be a dense plain tensor);
 more than two experts; overlapping the host-side read of a memory-mapped checkpoint with compute
@@ -40,14 +44,19 @@ import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
 
 import psutil
 import torch
 import torch.nn as nn
 
-from .checkpoint import detect_layout, load_expert, open_expert, param_dtype
-from .config import ModelConfig
+from .checkpoint import open_expert
+from .config import ModelConfig, SamplingConfig
 from .model import WanModel, compile_blocks
+from .pipeline import combine_guidance, timesteps
+from .quantized.format import runtime_dtype
+from .quantized.linear import convert_for_runtime
 
 ALIGN = 256  # bytes; every tensor in a flat unit buffer starts on this boundary
 MODES = ("resident", "streaming")
@@ -122,11 +131,15 @@ def layouts_of(template: nn.Module) -> dict[str, Layout]:
     return {u: Layout.of(by_unit[u]) for u in unit_names(n)}
 
 
-def template(cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16) -> WanModel:
-    """A meta-device WanModel with the dtypes `checkpoint.load_expert(dtype=...)` gives each tensor."""
+def template(cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16, linears: dict[str, dict] | None = None) -> WanModel:
+    """A meta-device WanModel with the dtypes `checkpoint.load_expert(dtype=...)` gives each tensor;
+    `linears` (module -> {"scheme", "smooth"}) are 8-bit QuantLinears, as the source stores them."""
     with torch.device("meta"):
         model = WanModel(cfg)
-    state = {n: torch.empty_like(t, dtype=param_dtype(n, dtype)) for n, t in model.state_dict().items()}
+    convert_for_runtime(model, linears or {}, dtype=dtype)
+    meta = {"linears": linears or {}}
+    state = {n: torch.empty_like(t, dtype=runtime_dtype(n, meta, dtype) or t.dtype)
+             for n, t in model.state_dict().items()}
     model.load_state_dict(state, assign=True)
     return model.eval().requires_grad_(False)
 
@@ -188,7 +201,7 @@ class HostExpert:
 @dataclass(frozen=True)
 class Call:
     expert: str  # "high" | "low"
-    t: int | None  # the timestep, checked against the real call; None: not checked
+    t: float | None  # the timestep, checked against the real call; None: not checked
     sweeps: int  # passes over the units in this call (2: sequential CFG, pass by pass)
 
 
@@ -332,29 +345,51 @@ class Stats:
         return sum(a.elapsed_time(b) for c, _, (a, b) in self.waits if call is None or c == call)
 
 
-def host_experts(high_path, low_path, *, dtype: torch.dtype = torch.bfloat16,
+def host_experts(high, low, *, dtype: torch.dtype = torch.bfloat16,
                  in_ram: bool | None = None) -> tuple[nn.Module, HostExpert, HostExpert]:
-    """(meta template, high, low) for a Residency, from two expert folders of any layout.
+    """(meta template, high, low) for a Residency, from two expert sources (or folders, opened).
 
-    Unquantized experts are read unit by unit from the memory-mapped checkpoint, cast to `dtype`:
-    into (pinned) RAM with `in_ram` (default: when RAM holds both with room to spare), else served
-    from the files at copy time. Quantized experts are loaded (8-bit) and packed; the loaded model,
-    moved to the meta device, is the template.
+    Any source packs the same way (float, our 8-bit layout, and what else `checkpoint` reads): the
+    template is a meta WanModel with the source's 8-bit Linears swapped in, each unit is read tensor by
+    tensor and cast to the template's dtypes: into (pinned) RAM with `in_ram` (default: when RAM holds
+    both with room to spare), else served from the memory-mapped files at copy time.
     """
-    hosts, model = [], None
-    for path in (high_path, low_path):
-        if detect_layout(path) in ("wan-lite-quant", "quanto"):
-            loaded = load_expert(path, dtype=dtype)
-            hosts.append(HostExpert.from_module(loaded))
-            model = loaded.to("meta")
-            continue
-        source = open_expert(path)
-        model = model or template(source.config, dtype)
-        layouts = layouts_of(model)
-        if in_ram is None:
-            in_ram = psutil.virtual_memory().available > 2.2 * sum(lay.nbytes for lay in layouts.values())
-        hosts.append(HostExpert.from_checkpoint(source, layouts, in_ram=in_ram))
+    sources = [open_expert(s) if isinstance(s, (str, Path)) else s for s in (high, low)]
+    if sources[0].linears != sources[1].linears or sources[0].config != sources[1].config:
+        raise ValueError("the high and low experts differ in config or quantized Linears: use one conversion "
+                         "of both (python -m wan_lite.quantize --experts high,low)")
+    model = template(sources[0].config, dtype, sources[0].linears)
+    layouts = layouts_of(model)
+    if in_ram is None:
+        in_ram = psutil.virtual_memory().available > 2.2 * sum(lay.nbytes for lay in layouts.values())
+    hosts = [HostExpert.from_checkpoint(src, layouts, in_ram=in_ram) for src in sources]
     return model, hosts[0], hosts[1]
+
+
+class Experts(Protocol):
+    """What `T2VPipeline` runs: two experts callable as `model(x, t, context)` (optionally `.guided`)."""
+
+    high: Callable
+    low: Callable
+
+    def prepare(self, sampling: SamplingConfig) -> None:
+        """Before the loop: the steps ahead (the residency plans its copies from them)."""
+
+    def release(self) -> None:
+        """After the loop (also after an error or a cancel): give the VRAM back."""
+
+
+class LoadedExperts:
+    """Two plain modules where they are (the CPU, or this rank's shards on several GPUs)."""
+
+    def __init__(self, high: nn.Module, low: nn.Module):
+        self.high, self.low = high, low
+
+    def prepare(self, sampling: SamplingConfig) -> None:
+        pass  # nothing moves
+
+    def release(self) -> None:
+        pass  # they stay loaded for the next run
 
 
 class ModuleSwap:
@@ -373,12 +408,16 @@ class ModuleSwap:
     def activate(self, name: str) -> nn.Module:
         """The expert `name` on the device, the other sent to the CPU first."""
         if self.active != name:
-            self.evict()
+            self.release()
             self.models[name].to(self.device)
             self.active = name
         return self.models[name]
 
-    def evict(self) -> None:
+    def prepare(self, sampling: SamplingConfig) -> None:
+        pass  # the switch is a plain move when the low expert is first called
+
+    def release(self) -> None:
+        """The active expert back to the CPU, its VRAM freed."""
         if self.active is not None:
             self.models[self.active].to("cpu")
             self.active = None
@@ -443,12 +482,24 @@ class Residency:
         """Passes over the units per call: sequential CFG in resident mode goes pass by pass."""
         return 2 if guided and not self.cfg_batched and self.mode == "resident" else 1
 
-    def plan_steps(self, timesteps: Iterable[int], boundary: float, calls_per_step: int = 1) -> None:
-        """Tell the residency the steps ahead: one `guided` call per step (calls_per_step=1), or two
-        plain calls (2). The experts follow `t >= boundary`, as the loop does."""
-        sweeps = self.sweeps(guided=calls_per_step == 1)
-        plan = [Call("high" if t >= boundary else "low", int(t), sweeps)
-                for t in timesteps for _ in range(calls_per_step)]
+    def prepare(self, sampling: SamplingConfig) -> None:
+        """Plan the copies for `pipeline.sample(..., sampling)`: one call per step, `guided` (CFG)
+        unless that expert's guidance is 1.0, when the loop runs the conditional pass alone."""
+        guided = {"high": sampling.guidance_high != 1.0, "low": sampling.guidance_low != 1.0}
+        self.plan_steps(timesteps(sampling), sampling.boundary, guided=guided,
+                        num_train_timesteps=sampling.num_train_timesteps)
+
+    def plan_steps(self, timesteps: Iterable[float], boundary: float, *, guided: bool | dict[str, bool] = True,
+                   calls_per_step: int = 1, num_train_timesteps: int = 1000) -> None:
+        """Tell the residency the steps ahead: per step `calls_per_step` calls of the expert that
+        `t >= boundary * num_train_timesteps` picks (boundary is the ratio, 0.875), each a `guided` call
+        (CFG in one call) or a plain `model(x, t, context)` pass; `guided` per expert as a dict."""
+        guided = guided if isinstance(guided, dict) else {"high": guided, "low": guided}
+        at = boundary * num_train_timesteps
+        plan = []
+        for t in timesteps:
+            expert = "high" if t >= at else "low"
+            plan += [Call(expert, float(t), self.sweeps(guided[expert]))] * calls_per_step
         p = self.placement
         p.calls = p.calls[: self._call + 1] + plan
         p.planned = len(p.calls)
@@ -460,7 +511,7 @@ class Residency:
             out[expert].append(unit)
         return out
 
-    def evict(self) -> None:
+    def release(self) -> None:
         """Give the VRAM back (before the VAE decodes, say); the next call loads what it needs."""
         if self._copier.cuda:
             torch.cuda.synchronize(self.device)
@@ -496,14 +547,14 @@ class Residency:
 
     def _begin(self, expert: str, t: torch.Tensor, sweeps: int) -> None:
         self._call += 1
-        c, p, t0 = self._call, self.placement, int(t.reshape(-1)[0])
+        c, p, t0 = self._call, self.placement, float(t.reshape(-1)[0])
         if c < len(p.calls):
             planned = p.calls[c]
             if (planned.expert, planned.sweeps) != (expert, sweeps) or planned.t not in (None, t0):
                 raise RuntimeError(
                     f"call {c} runs the {expert} expert at t={t0} with {sweeps} sweep(s), but plan_steps "
-                    f"said {planned.expert} at t={planned.t} with {planned.sweeps}: give plan_steps the "
-                    "loop's timesteps and boundary (calls_per_step=2 if the loop calls each expert twice a step)")
+                    f"said {planned.expert} at t={planned.t} with {planned.sweeps}: call prepare(sampling) (or "
+                    "plan_steps) with the loop's sampling settings")
         else:  # no plan: the lookahead assumes this call repeats
             p.calls.append(Call(expert, t0, sweeps))
 
@@ -597,4 +648,4 @@ class Expert:
             cond, uncond = (v.float() for v in r.run(self.name, t, [[(x, context), (x, context_null)]]))
         else:  # pass by pass
             cond, uncond = (v.float() for v in r.run(self.name, t, [[(x, context)], [(x, context_null)]]))
-        return uncond + scale * (cond - uncond)
+        return combine_guidance(cond, uncond, scale)

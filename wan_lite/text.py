@@ -36,9 +36,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
+from .checkpoint import TEXT_WEIGHTS as OFFICIAL_WEIGHTS
+from .checkpoint import find_text_encoder
+
 TEXT_LEN = 512  # prompts are truncated to this many tokens (the official text_len)
-OFFICIAL_WEIGHTS = "models_t5_umt5-xxl-enc-bf16.pth"
-OFFICIAL_TOKENIZER = "google/umt5-xxl"
 DEFAULT_CACHE_DIR = Path("~/.cache/wan-lite/text")
 CACHE_FORMAT = "wan-lite-text-v1"  # bump when cleaning or encoding changes: old cache entries stop matching
 
@@ -132,29 +133,6 @@ def load_official_encoder(path: Path, dtype: torch.dtype) -> UMT5EncoderModel:
     return model
 
 
-# ---------------------------------------------------------------------------------------------------
-# Layout
-
-
-def find_text_files(root: str | os.PathLike) -> tuple[str, Path, Path]:
-    """(layout, weights, tokenizer folder) for a model root of either layout; error names what is missing."""
-    root = Path(root)
-    official = (root / OFFICIAL_WEIGHTS, root / OFFICIAL_TOKENIZER)
-    diffusers = (root / "text_encoder", root / "tokenizer")
-    if official[0].is_file():
-        layout, (weights, tokenizer) = "official", official
-    elif diffusers[0].is_dir():
-        layout, (weights, tokenizer) = "diffusers", diffusers
-    else:
-        raise FileNotFoundError(
-            f"no text encoder in {root}: expected {OFFICIAL_WEIGHTS} + {OFFICIAL_TOKENIZER}/ (official layout) "
-            "or text_encoder/ + tokenizer/ (diffusers layout)"
-        )
-    if not tokenizer.is_dir():
-        raise FileNotFoundError(f"the {layout} text encoder in {root} has no tokenizer folder {tokenizer}")
-    return layout, weights, tokenizer
-
-
 def _fingerprint(weights: Path, tokenizer: Path, dtype: torch.dtype) -> str:
     """A cheap content digest: size + first/last MiB of each weight file, all tokenizer files, dtype.
 
@@ -213,7 +191,7 @@ class TextEncoder:
         use_cache: bool = True,
     ) -> TextEncoder:
         """Find the encoder in a model root of either layout; the weights load on the first cache miss."""
-        layout, weights, tokenizer = find_text_files(root)
+        layout, weights, tokenizer = find_text_encoder(root)
         return cls(layout, weights, tokenizer, device=device, dtype=dtype, cache_dir=cache_dir, use_cache=use_cache)
 
     def load(self) -> None:

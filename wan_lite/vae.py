@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKLWan
 
-OFFICIAL_WEIGHTS = "Wan2.1_VAE.pth"
+from .checkpoint import VAE_WEIGHTS as OFFICIAL_WEIGHTS
+from .checkpoint import find_vae
+
 STRIDE = (4, 8, 8)  # (t, h, w) compression of the Wan2.1 VAE
 
 # The official latent statistics (wan/modules/vae2_1.py Wan2_1_VAE): z_model = z_norm * std + mean.
@@ -99,19 +101,7 @@ def official_to_diffusers(sd: dict[str, torch.Tensor], num_res_blocks: int = 2) 
 
 
 # ---------------------------------------------------------------------------------------------------
-# Layout and tile choice
-
-
-def find_vae(root: str | os.PathLike) -> tuple[str, Path]:
-    """(layout, path) of the VAE in a model root of either layout."""
-    root = Path(root)
-    if (root / OFFICIAL_WEIGHTS).is_file():
-        return "official", root / OFFICIAL_WEIGHTS
-    if (root / "vae").is_dir():
-        return "diffusers", root / "vae"
-    raise FileNotFoundError(
-        f"no VAE in {root}: expected {OFFICIAL_WEIGHTS} (official layout) or vae/ (diffusers layout)"
-    )
+# Tile choice
 
 
 def tile_for_memory(height: int, width: int, frames: int, free_bytes: int, element_size: int) -> int | None:

@@ -8,8 +8,9 @@
 
 `QuantLinear` holds `weight` (N, K) int8 / float8_e4m3fn, `weight_scale` (N,) float32, `bias` (N,)
 in the compute dtype and, when calibrated smoothing could not be folded into a preceding op,
-`smooth` (K,) float32: y = (x / smooth) @ (weight * weight_scale)^T + bias. The kernel is chosen per
-call by `kernels.select_kernel` (override with `kernel=` or WAN_LITE_QUANT_KERNEL).
+`smooth` (K,) float32: y = (x / smooth) @ (weight * weight_scale)^T + bias. The kernel is chosen once
+per device by `kernels.select_kernel` (override with `kernel=`, `set_kernel(model, name)` or
+WAN_LITE_QUANT_KERNEL, read when the module first runs on a device), not on every call.
 
 `Module.to(dtype)` / `.half()` change the compute dtype and the bias only: the 8-bit weight and the
 float32 scales keep their dtype (a bf16 round trip of the scales would cost accuracy for nothing).
@@ -41,6 +42,7 @@ class QuantLinear(nn.Module):
             raise ValueError(f"QuantLinear supports {', '.join(QDTYPE)}, not {scheme!r}")
         self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
         self.kernel = kernel  # None: kernels.select_kernel decides per device
+        self._chosen: tuple[torch.device, str] | None = None  # (device, kernel) resolved on first use there
         self.dtype = dtype  # compute / output dtype
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=QDTYPE[scheme], device=device),
                                    requires_grad=False)
@@ -65,9 +67,10 @@ class QuantLinear(nn.Module):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = select_kernel(x.device, self.scheme, self.kernel)
-        return quant_linear(x, self.weight, self.weight_scale, self.bias, self.smooth, self.scheme, kernel,
-                            self.dtype)
+        if self._chosen is None or self._chosen[0] != x.device:  # once per device, not per call
+            self._chosen = (x.device, select_kernel(x.device, self.scheme, self.kernel))
+        return quant_linear(x, self.weight, self.weight_scale, self.bias, self.smooth, self.scheme,
+                            self._chosen[1], self.dtype)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float (N, K) weight this module computes with, smoothing undone: W' / s = W (approx)."""
@@ -116,4 +119,12 @@ def convert_for_runtime(model: nn.Module, linears: dict[str, dict], dtype: torch
         _set_module(model, name, QuantLinear(old.in_features, old.out_features, spec["scheme"],
                                              bias=old.bias is not None, smooth=bool(spec.get("smooth")),
                                              dtype=dtype, kernel=kernel, device=old.weight.device))
+    return model
+
+
+def set_kernel(model: nn.Module, kernel: str | None) -> nn.Module:
+    """Pin every QuantLinear of `model` to `kernel` ("w8a8" | "w8a16"; None: choose per device again)."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.kernel, m._chosen = kernel, None
     return model

@@ -17,7 +17,10 @@ tables, time projection, head) keeps the source precision (float32 for the offic
 The scheme is read from this metadata and nothing else; a file name proves nothing.
 
 Schemes: int8, fp8 (ours, `QuantLinear`); quanto-int8, quanto-fp8 (optimum-quanto), nf4
-(bitsandbytes): the last three are loaded by `quant.backends`.
+(bitsandbytes): the last three are loaded by `wan_lite.quantized.backends`.
+
+This module is the runtime's reader of the format (the runtime never imports the offline toolchain in
+the top-level `quant/`, which writes it); `wan_lite.checkpoint` opens such a folder as an expert source.
 """
 
 from __future__ import annotations
@@ -30,10 +33,14 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from ..config import ModelConfig
+from ..model import WanModel
+
 FORMAT = "wan-lite-quant"
 FORMAT_VERSION = 1
 META_FILE = "wan_lite_quant.json"
 INDEX_FILE = "model.safetensors.index.json"
+QUANTO_QMAP = "quanto_qmap.json"  # optimum-quanto's map of quantized modules (a bare quanto folder has only it)
 SCHEMES = ("int8", "fp8", "quanto-int8", "quanto-fp8", "nf4")
 
 # The big Linears of the blocks: these are quantized, nothing else is.
@@ -65,16 +72,12 @@ def config_to_dict(cfg) -> dict:
     return d
 
 
-def config_from_dict(d: dict):
-    from wan_lite.config import ModelConfig
-
+def config_from_dict(d: dict) -> ModelConfig:
     return ModelConfig(**{**d, "patch_size": tuple(d["patch_size"])})
 
 
 def is_quantized_folder(path) -> bool:
     """True for a wan-lite quantized expert folder, or a bare optimum-quanto one (quanto_qmap.json)."""
-    from .backends import QUANTO_QMAP
-
     path = Path(path)
     return (path / META_FILE).is_file() or (path / QUANTO_QMAP).is_file()
 
@@ -127,46 +130,7 @@ def check_shard(folder: Path, entry: dict, scheme: str) -> None:
 
 def runtime_dtype(name: str, meta: dict, dtype: torch.dtype) -> torch.dtype | None:
     """The dtype a stored tensor is held in at runtime (None: keep the stored dtype)."""
-    from wan_lite.checkpoint import param_dtype
-
     module, _, leaf = name.rpartition(".")
     if module in meta["linears"]:
         return dtype if leaf == "bias" else None  # 8-bit weight, float32 scales/smooth as stored
-    return param_dtype(name, dtype)
-
-
-def load_quantized_expert(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu", kernel: str | None = None):
-    """Load a quantized expert folder as a WanModel on `device`, with QuantLinear (or backend) modules.
-
-    wan_lite.checkpoint.load_expert calls this when the folder has wan_lite_quant.json. A bare
-    optimum-quanto folder (quanto_qmap.json, no wan_lite_quant.json) is read by quant.backends.
-    """
-    from wan_lite.model import WanModel
-
-    from . import backends
-    from .linear import convert_for_runtime
-
-    path = Path(path)
-    if not (path / META_FILE).is_file() and (path / backends.QUANTO_QMAP).is_file():
-        return backends.load_quanto_folder(path, dtype=dtype, device=device)
-    meta = read_meta(path)
-    scheme = meta["scheme"]
-    if scheme not in ("int8", "fp8"):
-        return backends.load_expert(path, meta, dtype=dtype, device=device)
-    for entry in meta["shards"]:
-        check_shard(path, entry, scheme)
-    with torch.device("meta"):
-        model = WanModel(config_from_dict(meta["config"]))
-    convert_for_runtime(model, meta["linears"], dtype=dtype, kernel=kernel)
-    state = {}
-    for entry in meta["shards"]:
-        with safe_open(path / entry["file"], framework="pt") as f:
-            for name in f.keys():
-                state[name] = f.get_tensor(name).to(device=device, dtype=runtime_dtype(name, meta, dtype))
-    expected = set(model.state_dict())
-    if set(state) != expected:
-        missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-        raise QuantFormatError(f"{path}: the shards do not hold the model's tensors (missing {missing[:5]}, "
-                               f"unexpected {extra[:5]}): {FIX_HINT}")
-    model.load_state_dict(state, assign=True)
-    return model.eval().requires_grad_(False)
+    return WanModel.param_dtype(name, dtype)

@@ -19,13 +19,16 @@ Deliberately unsupported: quanto activation quantization, quanto int4/int2, bnb 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
 
-from wan_lite.checkpoint import QUANTO_MARKER as QUANTO_QMAP
+from ..config import ModelConfig
+from ..model import WanModel
+from .format import FIX_HINT, QuantFormatError, check_shard, config_from_dict
+from .linear import _set_module
 
 QUANTO_QTYPES = {"quanto-int8": "qint8", "quanto-fp8": "qfloat8_e4m3fn"}  # scheme -> quanto qtype name
 NF4_BLOCKSIZE = 64
@@ -84,19 +87,13 @@ def _cast_input(dtype):
 
 def _cast_kept(model: nn.Module, skip: set[str], dtype: torch.dtype) -> None:
     """Hold the non-quantized parameters in the dtype wan-lite runs them in (float32 or `dtype`)."""
-    from wan_lite.checkpoint import param_dtype
-
     for name, p in model.named_parameters():
         if name.rpartition(".")[0] not in skip:
-            p.data = p.data.to(param_dtype(name, dtype))
+            p.data = p.data.to(WanModel.param_dtype(name, dtype))
 
 
-def load_quanto(cfg, state: dict[str, torch.Tensor], qmap: dict[str, dict], *, dtype, device, where: Path):
+def load_quanto(cfg: ModelConfig, state: dict[str, torch.Tensor], qmap: dict[str, dict], *, dtype, device, where: Path):
     """A WanModel whose `qmap` Linears are quanto QLinears, from a quanto state dict in official names."""
-    from wan_lite.model import WanModel
-
-    from .format import FIX_HINT, QuantFormatError
-
     quanto = require_quanto()
     if torch.device(device).type == "cpu":  # safetensors hands out views of the file at 8-byte offsets;
         state = {k: v.clone() for k, v in state.items()}  # torch's CPU int8 kernel crashes on unaligned data
@@ -118,11 +115,6 @@ def load_quanto(cfg, state: dict[str, torch.Tensor], qmap: dict[str, dict], *, d
 
 def load_nf4(cfg, state: dict[str, torch.Tensor], linears, *, dtype, device, where: Path):
     """A WanModel whose `linears` are bitsandbytes Linear4bit (NF4); CUDA only."""
-    from wan_lite.model import WanModel
-
-    from .format import FIX_HINT, QuantFormatError
-    from .linear import _set_module
-
     if torch.device(device).type != "cuda":
         raise RuntimeError(f"{where} is nf4 (bitsandbytes 4-bit), which runs on CUDA only: load it with "
                            "device='cuda', or convert an int8 / fp8 expert for this device")
@@ -153,10 +145,6 @@ def load_nf4(cfg, state: dict[str, torch.Tensor], linears, *, dtype, device, whe
 
 def load_expert(path: Path, meta: dict, *, dtype, device):
     """A wan-lite folder of a library scheme (quanto-int8, quanto-fp8, nf4)."""
-    from safetensors import safe_open
-
-    from .format import check_shard, config_from_dict
-
     for entry in meta["shards"]:
         check_shard(path, entry, meta["scheme"])
     state = {}
@@ -167,41 +155,4 @@ def load_expert(path: Path, meta: dict, *, dtype, device):
     if meta["scheme"] == "nf4":
         return load_nf4(cfg, state, set(meta["linears"]), dtype=dtype, device=device, where=path)
     qmap = {name: {"weights": QUANTO_QTYPES[meta["scheme"]], "activations": "none"} for name in meta["linears"]}
-    return load_quanto(cfg, state, qmap, dtype=dtype, device=device, where=path)
-
-
-def load_quanto_folder(path, *, dtype=torch.bfloat16, device="cpu"):
-    """A bare optimum-quanto folder: safetensors (+ index) with *.weight._data/_scale keys and quanto_qmap.json.
-
-    Keys and qmap entries may be official or diffusers names (diffusers are renamed); the model dims
-    come from the tensor shapes and config.json, as for an unquantized expert.
-    """
-    from safetensors import safe_open
-
-    from wan_lite import checkpoint as ck
-
-    from .format import QuantFormatError
-
-    path = Path(path)
-    qmap = json.loads((path / QUANTO_QMAP).read_text())
-    files = ck.weight_files(path)
-    diffusers = any(k.startswith(("condition_embedder.", "proj_out.")) or ".attn1." in k for k in files)
-    rename = ck.diffusers_to_official if diffusers else (lambda n: n)
-    qmap = {rename(name + ".").removesuffix("."): spec for name, spec in qmap.items()}
-    for name, spec in qmap.items():
-        if spec.get("activations", "none") != "none":
-            raise QuantFormatError(f"{path / QUANTO_QMAP}: {name} has quanto activation quantization "
-                                   f"({spec['activations']}), which wan-lite does not run: quantize weights only")
-    ours, stored = {}, {}
-    for key, file in files.items():
-        name = rename(key)
-        ours[name], stored[name] = file, key
-    # shapes of the quantized weights sit under .weight._data: expose them as .weight to read the config
-    shape_files = {n.removesuffix("._data"): f for n, f in ours.items() if not n.endswith("._scale")}
-    shape_stored = {n.removesuffix("._data"): stored[n] for n in ours if not n.endswith("._scale")}
-    cfg = ck.config_from_shapes(path, shape_files, shape_stored, ck.read_config(path))
-    state = {}
-    for file in sorted(set(ours.values())):
-        with safe_open(file, framework="pt") as f:
-            state.update({n: f.get_tensor(stored[n]) for n, fn in ours.items() if fn == file})
     return load_quanto(cfg, state, qmap, dtype=dtype, device=device, where=path)
