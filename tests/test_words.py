@@ -16,7 +16,6 @@ import torch
 from wan_lite.config import ModelConfig, SamplingConfig, VideoSize, parse_size, size_arg
 from wan_lite.pipeline import high_steps, timesteps
 
-
 # ---------------------------------------------------------------------------------------------
 # VideoSize and parse_size
 
