@@ -1,7 +1,7 @@
 """Activation statistics for SmoothQuant: per-input-channel absmax of every quantized block Linear.
 
     python -m calib.collect --ckpt ROOT --out calib_stats.safetensors [--prompts calib/prompts.txt]
-        [--size 480x832] [--frames 17] [--steps 8] [--max-prompts N] [--device cuda] [--random-context]
+        [--size 832x480] [--frames 17] [--steps 8] [--max-prompts N] [--device cuda] [--random-context]
 
 For each prompt, a short denoise (`wan_lite.sample`, both experts, CFG with the negative prompt)
 runs from seeded noise while forward pre-hooks on the block Linears record max |x_j| over every
@@ -11,7 +11,7 @@ or `--random-context`) the contexts are random embeddings: enough to exercise th
 calibrate a real model.
 
 Memory: the two experts are loaded in bf16 on `--device` (57 GB for A14B: a large GPU, or the CPU
-with patience); statistics are tiny (one vector per Linear). Small latents (the default 480x832x17
+with patience); statistics are tiny (one vector per Linear). Small latents (the default 832x480x17
 is 7,800 tokens) are enough: the statistics are per channel, not per position.
 
 The output is a safetensors file with keys `high/<linear>` and `low/<linear>` (float32 (K,)) and
@@ -26,6 +26,8 @@ import json
 from pathlib import Path
 
 import torch
+
+from wan_lite.config import VideoSize, size_arg
 
 FORMAT = "wan-lite-calib"
 DEFAULT_PROMPTS = Path(__file__).resolve().parent / "prompts.txt"
@@ -124,16 +126,21 @@ def load_stats(path) -> dict[str, dict[str, torch.Tensor]]:
     return stats
 
 
-def run(root, *, prompts_file=DEFAULT_PROMPTS, size=(480, 832), frames=17, steps=8, max_prompts=None,
+def run(root, *, prompts_file=DEFAULT_PROMPTS, size=(832, 480), frames=17, steps=8, max_prompts=None,
         device="cpu", dtype=torch.bfloat16, random_context=False, seed=0, progress=True):
-    """Load both experts of `root`, encode the prompts, collect: the whole tool as a function."""
+    """Load both experts of `root`, encode the prompts, collect: the whole tool as a function.
+
+    `size` is (width, height) in pixels; it, `frames` and `steps` are checked before an expert loads.
+    """
     from wan_lite import SamplingConfig
     from wan_lite.checkpoint import find_experts, load_expert
     from wan_lite.pipeline import high_steps
 
-    h, w = size  # check the settings before two experts are loaded
-    if h % 16 or w % 16 or (frames - 1) % 4:
-        raise ValueError(f"calibration size {h}x{w}x{frames}: height/width must be multiples of 16, frames 4n+1")
+    try:  # check the settings before two experts are loaded
+        video = VideoSize.of(size, frames)
+    except ValueError as e:
+        raise ValueError(f"calibration size {size[0]}x{size[1]}x{frames} (width and height must be multiples "
+                         f"of 16, frames 4n+1): {e}") from None
     if not 0 < high_steps(SamplingConfig(steps=steps)) < steps:
         raise ValueError(f"a {steps}-step denoise does not run both experts, so one would get no statistics: "
                          "calibrate with more steps (--steps 8 runs both)")
@@ -146,10 +153,10 @@ def run(root, *, prompts_file=DEFAULT_PROMPTS, size=(480, 832), frames=17, steps
         contexts, null = random_contexts(len(prompts), cfg.text_dim, seed)
     else:
         contexts, null = encode_prompts(root, prompts, device)
-    latent_shape = (cfg.in_dim, (frames - 1) // 4 + 1, h // 8, w // 8)
-    stats = collect(high, low, [c.to(dtype) for c in contexts], null.to(dtype), latent_shape=latent_shape,
-                    steps=steps, seed=seed, progress=progress)
-    settings = {"prompts": len(prompts), "size": [h, w], "frames": frames, "steps": steps, "seed": seed,
+    stats = collect(high, low, [c.to(dtype) for c in contexts], null.to(dtype),
+                    latent_shape=video.latent_shape(cfg.in_dim), steps=steps, seed=seed, progress=progress)
+    settings = {"prompts": len(prompts), "width": video.width, "height": video.height, "frames": frames,
+                "steps": steps, "seed": seed,
                 "random_context": random_context, "root": str(root)}
     return stats, settings
 
@@ -159,7 +166,8 @@ def main(argv=None):
     p.add_argument("--ckpt", required=True, help="model root (official or diffusers layout)")
     p.add_argument("--out", required=True, help="statistics file to write (.safetensors)")
     p.add_argument("--prompts", default=str(DEFAULT_PROMPTS))
-    p.add_argument("--size", default="480x832", help="HxW of the calibration video (multiples of 16)")
+    p.add_argument("--size", type=size_arg, default=(832, 480),
+                   help="WIDTHxHEIGHT of the calibration video, multiples of 16 (832x480)")
     p.add_argument("--frames", type=int, default=17)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--max-prompts", type=int, default=None)
@@ -168,8 +176,7 @@ def main(argv=None):
                    help="random embeddings instead of the text encoder (tests; not a real calibration)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    h, w = (int(v) for v in a.size.lower().split("x"))
-    stats, settings = run(a.ckpt, prompts_file=a.prompts, size=(h, w), frames=a.frames, steps=a.steps,
+    stats, settings = run(a.ckpt, prompts_file=a.prompts, size=a.size, frames=a.frames, steps=a.steps,
                           max_prompts=a.max_prompts, device=a.device, random_context=a.random_context, seed=a.seed)
     save_stats(stats, a.out, settings)
     print(f"wrote {a.out}: {sum(len(s) for s in stats.values())} Linears, {settings['prompts']} prompts")

@@ -41,15 +41,22 @@ def _layer_hooks(src_model, q_model, sums: dict[str, list[float]]):
 
 
 @torch.no_grad()
-def quality_report(src_root, q_root, *, steps: int = 6, size=(480, 832), frames: int = 17, seed: int = 0,
+def quality_report(src_root, q_root, *, steps: int = 6, size=(832, 480), frames: int = 17, seed: int = 0,
                    device="cpu", dtype=torch.bfloat16, context: torch.Tensor | None = None,
                    context_null: torch.Tensor | None = None) -> dict:
-    """Per-layer relative errors and final-latent drift (see the module docstring) as a JSON-able dict."""
+    """Per-layer relative errors and final-latent drift (see the module docstring) as a JSON-able dict.
+
+    `size` is (width, height) in pixels. An expert that runs no step of a `steps`-step denoise (the
+    low-noise one below 3 steps) has no layer errors: its summary entry says so in a "note".
+    """
     from wan_lite import SamplingConfig, sample
     from wan_lite.checkpoint import find_experts, load_expert
+    from wan_lite.config import VideoSize
     from wan_lite.quantized.format import META_FILE, read_meta
     from wan_lite.quantized.kernels import select_kernel
 
+    video = VideoSize.of(size, frames)  # checked before four experts load
+    sampling = SamplingConfig(steps=steps)
     src = dict(zip(("high", "low"), find_experts(src_root)))
     qnt = dict(zip(("high", "low"), find_experts(q_root)))
     models = {k: load_expert(p, dtype=dtype, device=device) for k, p in src.items()}
@@ -60,9 +67,8 @@ def quality_report(src_root, q_root, *, steps: int = 6, size=(480, 832), frames:
         context = torch.randn(1, 32, cfg.text_dim, generator=g)
     if context_null is None:
         context_null = torch.randn(1, 12, cfg.text_dim, generator=g)
-    h, w = size
-    noise = torch.randn(1, cfg.in_dim, (frames - 1) // 4 + 1, h // 8, w // 8, generator=g)
-    args = (noise.to(device), context.to(device, dtype), context_null.to(device, dtype), SamplingConfig(steps=steps))
+    noise = torch.randn(1, *video.latent_shape(cfg.in_dim), generator=g)  # (1, C, F', H/8, W/8)
+    args = (noise.to(device), context.to(device, dtype), context_null.to(device, dtype), sampling)
 
     sums = {"high": {}, "low": {}}
     handles = [hk for k in ("high", "low") for hk in _layer_hooks(models[k], qmodels[k], sums[k])]
@@ -74,39 +80,72 @@ def quality_report(src_root, q_root, *, steps: int = 6, size=(480, 832), frames:
     out = sample(qmodels["high"], qmodels["low"], *args)
 
     layers = {k: {n: math.sqrt(e / max(r, 1e-30)) for n, (e, r) in s.items()} for k, s in sums.items()}
-    summary = {}
-    for k, errs in layers.items():
-        if errs:
-            worst = max(errs, key=errs.get)
-            summary[k] = {"layers": len(errs), "mean": sum(errs.values()) / len(errs), "max": errs[worst],
-                          "worst": worst}
-    schemes = {k: (read_meta(p)["scheme"] if (Path(p) / META_FILE).is_file() else "unquantized")
-               for k, p in qnt.items()}
-    scheme = schemes["high"] if schemes["high"] != "unquantized" else schemes["low"]
+    schemes = {k: (read_meta(p)["scheme"] if (Path(p) / META_FILE).is_file() else "none") for k, p in qnt.items()}
+    scheme = schemes["high"] if schemes["high"] != "none" else schemes["low"]
     return {
         "source": str(src_root), "quantized": str(q_root), "schemes": schemes,
         "kernel": select_kernel(torch.device(device), scheme) if scheme in ("int8", "fp8") else scheme,
         "device": str(device), "dtype": str(dtype).removeprefix("torch."), "steps": steps,
+        "width": video.width, "height": video.height, "frames": video.frames,
         "latent_shape": list(noise.shape), "seed": seed,
         "latents": {"rel_error": ((out - ref).norm() / ref.norm()).item(),
                     "max_abs_error": (out - ref).abs().max().item()},
-        "summary": summary,
+        "summary": summarize(layers, sampling),
         "layers": layers,
     }
+
+
+def summarize(layers: dict[str, dict[str, float]], sampling) -> dict[str, dict]:
+    """Per expert: the timesteps it ran and its layers' mean / max relative error and worst layer; for an
+    expert that ran no step, a "note" saying it is not covered and how many steps would cover it."""
+    from wan_lite.pipeline import timesteps
+
+    summary = {}
+    for k, errs in layers.items():
+        ran = [t for t in timesteps(sampling) if (t >= sampling.boundary_timestep) == (k == "high")]
+        entry = {"steps": len(ran), "timesteps": ran}
+        if errs:
+            worst = max(errs, key=errs.get)
+            entry |= {"layers": len(errs), "mean": sum(errs.values()) / len(errs), "max": errs[worst],
+                      "worst": worst}
+        else:
+            entry["note"] = (f"not covered: the {k}-noise expert runs no step of a {sampling.steps}-step denoise "
+                             f"(it takes t {'>=' if k == 'high' else '<'} {sampling.boundary_timestep:g}); "
+                             f"--steps {steps_covering_both(sampling)} runs both experts")
+        summary[k] = entry
+    return summary
+
+
+def steps_covering_both(sampling) -> int:
+    """The fewest steps (this shift and boundary) in which each expert runs at least one."""
+    import dataclasses
+
+    from wan_lite.pipeline import high_steps
+
+    for n in range(2, 1001):
+        if 0 < high_steps(dataclasses.replace(sampling, steps=n)) < n:
+            return n
+    raise ValueError(f"no step count up to 1000 runs both experts with shift {sampling.shift} "
+                     f"and boundary {sampling.boundary}")
 
 
 def format_report(r: dict, top: int = 10) -> str:
     """A printable table: summary per expert, the `top` worst layers, the latent drift."""
     lines = [f"quality of {r['quantized']} ({r['schemes']}, kernel {r['kernel']}, {r['device']} {r['dtype']}) "
              f"against {r['source']}", ""]
-    lines.append(f"{'expert':<7} {'layers':>6} {'mean rel err':>13} {'max rel err':>12}  worst layer")
+    lines.append(f"{'expert':<7} {'steps':>5} {'layers':>6} {'mean rel err':>13} {'max rel err':>12}  worst layer")
     for k, s in r["summary"].items():
-        lines.append(f"{k:<7} {s['layers']:>6} {s['mean']:>13.4e} {s['max']:>12.4e}  {s['worst']}")
+        if "note" in s:
+            lines.append(f"{k:<7} {s['steps']:>5} {s['note']}")
+        else:
+            lines.append(f"{k:<7} {s['steps']:>5} {s['layers']:>6} {s['mean']:>13.4e} {s['max']:>12.4e}  "
+                         f"{s['worst']}")
     ranked = sorted(((e, k, n) for k, errs in r["layers"].items() for n, e in errs.items()), reverse=True)[:top]
     lines += ["", f"{'worst layers':<40} {'rel err':>10}"]
     lines += [f"{k + ':' + n:<40} {e:>10.4e}" for e, k, n in ranked]
     lat = r["latents"]
-    lines += ["", f"final latents after {r['steps']} steps {tuple(r['latent_shape'])}: rel error "
+    lines += ["", f"final latents after {r['steps']} steps ({r['width']}x{r['height']}, {r['frames']} frames, "
+              f"latents {tuple(r['latent_shape'])}): rel error "
               f"{lat['rel_error']:.4e}, max abs error {lat['max_abs_error']:.4e}"]
     return "\n".join(lines)
 

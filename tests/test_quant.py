@@ -428,7 +428,7 @@ def test_calibration_settings_checked_before_loading(tmp_path, monkeypatch):
 
     monkeypatch.setattr("wan_lite.checkpoint.load_expert", lambda *a, **k: pytest.fail("loaded an expert"))
     with pytest.raises(ValueError, match="multiples of 16"):
-        collect.run(tmp_path, size=(30, 32), frames=5, random_context=True, progress=False)
+        collect.run(tmp_path, size=(32, 30), frames=5, random_context=True, progress=False)
     with pytest.raises(ValueError, match="does not run both experts.*--steps 8"):
         collect.run(tmp_path, size=(32, 32), frames=5, steps=1, random_context=True, progress=False)
 

@@ -1,14 +1,15 @@
 """python -m wan_lite.bench: time the denoising loop at full A14B size with random weights.
 
-    python -m wan_lite.bench --res 720p --frames 81 --quant int8 --vram-gb 24 [--mode resident|streaming]
+    python -m wan_lite.bench --res 720p --frames 81 --scheme int8 --vram-gb 24 [--mode resident|streaming]
                              [--steps N] [--baselines] [--json out.json]
 
 Both experts get random weights of the real size and format, generated on the GPU and kept in pinned
 host RAM as the residency holds them (no checkpoint on disk). The process is capped with
 `torch.cuda.set_per_process_memory_fraction(vram_gb / card)`, so PyTorch's allocator behaves as on a
-card of that size. One warm-up pass (compilation, kernel autotuning, the first load), then `--steps`
-guided steps with the high-noise expert (the last of which swaps the low-noise expert in) and as many
-with the low-noise one; per-step times are extrapolated to the official 26 + 14 steps.
+card of that size. One warm-up pass (compilation, kernel autotuning, the first load), then
+`pipeline.sample` over a short grid (`bench_sampling`): `--steps` guided steps with the high-noise
+expert (the last of which swaps the low-noise expert in) and as many with the low-noise one, each
+timed through the sampler's callback; per-step times are extrapolated to the official 26 + 14 steps.
 
 Reported: seconds per step for each expert, the visible swap stall (time the compute stream waited
 for weight copies during the first low-noise step), peak VRAM (allocated and reserved), host RAM,
@@ -29,15 +30,19 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 
 import psutil
 import torch
 
-from .config import ModelConfig, SamplingConfig
-from .pipeline import high_steps
-from .planner import RESOLUTIONS, PlanError, make_plan, tokens
-from .residency import HostExpert, Residency, layouts_of, template
+from .config import ModelConfig, SamplingConfig, VideoSize
+from .model import WanModel
+from .pipeline import high_steps, sample, timesteps
+from .planner import RESOLUTIONS, PlanError, make_plan
+from .quantized.format import QUANTIZED_LINEAR
+from .residency import HostExpert, Layout, Residency, layouts_of, template
+from .scheduler import SIGMA_MAX
 
 GB = 1e9
 
@@ -46,16 +51,12 @@ GB = 1e9
 # random experts of the real size
 
 
-def runtime_template(cfg: ModelConfig, quant: str, compile_blocks: bool = False) -> torch.nn.Module:
-    """The meta-device model the residency copies onto the GPU: bf16, or 8-bit block Linears."""
-    model = template(cfg, torch.bfloat16)
-    if quant in ("int8", "fp8"):
-        from .quantized.format import QUANTIZED_LINEAR
-        from .quantized.linear import convert_for_runtime
-
-        names = [n for n, _ in model.named_modules() if QUANTIZED_LINEAR.match(n)]
-        convert_for_runtime(model, {n: {"scheme": quant} for n in names})
-    return model
+def runtime_template(cfg: ModelConfig, scheme: str) -> torch.nn.Module:
+    """The meta-device model the residency copies onto the GPU: bf16 ("none"), or 8-bit block Linears."""
+    with torch.device("meta"):
+        names = [n for n, _ in WanModel(cfg).named_modules() if QUANTIZED_LINEAR.match(n)]
+    linears = {} if scheme == "none" else {n: {"scheme": scheme} for n in names}
+    return template(cfg, torch.bfloat16, linears)
 
 
 def fill_random(name: str, t: torch.Tensor, g: torch.Generator) -> None:
@@ -78,19 +79,39 @@ def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def random_units(model: torch.nn.Module, seed: int, device="cuda") -> Iterator[tuple[str, Layout, torch.Tensor]]:
+    """The one random-expert builder: each unit of `model`'s layout (a meta-device template will do) as
+    (unit, layout, flat uint8 buffer on `device`) with random weights (`fill_random`), drawn unit by unit
+    from one generator seeded with `seed` (so the same on every device of one kind; one unit in memory
+    at a time unless the caller keeps them)."""
+    g = torch.Generator(device).manual_seed(seed)
+    for unit, lay in layouts_of(model).items():
+        buf = torch.empty(lay.nbytes, dtype=torch.uint8, device=device)
+        for name, view in lay.views(buf).items():
+            fill_random(name, view, g)
+        yield unit, lay, buf
+
+
 def random_host_expert(model: torch.nn.Module, seed: int, pin: bool = True) -> HostExpert:
     """One expert of `model`'s layout with random weights, generated on the GPU, held in pinned RAM."""
     layouts = layouts_of(model)
     _log(f"building a random expert: {sum(lay.nbytes for lay in layouts.values()) / GB:.1f} GB, pinned={pin}")
     host = HostExpert.empty(layouts, pin=pin)
-    g = torch.Generator("cuda").manual_seed(seed)
-    for unit, lay in layouts.items():
-        buf = torch.empty(lay.nbytes, dtype=torch.uint8, device="cuda")
-        for name, view in lay.views(buf).items():
-            fill_random(name, view, g)
+    for unit, _, buf in random_units(model, seed, "cuda"):
         host.flats[unit].copy_(buf)
     torch.cuda.synchronize()
     return host
+
+
+def random_expert(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int) -> WanModel:
+    """A WanModel on `device` with random weights (`random_units`), dtypes as `load_expert` holds them;
+    each unit's tensors are views into its flat buffer, as the residency holds them on the GPU."""
+    model = template(cfg, dtype)
+    state = {}
+    for _, lay, buf in random_units(model, seed, device):
+        state.update(lay.views(buf))
+    model.load_state_dict(state, assign=True)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -105,9 +126,9 @@ def _cap(vram_gb: float | None) -> None:
     torch.cuda.reset_peak_memory_stats()
 
 
-def _inputs(cfg: ModelConfig, height: int, width: int, frames: int, seed: int = 0):
+def _inputs(cfg: ModelConfig, video: VideoSize, seed: int = 0):
     g = torch.Generator("cuda").manual_seed(seed)
-    x = torch.randn(1, cfg.in_dim, (frames - 1) // 4 + 1, height // 8, width // 8, generator=g, device="cuda")
+    x = torch.randn(1, *video.latent_shape(cfg.in_dim), generator=g, device="cuda")  # (1, C, F', H/8, W/8)
     ctx = torch.randn(1, 120, cfg.text_dim, generator=g, device="cuda")  # a prompt of 120 tokens
     ctx_null = torch.randn(1, 60, cfg.text_dim, generator=g, device="cuda")
     return x, ctx, ctx_null
@@ -125,16 +146,35 @@ def extrapolate(high_s: float, low_s: float, stall_s: float, sampling: SamplingC
     return {"steps_high": n_high, "steps_low": n_low, "denoise_total_s": n_high * high_s + n_low * low_s + stall_s}
 
 
+def bench_sampling(steps: int) -> SamplingConfig:
+    """The official sampler on a grid of 2 x `steps` steps whose first `steps` are the high-noise expert's.
+
+    Before the shift the grid's sigmas are u_i = SIGMA_MAX (1 - i / (2n)); the shift maps u to
+    s u / (1 + (s - 1) u). s is chosen so the point halfway between u_(n-1) and u_n, u = SIGMA_MAX (2n + 1) / 4n,
+    lands on the boundary b: s = b (1 - u) / (u (1 - b)) (2.34 for n = 1, 5.74 for n = 5, 6.35 for n = 10).
+    Raises ValueError if the truncated timesteps do not split n / n (checked with `pipeline.high_steps`).
+    """
+    b = SamplingConfig().boundary
+    u = SIGMA_MAX * (2 * steps + 1) / (4 * steps)
+    sampling = SamplingConfig(steps=2 * steps, shift=b * (1 - u) / (u * (1 - b)))
+    if high_steps(sampling) != steps:
+        raise ValueError(f"no {2 * steps}-step grid splits {steps} / {steps} between the experts: use fewer --steps")
+    return sampling
+
+
 def bench_ours(tmpl, hosts, *, height, width, frames, mode, cfg_batched, vram_gb, steps=1, label="",
                compile_blocks=False, ffn_chunk=None) -> dict:
-    """Warm-up pass, then `steps` guided high steps (the last swaps) and `steps` low steps."""
+    """Warm-up pass, then `pipeline.sample` over `bench_sampling(steps)`: `steps` guided high steps (the
+    last swaps) and `steps` low steps, each timed by the sampler's callback (CUDA synchronized)."""
     cfg = tmpl.cfg
+    video = VideoSize(width, height, frames)
+    sampling = bench_sampling(steps)
     _cap(vram_gb)
     res = Residency(tmpl, *hosts, device="cuda", mode=mode, cfg_batched=cfg_batched, compile=compile_blocks,
                     ffn_chunk=ffn_chunk, measure=True)
-    x, ctx, ctx_null = _inputs(cfg, height, width, frames)
-    L = tokens(height, width, frames, cfg)
-    out = {"label": label, "height": height, "width": width, "frames": frames, "tokens": L, "mode": mode,
+    x, ctx, ctx_null = _inputs(cfg, video)
+    L = video.tokens(cfg.patch_size)
+    out = {"label": label, "width": width, "height": height, "frames": frames, "tokens": L, "mode": mode,
            "cfg_batched": cfg_batched, "vram_cap_gb": vram_gb, "compile": compile_blocks, "ffn_chunk": ffn_chunk,
            "weights_vram_gb": res.device_bytes / GB}
     _log(f"{label}: warm-up pass")
@@ -143,22 +183,25 @@ def bench_ours(tmpl, hosts, *, height, width, frames, mode, cfg_batched, vram_gb
         res.high.guided(x, torch.tensor([999], device="cuda"), ctx, ctx_null, 4.0)  # warm-up and first load
         torch.cuda.synchronize()
         out["warmup_s"] = time.perf_counter() - t0
-        ts = [990 - i for i in range(steps)] + [860 - i for i in range(steps)]
-        boundary = SamplingConfig().boundary_timestep
-        res.plan_steps(ts, boundary)
-        times = []
-        _log(f"{label}: warm-up {out['warmup_s']:.1f} s, timing {len(ts)} steps")
-        for t in ts:
-            expert = res.high if t >= boundary else res.low
+        res.prepare(sampling)  # plans the swap from the grid and the boundary
+        _log(f"{label}: warm-up {out['warmup_s']:.1f} s, timing {sampling.steps} steps")
+        stamps, experts = [], []
+
+        def stamp(step: int, total: int, t: int, expert: str) -> None:  # after each step: its end time
             torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            v = expert.guided(x, torch.tensor([t], device="cuda"), ctx, ctx_null, 4.0 if t >= boundary else 3.0)
-            x = x - 0.01 * v
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
+            stamps.append(time.perf_counter())
+            experts.append(expert)
+
+        torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+        x = sample(res.high, res.low, x, ctx, ctx_null, sampling, callback=stamp)
+        times = {"high": [], "low": []}
+        for expert, start, end in zip(experts, stamps, stamps[1:]):
+            times[expert].append(end - start)
         first_low = res._call - steps + 1
         out.update({
-            "high_step_s": sum(times[:steps]) / steps, "low_step_s": sum(times[steps:]) / steps,
+            "high_step_s": sum(times["high"]) / steps, "low_step_s": sum(times["low"]) / steps,
+            "timesteps": [int(t) for t in timesteps(sampling)], "shift": sampling.shift,
             "swap_stall_ms": res.stats.stall_ms(first_low),
             "stall_per_low_step_ms": [res.stats.stall_ms(first_low + i) for i in range(steps)],
             "copied_gb": res.stats.bytes / GB,
@@ -177,7 +220,7 @@ def bench_ours(tmpl, hosts, *, height, width, frames, mode, cfg_batched, vram_gb
         out["error"] = f"{type(e).__name__}: {str(e)[:500]}"
     out["misses"], out["copies"] = res.stats.misses, res.stats.copies
     out["host_rss_gb"] = _host_rss_gb()
-    res.evict()
+    res.release()
     del res
     return out
 
@@ -203,9 +246,9 @@ def bench_diffusers(cfg: ModelConfig, *, height, width, frames, vram_gb, label="
     model.enable_group_offload(onload_device=torch.device("cuda"), offload_device=torch.device("cpu"),
                                offload_type="block_level", num_blocks_per_group=1, use_stream=True)
     pad = lambda c: torch.nn.functional.pad(c, (0, 0, 0, cfg.text_len - c.shape[1]))  # as WanPipeline does
-    x, ctx, ctx_null = _inputs(cfg, height, width, frames)
+    x, ctx, ctx_null = _inputs(cfg, VideoSize(width, height, frames))
     x, ctx, ctx_null = x.bfloat16(), pad(ctx).bfloat16(), pad(ctx_null).bfloat16()
-    out = {"label": label, "height": height, "width": width, "frames": frames, "vram_cap_gb": vram_gb}
+    out = {"label": label, "width": width, "height": height, "frames": frames, "vram_cap_gb": vram_gb}
     _cap(vram_gb)
     try:
         with torch.no_grad():
@@ -280,7 +323,7 @@ def bench_text() -> dict:
     return out
 
 
-def bench_vae(height: int, width: int, frames: int, vram_gb: float | None, dtype=torch.bfloat16) -> dict:
+def bench_vae(width: int, height: int, frames: int, vram_gb: float | None, dtype=torch.bfloat16) -> dict:
     """Wan2.1 VAE decode (diffusers AutoencoderKLWan, random weights), tiled as the planner says."""
     from diffusers import AutoencoderKLWan
 
@@ -297,8 +340,8 @@ def bench_vae(height: int, width: int, frames: int, vram_gb: float | None, dtype
             fill_random(name, p, g)
     vae = VAE(model, [0.0] * 16, [1.0] * 16, device=torch.device("cuda"), dtype=dtype)
     tile = make_plan(vram_gb or 80, height=height, width=width, frames=frames).vae_tile
-    lat = torch.randn(1, 16, (frames - 1) // 4 + 1, height // 8, width // 8, device="cuda")
-    out = {"label": f"VAE decode ({str(dtype).split('.')[-1]})", "height": height, "width": width,
+    lat = torch.randn(1, *VideoSize(width, height, frames).latent_shape(), device="cuda")  # (1, 16, F', H/8, W/8)
+    out = {"label": f"VAE decode ({str(dtype).split('.')[-1]})", "width": width, "height": height,
            "frames": frames, "tile": tile, "vram_cap_gb": vram_gb}
     try:
         t0 = time.perf_counter()
@@ -336,14 +379,15 @@ def main(argv=None) -> int:
                                 epilog="python -m wan_lite.bench linear --help: the 8-bit Linear kernels alone")
     p.add_argument("--res", choices=sorted(RESOLUTIONS), default="480p")
     p.add_argument("--frames", type=int, default=81)
-    p.add_argument("--quant", choices=("int8", "fp8", "bf16"), default="int8")
+    p.add_argument("--scheme", "--quant", dest="scheme", choices=("int8", "fp8", "none"), default="int8",
+                   help="the experts' weight format (none: bf16)")
     p.add_argument("--vram-gb", type=float, default=24.0, help="cap PyTorch's allocator to this many GB (1e9); 0: none")
     p.add_argument("--mode", choices=("resident", "streaming"), help="default: what the planner picks")
     p.add_argument("--cfg-batched", choices=("yes", "no"), help="default: what the planner picks")
     p.add_argument("--ffn-chunk", type=int, help="tokens per FFN chunk (default: the planner's; 0: none)")
     p.add_argument("--steps", type=int, default=1, help="measured steps per expert (after one warm-up pass)")
     p.add_argument("--compile", choices=("yes", "no"), default="yes", help="torch.compile each block")
-    p.add_argument("--what", default="ours", help=f"comma list of {', '.join(WHAT)}: ours = --quant/--mode "
+    p.add_argument("--what", default="ours", help=f"comma list of {', '.join(WHAT)}: ours = --scheme/--mode "
                    "under the cap; bf16 = our bf16 resident path without a cap; diffusers = WanTransformer3DModel "
                    "with group offloading under the cap; text / vae = the umt5 encoder / the VAE decode")
     p.add_argument("--baselines", action="store_true", help="shorthand: add bf16 and diffusers to --what")
@@ -362,7 +406,7 @@ def main(argv=None) -> int:
     cfg = ModelConfig.a14b()
     height, width = RESOLUTIONS[args.res]
     try:
-        plan = make_plan(vram_gb or 1000.0, height=height, width=width, frames=args.frames, quant=args.quant,
+        plan = make_plan(vram_gb or 1000.0, height=height, width=width, frames=args.frames, scheme=args.scheme,
                          mode=args.mode)
         print(plan.describe())
         mode, batched, chunk = plan.mode, plan.cfg_batched, plan.ffn_chunk
@@ -385,19 +429,19 @@ def main(argv=None) -> int:
     compile_blocks = args.compile == "yes"
     common = dict(height=height, width=width, frames=args.frames, steps=args.steps, ffn_chunk=chunk)
     if "ours" in what:
-        tmpl = runtime_template(cfg, args.quant)
+        tmpl = runtime_template(cfg, args.scheme)
         hosts = (random_host_expert(tmpl, 1), random_host_expert(tmpl, 2))
         record(bench_copy(hosts[0]))
         run = bench_ours(tmpl, hosts, mode=mode, cfg_batched=batched, vram_gb=vram_gb,
-                         label=f"wan-lite {args.quant} {mode}", compile_blocks=compile_blocks, **common)
+                         label=f"wan-lite {args.scheme} {mode}", compile_blocks=compile_blocks, **common)
         record(run)
         if compile_blocks and "error" in run and not run["error"].startswith("OOM"):  # measure eager instead
             record(bench_ours(tmpl, hosts, mode=mode, cfg_batched=batched, vram_gb=vram_gb,
-                              label=f"wan-lite {args.quant} {mode} (eager: compile failed)", **common))
+                              label=f"wan-lite {args.scheme} {mode} (eager: compile failed)", **common))
         del hosts
         _empty_host_cache()
     if "bf16" in what:
-        tmpl16 = runtime_template(cfg, "bf16")
+        tmpl16 = runtime_template(cfg, "none")
         hosts = (random_host_expert(tmpl16, 1), random_host_expert(tmpl16, 2))
         record(bench_ours(tmpl16, hosts, mode="resident", cfg_batched=False, vram_gb=None,
                           label="wan-lite bf16 resident, no cap", compile_blocks=compile_blocks, **common))
@@ -408,7 +452,7 @@ def main(argv=None) -> int:
     if "text" in what:
         record(bench_text())
     if "vae" in what:
-        record(bench_vae(height, width, args.frames, vram_gb))
+        record(bench_vae(width, height, args.frames, vram_gb))
     results["host_peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
     if args.json:
         with open(args.json, "w") as f:

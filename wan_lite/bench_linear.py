@@ -1,7 +1,7 @@
 """python -m wan_lite.bench_linear: the quantized Linear kernels at A14B shapes against bf16.
 
 For each block Linear shape (K x N: 5120x5120 for self-attn q/k/v/o and cross-attn q/o, 5120x13824
-for ffn.0, 13824x5120 for ffn.2) at M = 32,760 (480x832x81) and 75,600 (1280x720x81) tokens:
+for ffn.0, 13824x5120 for ffn.2) at M = 32,760 (832x480x81) and 75,600 (1280x720x81) tokens:
 
 | variant            | what runs                                                                |
 |--------------------|--------------------------------------------------------------------------|
@@ -30,8 +30,10 @@ from datetime import datetime, timezone
 import torch
 import torch.nn.functional as F
 
+from .config import VideoSize
+
 SHAPES = [("attn q/k/v/o", 5120, 5120), ("ffn.0", 5120, 13824), ("ffn.2", 13824, 5120)]  # (name, K, N)
-TOKENS = (32760, 75600)
+TOKENS = (VideoSize(832, 480, 81).tokens(), VideoSize(1280, 720, 81).tokens())  # 480p, 720p: 32,760 and 75,600
 
 
 def variants(x, w, b):

@@ -31,27 +31,11 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from . import parallel
 from .attention import resolve
-from .bench import fill_random
-from .checkpoint import param_dtype
-from .config import ModelConfig
-from .model import WanModel
+from .bench import random_expert
+from .config import ModelConfig, VideoSize
 
-RES = {"480p": (480, 832), "720p": (720, 1280)}  # (height, width) in pixels: the official T2V sizes
+RES = {"480p": (832, 480), "720p": (1280, 720)}  # (width, height) in pixels: the official T2V sizes
 MODES = ("single", "ulysses", "cfg", "ulysses-fsdp", "cfg-fsdp")
-
-
-def random_expert(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int) -> WanModel:
-    """A WanModel with random weights, drawn on `device` from `seed` (identical on every rank of one kind of
-    device), scaled so activations stay O(1) through 40 blocks; dtypes as `load_expert` holds them."""
-    with torch.device("meta"):
-        model = WanModel(cfg)
-    g = torch.Generator(device).manual_seed(seed)
-    state = {}
-    for name, p in model.state_dict().items():
-        state[name] = torch.empty(p.shape, device=device, dtype=param_dtype(name, dtype))
-        fill_random(name, state[name], g)
-    model.load_state_dict(state, assign=True)
-    return model.eval().requires_grad_(False)
 
 
 def forward_flops(cfg: ModelConfig, tokens: int) -> float:
@@ -136,9 +120,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         grids["cfg"] = parallel.init_parallel("cfg", device=device, fsdp=False, num_heads=cfg.num_heads)
     fsdp_mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("fsdp",))
 
-    (h, w), frames = ((16, 48), 9) if args.tiny else (RES[args.res], args.frames)
-    shape = (1, cfg.in_dim, (frames - 1) // 4 + 1, h // 8, w // 8)  # (B, C, F', H/8, W/8) latents
-    tokens = shape[2] * (shape[3] // 2) * (shape[4] // 2)
+    video = VideoSize(48, 16, 9) if args.tiny else VideoSize(*RES[args.res], args.frames)
+    shape, frames = (1, *video.latent_shape(cfg.in_dim)), video.frames  # (B, C, F', H/8, W/8) latents
+    tokens = video.tokens(cfg.patch_size)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g).to(device)
     contexts = tuple(torch.randn(1, n, cfg.text_dim, generator=g).to(device, dtype) for n in (97, 126))

@@ -7,6 +7,7 @@ text-to-video defaults of `wan/configs/wan_t2v_A14B.py`.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass, field
 
 SOLVERS = ("unipc", "euler")
@@ -81,3 +82,85 @@ class SamplingConfig:
     def boundary_timestep(self) -> float:
         """The timestep at which the low-noise expert takes over (875 for A14B)."""
         return self.boundary * self.num_train_timesteps
+
+
+# ---------------------------------------------------------------------------------------------
+# the video size: (width, height) in pixels and frames, and what the latents and the DiT see
+
+VAE_STRIDE = (4, 8, 8)  # (t, h, w) compression of the Wan2.1 VAE (DESIGN.md: stride 4x8x8)
+
+
+def _fix(value, step: int, offset: int, least: int) -> str:
+    """': use A or B', the valid values (offset + k * step, at least `least`) around a wrong `value`."""
+    if not isinstance(value, int):
+        return ": use a whole number"
+    below = (value - offset) // step * step + offset
+    return f": use {max(least, below)} or {below + step}"
+
+
+@dataclass(frozen=True)
+class VideoSize:
+    """A video's size, always (width, height): pixels and frames, validated, with the latent shape and the
+    number of tokens the DiT attends over (480p: 832x480x81 -> 32,760; 720p: 1280x720x81 -> 75,600).
+
+    Raises ValueError naming the nearest valid values for a width or height that is not a positive
+    multiple of 16 (the VAE's 8 x the patch's 2) or a frame count not of the form 4n+1.
+    """
+
+    width: int  # pixels, a positive multiple of 16
+    height: int  # pixels, a positive multiple of 16
+    frames: int  # 4n+1 (81 at 16 fps is the official length)
+
+    def __post_init__(self):
+        for name, value in (("width", self.width), ("height", self.height)):
+            if not isinstance(value, int) or value <= 0 or value % 16:
+                raise ValueError(f"{name} {value} is not a positive multiple of 16{_fix(value, 16, 0, 16)}")
+        if not isinstance(self.frames, int) or self.frames < 1 or (self.frames - 1) % 4:
+            raise ValueError(f"frames {self.frames} is not of the form 4n+1{_fix(self.frames, 4, 1, 1)} "
+                             "(81 is the official length)")
+
+    @classmethod
+    def of(cls, size: tuple[int, int], frames: int) -> VideoSize:
+        """From a (width, height) pair and a frame count."""
+        if len(size) != 2:
+            raise ValueError(f"size must be (width, height), got {size!r}")
+        return cls(size[0], size[1], frames)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) in pixels."""
+        return self.width, self.height
+
+    def latent_shape(self, channels: int = 16) -> tuple[int, int, int, int]:
+        """(C, F', H/8, W/8) with F' = (F-1)/4 + 1: the VAE latents of this video (no batch axis)."""
+        st, sh, sw = VAE_STRIDE
+        return channels, (self.frames - 1) // st + 1, self.height // sh, self.width // sw
+
+    def tokens(self, patch: tuple[int, int, int] = (1, 2, 2)) -> int:
+        """L = F' * H/16 * W/16: the video tokens after the DiT's (t, h, w) patchify (ModelConfig.patch_size)."""
+        _, f, h, w = self.latent_shape()
+        pt, ph, pw = patch
+        return f // pt * (h // ph) * (w // pw)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'1280x720' -> (1280, 720): the one parser of WIDTHxHEIGHT, width first.
+
+    Raises ValueError naming the fix for text that is not WIDTHxHEIGHT or a side that is not a positive
+    multiple of 16 (checked by VideoSize). On the command line use `size_arg`, which argparse reports.
+    """
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"size {text!r} is not WIDTHxHEIGHT, e.g. 1280x720")
+    width, height = int(parts[0]), int(parts[1])
+    VideoSize(width, height, 1)  # raises for a side that is not a positive multiple of 16
+    return width, height
+
+
+def size_arg(text: str) -> tuple[int, int]:
+    """`parse_size` as an argparse `type=`: its ValueError becomes an ArgumentTypeError, whose message
+    argparse prints as is (it would print only "invalid value" for a ValueError)."""
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from .config import size_arg
+
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -23,20 +25,12 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """'1280x720' -> (1280, 720), width first."""
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise argparse.ArgumentTypeError(f"size {text!r} is not WIDTHxHEIGHT, e.g. 1280x720")
-    return int(parts[0]), int(parts[1])
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m wan_lite.generate", description="Wan2.2-T2V-A14B text to video.")
     p.add_argument("--ckpt", required=True, help="model root (official or diffusers layout) or a Hugging Face id")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default=None, help="default: the official Chinese negative prompt")
-    p.add_argument("--size", type=parse_size, default=(1280, 720), help="WIDTHxHEIGHT, multiples of 16 (1280x720)")
+    p.add_argument("--size", type=size_arg, default=(1280, 720), help="WIDTHxHEIGHT, multiples of 16 (1280x720)")
     p.add_argument("--frames", type=int, default=81, help="4n+1 frames at 16 fps (81)")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--seed", type=int, default=None, help="default: random (printed and stored in the mp4)")

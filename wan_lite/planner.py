@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import attention
-from .config import ModelConfig
+from .config import ModelConfig, VideoSize
 from .residency import layouts_of, template
 
 GB = 1e9
@@ -110,10 +110,9 @@ class Plan:
 # memory arithmetic
 
 
-def tokens(height: int, width: int, frames: int, cfg: ModelConfig) -> int:
-    """L = F' * H/16 * W/16 for the Wan2.1 VAE (stride 4x8x8) and patch (1, 2, 2)."""
-    pt, ph, pw = cfg.patch_size
-    return ((frames - 1) // 4 + 1) // pt * (height // 8 // ph) * (width // 8 // pw)
+def tokens(width: int, height: int, frames: int, cfg: ModelConfig) -> int:
+    """L = F' * H/16 * W/16 (VideoSize.tokens with the model's patch); raises ValueError for a bad size."""
+    return VideoSize(width, height, frames).tokens(cfg.patch_size)
 
 
 def budget_scheme(scheme: str) -> str:
@@ -182,7 +181,7 @@ def make_plan(vram_gb: float | None = None, *, height: int, width: int, frames: 
         vram_gb = torch.cuda.mem_get_info(device)[0] / GB
     if height % 16 or width % 16 or (frames - 1) % 4:
         raise PlanError(f"{width}x{height}x{frames}: width and height must be multiples of 16, frames 4n+1")
-    L = tokens(height, width, frames, cfg)
+    L = tokens(width, height, frames, cfg)
     usable = (vram_gb * GB - SLACK) / FRAGMENTATION  # what may be allocated
 
     candidates = [("resident", False), ("streaming", True), ("streaming", False)]

@@ -7,7 +7,9 @@ Convert (streaming, resumable, writes DST.partial/ and renames it to DST when ve
 
 Report (per-layer relative error and final-latent drift of a short denoise, same seed):
 
-    python -m wan_lite.quantize --report --ckpt SRC --quantized DST [--steps N] [--json out.json]
+    python -m wan_lite.quantize --report --ckpt SRC --quantized DST [--steps N] [--size 832x480] [--json out.json]
+
+(--steps 2 or fewer runs only the high-noise expert: the report's summary marks the low one not covered.)
 
 SRC is a model root of either layout (official high_noise_model/ + low_noise_model/, or diffusers
 transformer/ + transformer_2/). The work is done by quant.convert and quant.report.
@@ -21,12 +23,9 @@ from pathlib import Path
 
 import torch
 
+from .config import size_arg
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def _size(text: str) -> tuple[int, int]:
-    h, _, w = text.lower().partition("x")
-    return int(h), int(w)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--report", action="store_true", help="compare --quantized with --ckpt instead of converting")
     p.add_argument("--quantized", help="quantized model root (report)")
     p.add_argument("--steps", type=int, default=6, help="denoising steps (report; calibration)")
-    p.add_argument("--size", type=_size, default=(480, 832), help="HxW of the report/calibration video")
+    p.add_argument("--size", type=size_arg, default=(832, 480),
+                   help="WIDTHxHEIGHT of the report/calibration video, multiples of 16 (832x480)")
     p.add_argument("--frames", type=int, default=17, help="frames of the report/calibration video (4n+1)")
     p.add_argument("--json", help="write the report as JSON here")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
