@@ -10,6 +10,7 @@ diffusers: builders.official_to_diffusers), so the runtime's key parsing is chec
 from __future__ import annotations
 
 import copy
+import json
 import math
 import warnings
 
@@ -150,13 +151,20 @@ def write_kohya(path, factors):
 
 
 def write_diffusers(path, factors):
-    """PEFT keys, no alpha (the factors' scale is 1)."""
-    sd = {}
+    """PEFT keys, no alpha keys. An alpha goes into the header's lora_adapter_metadata as diffusers'
+    save_lora_weights writes it (PEFT LoraConfig fields prefixed "transformer."); none: scale 1."""
+    sd, alphas, modules = {}, set(), []
     for m, (down, up, alpha) in factors.items():
-        assert alpha is None
-        name = "transformer." + official_to_diffusers(f"{m}.weight").removesuffix(".weight")
-        sd[f"{name}.lora_A.weight"], sd[f"{name}.lora_B.weight"] = down, up
-    save_file(sd, path)
+        modules.append(official_to_diffusers(f"{m}.weight").removesuffix(".weight"))
+        sd[f"transformer.{modules[-1]}.lora_A.weight"], sd[f"transformer.{modules[-1]}.lora_B.weight"] = down, up
+        alphas.add(alpha)
+    (alpha,) = alphas
+    rank = next(iter(factors.values()))[0].shape[0]
+    meta = None if alpha is None else {"lora_adapter_metadata": json.dumps(
+        {"transformer.lora_alpha": alpha, "transformer.r": rank, "transformer.alpha_pattern": {},
+         "transformer.rank_pattern": {}, "transformer.use_rslora": False, "transformer.use_dora": False,
+         "transformer.target_modules": modules, "transformer.peft_type": "LORA"})}
+    save_file(sd, path, metadata=meta)
     return path
 
 
@@ -213,6 +221,7 @@ FORMATS = {  # name -> (writer, rank, alpha, modules); alpha != rank everywhere 
     "comfyui-lora_A": (lambda p, f: write_comfyui(p, f, "A_B"), 8, 16.0, BLOCK_LINEARS),
     "kohya": (write_kohya, 8, 2.0, BLOCK_LINEARS + OTHER_LINEARS),
     "diffusers": (write_diffusers, 4, None, BLOCK_LINEARS + OTHER_LINEARS),
+    "diffusers-metadata-alpha": (write_diffusers, 4, 6.0, BLOCK_LINEARS + OTHER_LINEARS),
 }
 
 
@@ -232,7 +241,8 @@ def test_read_detects_format_rank_alpha_and_maps_every_key(tmp_path, tiny_cfg, f
     assert lora.format == fmt.split("-")[0]
     assert (lora.rank, lora.alpha) == (rank, alpha)
     assert set(lora.terms) == {f"{m}.weight" for m in modules}
-    assert lora.used == (3 if alpha is not None else 2) * len(modules) and lora.ignored == ()
+    assert lora.used == (3 if alpha is not None and fmt != "diffusers-metadata-alpha" else 2) * len(modules)
+    assert lora.ignored == ()
     term = lora.terms["blocks.1.ffn.2.weight"][0]
     assert term.scale == (alpha / rank if alpha is not None else 1.0) and term.shape == (tiny_cfg.dim, tiny_cfg.ffn_dim)
 
@@ -326,12 +336,12 @@ def test_source_contract_and_fingerprint(tmp_path, tiny_cfg, official_root):
 
 
 def test_matches_diffusers_lora_loading(tmp_path, tiny_cfg, diffusers_root):
-    """WanPipeline.load_lora_weights: a PEFT file into transformer (high), a Lightning-style ComfyUI file
-    (alpha != rank) into transformer_2 (low, load_into_transformer_2=True). Ours: LoRASource over the same
-    diffusers-layout experts."""
+    """WanPipeline.load_lora_weights: a PEFT file (lora_alpha 6 in its metadata, rank 4) into transformer
+    (high), a Lightning-style ComfyUI file (alpha 5, rank 8) into transformer_2 (low,
+    load_into_transformer_2=True). Ours: LoRASource over the same diffusers-layout experts."""
     from diffusers import WanPipeline, WanTransformer3DModel
 
-    high_path, _ = make_lora(tmp_path, tiny_cfg, "diffusers", seed=5)
+    high_path, _ = make_lora(tmp_path, tiny_cfg, "diffusers-metadata-alpha", seed=5)  # alpha 6, rank 4
     low_factors = random_factors(tiny_cfg, BLOCK_LINEARS, 8, 5.0, 6)  # diffusers converts only block Linears
     low_path = write_comfyui(tmp_path / "low.safetensors", low_factors)
     transformers = [WanTransformer3DModel.from_pretrained(p).float().eval() for p in (diffusers_root.high,
@@ -471,3 +481,18 @@ def test_dora_and_missing_file_are_refused(tmp_path, tiny_cfg):
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(CheckpointError, match="damaged"):
         read_lora(tmp_path / "junk.safetensors", tiny_cfg)
+
+
+def test_peft_metadata_alpha_pattern_is_refused_and_rslora_scales_by_sqrt_rank(tmp_path, tiny_cfg):
+    factors = random_factors(tiny_cfg, BLOCK_LINEARS[:2], 4, None, 1)
+    path = write_diffusers(tmp_path / "peft.safetensors", factors)
+    sd = load_file(path)
+    for extra, check in (({"transformer.alpha_pattern": {"to_q": 2}, "transformer.lora_alpha": 8}, None),
+                         ({"transformer.use_rslora": True, "transformer.lora_alpha": 8}, 8 / 2)):
+        save_file(sd, path, metadata={"lora_adapter_metadata": json.dumps(extra)})
+        if check is None:
+            with pytest.raises(CheckpointError, match="alpha_pattern"):
+                read_lora(path, tiny_cfg)
+        else:
+            lora = read_lora(path, tiny_cfg)
+            assert lora.alpha == 8 and lora.terms["blocks.0.self_attn.q.weight"][0].scale == check  # 8 / sqrt(4)

@@ -8,8 +8,11 @@ runtimes that load them: ComfyUI `comfy/lora.py`, diffusers `_convert_non_diffus
   or no prefix reads the same.
 - "kohya": `lora_unet_<official module, "." -> "_">.lora_down.weight`, `.lora_up.weight`, `.alpha`
   (Kohya sd-scripts, musubi-tuner).
-- "diffusers": `transformer.<diffusers module>.lora_A.weight`, `.lora_B.weight` (PEFT), no alpha;
-  renamed with `checkpoint.diffusers_to_official`. `.lora_B.bias` is a bias delta.
+- "diffusers": `transformer.<diffusers module>.lora_A.weight`, `.lora_B.weight` (PEFT), no alpha keys:
+  scale 1, unless the header's `lora_adapter_metadata` (written by diffusers' save_lora_weights) holds
+  PEFT's `transformer.lora_alpha` (scale alpha / rank, alpha / sqrt(rank) with use_rslora); per-module
+  alpha_pattern and use_dora are refused. Renamed with `checkpoint.diffusers_to_official`; `.lora_B.bias`
+  is a bias delta.
 - full deltas (LightX2V, with the comfyui prefix): `<module>.diff` adds to the module's weight,
   `.diff_b` to its bias, `blocks.N.diff_m` to the block's modulation table.
 A pair of factors adds strength * alpha / rank * up @ down (rank = down's rows; no alpha: scale 1, as
@@ -134,6 +137,7 @@ def read_lora(path, config: ModelConfig | None = None) -> LoRA:
     with _safe_open(path) as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         alphas = {k: float(f.get_tensor(k).float().item()) for k in shapes if k.endswith(".alpha")}
+        peft = _peft_alpha(path, f.metadata() or {})
     if not shapes:
         raise CheckpointError(f"{path} holds no tensors: it is not a LoRA")
     _refuse_other_models(path, shapes)
@@ -143,7 +147,7 @@ def read_lora(path, config: ModelConfig | None = None) -> LoRA:
     terms: dict[str, list[Term]] = {}
     used, bad_shapes = set(), []
     for module, parts in groups.items():
-        for target, term, keys in _module_terms(module, parts, shapes, alphas):
+        for target, term, keys in _module_terms(module, parts, shapes, alphas, peft):
             if target not in expected:
                 continue
             if not _fits(term, shapes, expected[target]):
@@ -166,10 +170,25 @@ def read_lora(path, config: ModelConfig | None = None) -> LoRA:
     ranks = [shapes[t.keys[1]][0] for t in pairs]
     stored_alphas = {alphas[a] for t in pairs if (a := _alpha_key(t.keys[1])) in alphas}
     has_all_alphas = all(_alpha_key(t.keys[1]) in alphas for t in pairs)
+    if peft[0] is not None and not alphas:
+        stored_alphas, has_all_alphas = {peft[0]}, True
     return LoRA(path=path, format=fmt, config=config, terms={k: tuple(v) for k, v in terms.items()},
                 rank=max(ranks) if ranks else None,
                 alpha=stored_alphas.pop() if len(stored_alphas) == 1 and has_all_alphas else None,
                 used=len(used), ignored=tuple(ignored), digest=_digest(path))
+
+
+def _peft_alpha(path: Path, metadata: dict) -> tuple[float | None, bool]:
+    """(lora_alpha, use_rslora) from diffusers' `lora_adapter_metadata` header entry; (None, False) without."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return None, False
+    meta = {k.removeprefix("transformer."): v for k, v in json.loads(raw).items()}
+    if meta.get("alpha_pattern") or meta.get("use_dora"):
+        raise CheckpointError(f"{path}: its PEFT metadata sets per-module alphas (alpha_pattern) or DoRA, which "
+                              "are not supported; save the LoRA with one lora_alpha")
+    alpha = meta.get("lora_alpha")
+    return (float(alpha) if alpha is not None else None), bool(meta.get("use_rslora"))
 
 
 def _refuse_other_models(path: Path, shapes: dict) -> None:
@@ -231,13 +250,19 @@ def _from_kohya(name: str, tables: tuple[dict[str, str], dict[str, str]]) -> str
     return top.get(name)
 
 
-def _module_terms(module: str, parts: dict[str, str], shapes: dict, alphas: dict):
-    """(target tensor name, Term without its shape, stored keys used) for one module's stored keys."""
+def _module_terms(module: str, parts: dict[str, str], shapes: dict, alphas: dict, peft: tuple[float | None, bool]):
+    """(target tensor name, Term without its shape, stored keys used) for one module's stored keys.
+    `peft`: (lora_alpha, use_rslora) of the header's PEFT metadata, for pairs without an alpha key."""
     if "down" in parts and "up" in parts:
         down, up = parts["down"], parts["up"]
         rank = shapes[down][0]
         alpha_key = parts.get("alpha")
-        scale = alphas[alpha_key] / rank if alpha_key is not None else 1.0
+        if alpha_key is not None:
+            scale = alphas[alpha_key] / rank
+        elif peft[0] is not None:
+            scale = peft[0] / (math.sqrt(rank) if peft[1] else rank)
+        else:
+            scale = 1.0
         keys = (up, down) + ((alpha_key,) if alpha_key else ())
         yield f"{module}.weight", Term((up, down), scale, ()), keys
     for kind, leaf in (("diff", "weight"), ("diff_b", "bias"), ("diff_m", "modulation")):
