@@ -2,7 +2,8 @@
 
 `ModelConfig.a14b()` is one Wan2.2-T2V-A14B expert (both experts share it); `ModelConfig.tiny()` is
 the 2-layer, 2-head model the tests build on the CPU. `SamplingConfig()` holds the official
-text-to-video defaults of `wan/configs/wan_t2v_A14B.py`.
+text-to-video defaults of `wan/configs/wan_t2v_A14B.py`; `SamplingConfig.lightning()` the 4-step
+Lightning recipe.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 from dataclasses import dataclass, field
 
 SOLVERS = ("unipc", "euler")
+GRIDS = ("official", "lightning")
 
 
 @dataclass(frozen=True)
@@ -66,17 +68,31 @@ class SamplingConfig:
     guidance_high: float = 4.0  # CFG scale with the high-noise expert
     guidance_low: float = 3.0  # CFG scale with the low-noise expert
     solver: str = "unipc"  # "unipc" (official default, bh2 order 2) or "euler"
+    # "official": sigmas from 0.999, timesteps truncated to integers (wan/text2video.py: 999, 937, 833, 624
+    # for 4 steps at shift 5); "lightning": sigmas from 1.0, float timesteps (Wan2.2-Lightning's
+    # EulerScheduler: 1000, 937.5, 833.33, 625), the grid the 4-step LoRAs were distilled on.
+    grid: str = "official"
     num_train_timesteps: int = field(default=1000, repr=False)
 
     def __post_init__(self):
         if self.solver not in SOLVERS:
             raise ValueError(f"unknown solver {self.solver!r}: choose one of {', '.join(SOLVERS)}")
+        if self.grid not in GRIDS:
+            raise ValueError(f"unknown sigma grid {self.grid!r}: choose one of {', '.join(GRIDS)}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.shift <= 0:
             raise ValueError(f"shift must be > 0, got {self.shift}")
         if not 0.0 <= self.boundary <= 1.0:
             raise ValueError(f"boundary must be in [0, 1], got {self.boundary}")
+
+    @classmethod
+    def lightning(cls) -> SamplingConfig:
+        """The 4-step Wan2.2-Lightning recipe (lightx2v/Wan2.2-Lightning, T2V-A14B-4steps LoRAs): Euler at
+        shift 5 on the float grid from sigma 1.0, no CFG (guidance 1.0: one pass per step), boundary 0.875:
+        timesteps 1000, 937.5 (high-noise expert), 833.33, 625 (low-noise expert)."""
+        return cls(steps=4, shift=5.0, boundary=0.875, guidance_high=1.0, guidance_low=1.0, solver="euler",
+                   grid="lightning")
 
     @property
     def boundary_timestep(self) -> float:

@@ -15,7 +15,9 @@ collectives are used: NCCL on GPUs, gloo on the CPU (the tests).
 - CFG parallel: the two halves of the grid run the cond and the uncond pass at once, and one all-gather
   gives every rank `uncond + s * (cond - uncond)` in float32 (`ParallelExpert.guided`). No communication
   inside the forward, so it scales best; it needs `pipeline.guided_velocity` to call `.guided` (a plain
-  `expert(x, t, context)` stays correct: both halves then compute the same pass).
+  `expert(x, t, context)` stays correct: both halves then compute the same pass). Guidance 1.0 (Lightning)
+  is one cond pass on every rank and no all-gather: `guided_velocity` calls `expert(x, t, context)` and
+  `.guided` does the same, so the uncond half duplicates the cond pass rather than idle or wait.
 - FSDP2 (`fully_shard` over all ranks): each block, and the wrapper as root (embeddings, head), keeps 1/N of
   its weights; a block's weights are all-gathered just before it runs and freed after. Both experts then
   fit on each GPU together. `load_parallel_expert` streams a checkpoint into the shards: rank 0 reads one
@@ -233,7 +235,10 @@ class ParallelExpert(nn.Module):
     def guided(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, context_null: torch.Tensor,
                scale: float) -> torch.Tensor:
         """Classifier-free guidance in float32, uncond + s * (cond - uncond), on every rank. CFG parallel:
-        half 0 runs the cond pass, half 1 the uncond pass, one all-gather; otherwise two passes."""
+        half 0 runs the cond pass, half 1 the uncond pass, one all-gather; otherwise two passes. Guidance
+        1.0: the cond pass alone, on every rank."""
+        if scale == 1.0:
+            return self(x, t, context).float()
         if self.ctx.cfg_size == 1:
             cond, uncond = self(x, t, context).float(), self(x, t, context_null).float()
         else:

@@ -36,6 +36,20 @@ def sigma_grid(steps: int, shift: float, num_train_timesteps: int = 1000) -> tup
     return torch.from_numpy(sigmas), timesteps
 
 
+def lightning_grid(steps: int, shift: float, num_train_timesteps: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Wan2.2-Lightning grid: `steps + 1` sigmas (float64 holding float32 values, last = 0) and `steps`
+    float32 timesteps, not truncated.
+
+    As Wan2.2-Lightning's `EulerScheduler` (wan/utils/fm_solvers_euler.py) computes them, in float32:
+    sigmas = shift(linspace(1000, 0, steps + 1) / 1000), timesteps = sigmas * 1000. 4 steps at shift 5:
+    1000, 937.5, 833.3333, 625.
+    """
+    base = np.linspace(num_train_timesteps, 0, steps + 1, dtype=np.float32) / np.float32(num_train_timesteps)
+    sigmas = shift_sigmas(base, np.float32(shift))  # float32, (steps + 1,), last 0
+    timesteps = torch.from_numpy(sigmas[:-1] * np.float32(num_train_timesteps))  # float32, (steps,)
+    return torch.from_numpy(sigmas.astype(np.float64)), timesteps
+
+
 def euler_step(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float) -> torch.Tensor:
     """Flow-matching Euler: x_next = x + (sigma_next - sigma) * v."""
     return x + (sigma_next - sigma) * v
