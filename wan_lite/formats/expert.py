@@ -153,9 +153,6 @@ class GGUFWeights:
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             return torch.from_numpy(data).reshape(shape)
 
-    def fp8(self, layer: str):
-        raise AssertionError("GGUF files hold no fp8 weights")
-
 
 # ---------------------------------------------------------------------------------------------
 # the expert source
@@ -310,7 +307,12 @@ def config_from_shapes(shapes: dict[str, tuple], metadata: dict, path: Path, num
         raise CheckpointError(f"{path} lacks {', '.join(missing)}, so the model size cannot be read: the file is "
                               f"incomplete, {REDOWNLOAD}")
     dim, in_dim, *patch = shapes["patch_embedding.weight"]
-    heads = num_heads or int(metadata.get(NUM_HEADS_KEY) or 0) or dim // HEAD_DIM
+    heads = num_heads or int(metadata.get(NUM_HEADS_KEY) or 0)
+    if not heads and dim % HEAD_DIM:
+        raise CheckpointError(f"{path}: dim {dim} is not a multiple of {HEAD_DIM} (the head width of every Wan "
+                              f"release), so the head count is unknown: pass num_heads=, or write "
+                              f"{NUM_HEADS_KEY} in the file's metadata")
+    heads = heads or dim // HEAD_DIM
     return ModelConfig(
         dim=dim,
         ffn_dim=shapes["blocks.0.ffn.0.weight"][0],
