@@ -55,7 +55,7 @@ from wan_lite.config import ModelConfig
 from wan_lite.model import WanModel
 
 from .headers import REDOWNLOAD, Header, check_keys
-from .identify import FP8_DTYPES, FileInfo, refuse, scan
+from .identify import FP8_DTYPES, FileInfo, official_names, refuse, scan
 
 BLOCK_LINEAR = re.compile(r"^blocks\.\d+\.(self_attn\.[qkvo]|cross_attn\.[qkvo]|ffn\.[02])$")  # the 8-bit ones
 HEAD_DIM = 128  # every Wan release
@@ -190,9 +190,10 @@ class ExpertFile:
         return self.weights.float_tensor(name)
 
     def _eight_bit(self, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._pair is None or self._pair[0] != layer:  # the loader asks weight, then weight_scale
-            self._pair = (layer, self._quantize(layer))
-        return self._pair[1]
+        pair = self._pair  # the loader asks weight, then weight_scale: one layer cached (a tuple: thread-safe)
+        if pair is None or pair[0] != layer:
+            pair = self._pair = (layer, self._quantize(layer))
+        return pair[1]
 
     def _quantize(self, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
         if layer in self.native_fp8:
@@ -265,8 +266,6 @@ def _is_marker(name: str, fp8_layers) -> bool:
 
 def _comfy_layer_formats(header: Header, names: dict[str, str]) -> dict[str, str]:
     """Our module name -> ComfyUI quant format, from `_quantization_metadata` and `<layer>.comfy_quant` tensors."""
-    from .identify import official_names
-
     formats = {}
     meta = header.metadata.get("_quantization_metadata")
     if meta:
@@ -275,7 +274,7 @@ def _comfy_layer_formats(header: Header, names: dict[str, str]) -> dict[str, str
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{header.path}: the _quantization_metadata header is not the ComfyUI JSON "
                                   f"{{'layers': {{...}}}} ({e}): {REDOWNLOAD}") from e
-        renamed = official_names({k + ".weight": None for k in layers})
+        renamed = official_names([k + ".weight" for k in layers])  # the layers' full keys, prefixed like the tensors
         formats.update({ours.removesuffix(".weight"): layers[s.removesuffix(".weight")].get("format")
                         for ours, s in renamed.items()})
     markers = [n for n in names if n.endswith(".comfy_quant")]

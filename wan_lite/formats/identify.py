@@ -96,10 +96,11 @@ def scan(path) -> tuple[FileInfo, Header, dict[str, str]]:
     return FileInfo(header.path, kind, model, header.container, _scheme(header), facts), header, names
 
 
-def official_names(tensors) -> dict[str, str]:
-    """Our (official Wan) name -> stored name: ComfyUI prefixes stripped, diffusers names renamed."""
+def official_names(stored_names) -> dict[str, str]:
+    """Our (official Wan) name -> stored name, for an iterable of stored names: ComfyUI prefixes stripped,
+    diffusers names renamed (checkpoint.diffusers_to_official)."""
     out = {}
-    for stored in tensors:
+    for stored in stored_names:
         name = next((stored[len(p):] for p in PREFIXES if stored.startswith(p)), stored)
         out[name] = stored
     if any(n.startswith("condition_embedder.") for n in out):
@@ -220,13 +221,13 @@ def _expert_refusal(info: FileInfo, p: Path, what: str) -> str | None:
     if info.kind == "expert":
         return f"{p}: this is {what}; wan-lite runs Wan2.2 T2V-A14B: {USE_EXPERTS}"
     if info.kind == "lora":
-        return (f"{p}: this is {what}, not an expert: pass the base expert ({USE_EXPERTS[4:]}) and apply the "
-                "LoRA on top of it")
-    if info.kind == "text_encoder":
-        return (f"{p}: this is {what}, not a diffusion expert: pass it as the text encoder; for the experts "
-                f"{USE_EXPERTS}")
-    if info.kind == "vae":
-        return f"{p}: this is {what}, not a diffusion expert: pass it as the VAE; for the experts {USE_EXPERTS}"
+        return (f"{p}: this is {what}, not an expert: pass the base expert (wan2.2_t2v_{{high,low}}_noise_14B_*"
+                ".safetensors or a Wan2.2-T2V-A14B GGUF) and apply the LoRA on top of it")
+    if info.kind in ("text_encoder", "vae"):
+        usable = {"text_encoder": ("umt5-xxl", "umt5"), "vae": ("wan2.1-vae",)}[info.kind]
+        role = " as the text encoder" if info.kind == "text_encoder" else " as the VAE"
+        hint = f"pass it{role}; " if info.model in usable else ""
+        return f"{p}: this is {what}, not a diffusion expert: {hint}for the experts {USE_EXPERTS}"
     return (f"{p}: not a Wan2.2 expert, text encoder, VAE or LoRA that wan-lite recognises (keys begin "
             f"{', '.join(info.facts.get('first keys', []))}): {USE_EXPERTS}")
 
