@@ -76,7 +76,7 @@ def assert_official_parity(source, reference_model, intended, cfg):
     ref.load_state_dict(intended, strict=True)
     ours = load(source)
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(2, cfg.in_dim, 2, 4, 6, generator=g)
+    x = torch.randn(2, cfg.in_dim, 1, 4, 6, generator=g)  # (B, C, F, H, W)
     ctx = torch.randn(2, 7, cfg.text_dim, generator=g)
     t = torch.tensor([999.0, 311.0])
     with torch.no_grad():
