@@ -17,10 +17,10 @@ import warnings
 import pytest
 import torch
 from builders import diffusers_forward, official_forward, official_to_diffusers
+from quant.linear import convert_for_runtime, quantize_linear_weight
 from safetensors.torch import load_file, save_file
 from tolerance import assert_close_fp32, rel_error
 
-from quant.linear import convert_for_runtime, quantize_linear_weight
 from wan_lite.checkpoint import CheckpointError, open_expert, param_dtype
 from wan_lite.config import ModelConfig
 from wan_lite.lora import LoRASource, PartialLoRAWarning, delta, read_lora

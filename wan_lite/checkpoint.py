@@ -29,14 +29,18 @@ import json
 import math
 import os
 import re
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from .config import ModelConfig
+from .formats import open_expert_file
+from .keys import CheckpointError, diffusers_to_official
+from .keys import open_safetensors as _safe_open
+from .lora import LoRASource, read_lora
 from .model import WanModel
 from .quantized import backends
 from .quantized.format import (
@@ -50,47 +54,6 @@ from .quantized.format import (
 from .quantized.linear import convert_for_runtime
 
 LIBRARY_SCHEMES = ("quanto-int8", "quanto-fp8", "nf4")  # tensor subclasses: loaded and swapped as whole modules
-
-# diffusers name pattern -> official name (block index carried through)
-DIFFUSERS_TO_OFFICIAL = [
-    (r"condition_embedder\.text_embedder\.linear_1\.", "text_embedding.0."),
-    (r"condition_embedder\.text_embedder\.linear_2\.", "text_embedding.2."),
-    (r"condition_embedder\.time_embedder\.linear_1\.", "time_embedding.0."),
-    (r"condition_embedder\.time_embedder\.linear_2\.", "time_embedding.2."),
-    (r"condition_embedder\.time_proj\.", "time_projection.1."),
-    (r"blocks\.(\d+)\.attn1\.to_q\.", r"blocks.\1.self_attn.q."),
-    (r"blocks\.(\d+)\.attn1\.to_k\.", r"blocks.\1.self_attn.k."),
-    (r"blocks\.(\d+)\.attn1\.to_v\.", r"blocks.\1.self_attn.v."),
-    (r"blocks\.(\d+)\.attn1\.to_out\.0\.", r"blocks.\1.self_attn.o."),
-    (r"blocks\.(\d+)\.attn1\.norm_q\.", r"blocks.\1.self_attn.norm_q."),
-    (r"blocks\.(\d+)\.attn1\.norm_k\.", r"blocks.\1.self_attn.norm_k."),
-    (r"blocks\.(\d+)\.attn2\.to_q\.", r"blocks.\1.cross_attn.q."),
-    (r"blocks\.(\d+)\.attn2\.to_k\.", r"blocks.\1.cross_attn.k."),
-    (r"blocks\.(\d+)\.attn2\.to_v\.", r"blocks.\1.cross_attn.v."),
-    (r"blocks\.(\d+)\.attn2\.to_out\.0\.", r"blocks.\1.cross_attn.o."),
-    (r"blocks\.(\d+)\.attn2\.norm_q\.", r"blocks.\1.cross_attn.norm_q."),
-    (r"blocks\.(\d+)\.attn2\.norm_k\.", r"blocks.\1.cross_attn.norm_k."),
-    (r"blocks\.(\d+)\.norm2\.", r"blocks.\1.norm3."),  # official norm3 is diffusers norm2
-    (r"blocks\.(\d+)\.ffn\.net\.0\.proj\.", r"blocks.\1.ffn.0."),
-    (r"blocks\.(\d+)\.ffn\.net\.2\.", r"blocks.\1.ffn.2."),
-    (r"blocks\.(\d+)\.scale_shift_table$", r"blocks.\1.modulation"),
-    (r"proj_out\.", "head.head."),
-    (r"scale_shift_table$", "head.modulation"),
-]
-_DIFFUSERS_RULES = [(re.compile("^" + p), r) for p, r in DIFFUSERS_TO_OFFICIAL]
-
-class CheckpointError(ValueError):
-    """A checkpoint on disk is missing, incomplete or not in a layout we read. (A damaged quantized
-    folder raises `wan_lite.quantized.format.QuantFormatError`, also a ValueError naming the fix.)"""
-
-
-def diffusers_to_official(name: str) -> str:
-    for pattern, repl in _DIFFUSERS_RULES:
-        new, n = pattern.subn(repl, name)
-        if n:
-            return new
-    return name
-
 
 param_dtype = WanModel.param_dtype  # the dtype each tensor runs in: the model class declares it
 
@@ -144,14 +107,6 @@ def find_experts(root) -> tuple[Path, Path]:
     raise CheckpointError(
         f"{root} holds no pair of experts: expected high_noise_model/ + low_noise_model/ (official "
         "Wan-AI/Wan2.2-T2V-A14B) or transformer/ + transformer_2/ (Wan-AI/Wan2.2-T2V-A14B-Diffusers)")
-
-
-def _safe_open(file: Path):
-    """safe_open that reports a damaged or truncated file as a CheckpointError naming it."""
-    try:
-        return safe_open(file, framework="pt")
-    except Exception as e:  # safetensors raises its own error types for bad headers
-        raise CheckpointError(f"cannot read {file} ({e}): the file is damaged or truncated, download it again") from e
 
 
 @contextmanager
@@ -287,10 +242,19 @@ def expert_scheme(path) -> str:
     return "none"
 
 
-def open_expert(path):
-    """Open one expert folder (official, diffusers or our int8 / fp8 layout) as an expert source.
-    Library schemes cannot be sources (no flat buffers): `load_expert` loads them as modules."""
+def open_expert(path, *, loras: Sequence[tuple[str | os.PathLike, float]] = ()):
+    """Open one expert as an expert source: a folder (official, diffusers or our int8 / fp8 layout) or a
+    single file (.safetensors float / fp8-scaled, or .gguf: `wan_lite.formats`, recognised by content),
+    with `loras` [(file, strength), ...] merged at read time (`wan_lite.lora.LoRASource`). Library
+    schemes cannot be sources (no flat buffers): `load_expert` loads them as modules."""
     path = Path(path)
+    source = open_expert_file(path) if path.is_file() else _open_folder(path)
+    if loras:
+        source = LoRASource(source, [(read_lora(file, source.config), float(s)) for file, s in loras])
+    return source
+
+
+def _open_folder(path: Path):
     layout = detect_layout(path)
     if layout == "wan-lite-quant":
         return _open_quantized(path)
@@ -351,19 +315,24 @@ def config_from_shapes(path: Path, files: dict[str, Path], stored: dict[str, str
 # loading
 
 
-def load_expert(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu") -> WanModel:
-    """Load one expert folder (official, diffusers, our quantized layout or a library scheme) as a
-    WanModel on `device`.
+def load_expert(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu",
+                loras: Sequence[tuple[str | os.PathLike, float]] = ()) -> WanModel:
+    """Load one expert (a folder: official, diffusers, our quantized layout or a library scheme; or a
+    single .safetensors / .gguf file) as a WanModel on `device`, with `loras` [(file, strength), ...]
+    merged into the weights (8-bit weights: dequantized, merged, requantized per layer).
 
     Block Linear weights, the patch and text embeddings are held in `dtype`; the time embedding,
     modulation tables, norms and head in float32, as the official model computes them
     (`WanModel.param_dtype`). Raises CheckpointError naming the file and the fix.
     """
     path = Path(path)
-    scheme = expert_scheme(path)
+    scheme = "file" if path.is_file() else expert_scheme(path)
     if scheme in LIBRARY_SCHEMES:
+        if loras:
+            raise CheckpointError(f"{path} is a {scheme} expert: LoRAs merge into float, int8 or fp8 weights; "
+                                  "convert the float checkpoint to int8 or fp8 instead")
         return _load_library(path, scheme, dtype=dtype, device=device)
-    return load_source(open_expert(path), dtype=dtype, device=device)
+    return load_source(open_expert(path, loras=loras), dtype=dtype, device=device)
 
 
 def load_source(source, *, dtype: torch.dtype = torch.bfloat16, device="cpu") -> WanModel:

@@ -64,11 +64,11 @@ from pathlib import Path
 
 import torch
 
-from quant.linear import quantize_linear_weight
-
-from .checkpoint import CheckpointError, _safe_open, diffusers_to_official
 from .config import ModelConfig
+from .keys import CheckpointError, diffusers_to_official
+from .keys import open_safetensors as _safe_open
 from .model import WanModel
+from .quantized.linear import quantize_linear_weight
 
 FORMATS = ("comfyui", "kohya", "diffusers")
 
@@ -382,6 +382,9 @@ class LoRASource:
             if smoothed:
                 raise CheckpointError(f"{self.path} stores {_clip(smoothed)} with SmoothQuant factors, which LoRA "
                                       "merging does not support: quantize without --smooth, or use the bf16 expert")
+
+    def shapes(self) -> dict[str, list[int]]:
+        return self.base.shapes()  # a merge changes values, never shapes
 
     def names(self) -> list[str]:
         return self.base.names()

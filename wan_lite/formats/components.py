@@ -16,7 +16,7 @@ import re
 
 import torch
 
-from wan_lite.checkpoint import CheckpointError
+from wan_lite.keys import CheckpointError
 
 from .expert import SafetensorsWeights, _check_comfy_formats, _fp8_layers, _is_marker
 from .headers import check_keys

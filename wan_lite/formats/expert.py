@@ -30,7 +30,7 @@ Decisions:
   (`e5m2_to_e4m3`): e4m3 has one more mantissa bit, so every value within 2^14 of its row's absmax is
   kept exactly; smaller ones round to e4m3 subnormals (absolute error below absmax * 2^-17).
 - GGUF int8 (`scheme="int8"`): each block weight is dequantized and requantized symmetric per output
-  channel (`quant.linear.quantize_linear_weight`, absmax/127) when `tensor()` is asked for it. This adds
+  channel (`wan_lite.quantized.linear.quantize_linear_weight`, absmax/127) when `tensor()` is asked for it. This adds
   the int8 rounding error on top of the GGUF one (tests/test_formats.py measures it).
 - num_heads: an explicit `num_heads=`, else the header metadata key `wan_lite.num_heads` (which the
   test files write), else dim // 128: every Wan release has head_dim 128 (1.3B 12 heads, 5B 24, 14B 40).
@@ -49,11 +49,11 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from quant.linear import quantize_linear_weight
-from wan_lite.checkpoint import CheckpointError
 from wan_lite.config import ModelConfig
+from wan_lite.keys import CheckpointError
 from wan_lite.model import WanModel
 
+from ..quantized.linear import convert_for_runtime, quantize_linear_weight
 from .headers import REDOWNLOAD, Header, check_keys
 from .identify import FP8_DTYPES, FileInfo, official_names, refuse, scan
 
@@ -180,6 +180,14 @@ class ExpertFile:
             if name.removesuffix(".weight") in self.linears and name.endswith(".weight"):
                 out.append(name.removesuffix(".weight") + ".weight_scale")
         return out
+
+    def shapes(self) -> dict[str, list[int]]:
+        """Every tensor's shape as `tensor()` gives it (checked against the model when the file was opened)."""
+        with torch.device("meta"):
+            model = WanModel(self.config)
+        convert_for_runtime(model, self.linears)
+        state = model.state_dict()
+        return {name: list(state[name].shape) for name in self.names()}
 
     def tensor(self, name: str) -> torch.Tensor:
         """One tensor, read lazily: 8-bit weight (N, K) / scale (N,) float32 for the 8-bit Linears, else a float."""

@@ -20,7 +20,7 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wan_lite.checkpoint import CheckpointError
+from wan_lite.keys import CheckpointError
 
 GGUF_MAGIC = b"GGUF"
 ORIG_SHAPE_KEY = "comfy.gguf.orig_shape."  # ComfyUI-GGUF: a tensor's torch shape when stored reshaped

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from wan_lite.checkpoint import CheckpointError, diffusers_to_official
+from wan_lite.keys import CheckpointError, diffusers_to_official
 
 from .headers import Header, read_header
 
