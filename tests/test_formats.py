@@ -26,7 +26,6 @@ from builders_files import (
     write_t5,
     write_text_encoder,
 )
-from quant.linear import convert_for_runtime
 from reference import official
 from tolerance import assert_close_fp32, rel_error
 
@@ -42,6 +41,7 @@ from wan_lite.formats import (
 )
 from wan_lite.formats.expert import config_from_shapes
 from wan_lite.model import WanModel
+from wan_lite.quantized.linear import convert_for_runtime
 
 EIGHT_BIT = (torch.int8, torch.float8_e4m3fn)
 
@@ -212,7 +212,8 @@ def test_gguf_int8_requantization(files, state, reference_experts, tiny_cfg, qty
 def test_int8_requantization_error_at_a14b_width(qtype):
     """The same requantization on rows as long as A14B's (K = 5120, 160 GGUF blocks per row), Gaussian weights."""
     import gguf
-    from quant.linear import quantize_linear_weight
+
+    from wan_lite.quantized.linear import quantize_linear_weight
 
     w = np.random.default_rng(0).standard_normal((64, 5120)).astype(np.float32) / np.sqrt(5120)
     kind = gguf.GGMLQuantizationType[qtype]

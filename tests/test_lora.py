@@ -17,7 +17,6 @@ import warnings
 import pytest
 import torch
 from builders import diffusers_forward, official_forward, official_to_diffusers
-from quant.linear import convert_for_runtime, quantize_linear_weight
 from safetensors.torch import load_file, save_file
 from tolerance import assert_close_fp32, rel_error
 
@@ -25,6 +24,7 @@ from wan_lite.checkpoint import CheckpointError, open_expert, param_dtype
 from wan_lite.config import ModelConfig
 from wan_lite.lora import LoRASource, PartialLoRAWarning, delta, read_lora
 from wan_lite.model import WanModel
+from wan_lite.quantized.linear import convert_for_runtime, quantize_linear_weight
 
 BLOCK_LINEARS = [f"blocks.{i}.{m}" for i in range(2) for m in
                  ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
