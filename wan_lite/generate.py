@@ -10,14 +10,27 @@ where they can be known up front. A failed run leaves no partial mp4.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
 import torch
 
-from .config import size_arg
+from .config import SamplingConfig, size_arg
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+PRESETS = {"official": SamplingConfig(), "lightning": SamplingConfig.lightning()}
+
+
+def lora_arg(text: str) -> tuple[str, float]:
+    """FILE or FILE:STRENGTH (strength 1.0 by default; negative allowed) -> (file, strength)."""
+    file, sep, tail = text.rpartition(":")
+    if sep:
+        try:
+            return file, float(tail)
+        except ValueError:
+            pass  # a colon in the path, no strength
+    return text, 1.0
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,12 +45,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default=None, help="default: the official Chinese negative prompt")
     p.add_argument("--size", type=size_arg, default=(1280, 720), help="WIDTHxHEIGHT, multiples of 16 (1280x720)")
     p.add_argument("--frames", type=int, default=81, help="4n+1 frames at 16 fps (81)")
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--preset", choices=PRESETS, default="official",
+                   help="sampling defaults: official (40 UniPC steps, shift 12, guidance 4/3) or lightning (4 Euler "
+                   "steps on the float grid, shift 5, guidance 1/1: one pass per step; use the Lightning LoRAs)")
+    p.add_argument("--steps", type=int, default=None, help="default: the preset's (40 official, 4 lightning)")
     p.add_argument("--seed", type=int, default=None, help="default: random (printed and stored in the mp4)")
-    p.add_argument("--shift", type=float, default=12.0)
-    p.add_argument("--guidance-high", type=float, default=4.0, help="CFG scale with the high-noise expert")
-    p.add_argument("--guidance-low", type=float, default=3.0, help="CFG scale with the low-noise expert")
-    p.add_argument("--solver", default="unipc", help="unipc (official) or euler")
+    p.add_argument("--shift", type=float, default=None, help="default: the preset's (12 official, 5 lightning)")
+    p.add_argument("--guidance-high", type=float, default=None,
+                   help="CFG scale with the high-noise expert (default: the preset's, 4.0 official, 1.0 lightning)")
+    p.add_argument("--guidance-low", type=float, default=None,
+                   help="CFG scale with the low-noise expert (default: the preset's, 3.0 official, 1.0 lightning)")
+    p.add_argument("--solver", default=None, help="unipc or euler (default: the preset's, unipc official)")
+    p.add_argument("--lora", type=lora_arg, action="append", default=[], metavar="FILE[:S]",
+                   help="a LoRA merged into both experts at strength S (default 1.0); repeatable")
+    p.add_argument("--lora-high", type=lora_arg, action="append", default=[], metavar="FILE[:S]",
+                   help="a LoRA for the high-noise expert only (e.g. Lightning's HIGH file); repeatable")
+    p.add_argument("--lora-low", type=lora_arg, action="append", default=[], metavar="FILE[:S]",
+                   help="a LoRA for the low-noise expert only (e.g. Lightning's LOW file); repeatable")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--text-device", default=None, help="where the umt5 encoder runs (default: --device)")
     p.add_argument("--dtype", default="bf16", help="bf16 or fp32, for the experts and the text encoder")
@@ -64,10 +88,17 @@ def _peak_ram_bytes() -> int:
     return rss if sys.platform == "darwin" else rss * 1024  # macOS reports bytes, Linux KiB
 
 
+def sampling_from_args(args: argparse.Namespace) -> SamplingConfig:
+    """The preset with every explicitly given flag on top (raises ValueError on a bad value)."""
+    preset = PRESETS[args.preset]
+    given = {"steps": args.steps, "shift": args.shift, "guidance_high": args.guidance_high,
+             "guidance_low": args.guidance_low, "solver": args.solver}
+    return dataclasses.replace(preset, **{k: v for k, v in given.items() if v is not None})
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .config import SamplingConfig
     from .parallel import setup_from_env
     from .t2v import T2VPipeline, validate
     from .video import check_writable
@@ -77,14 +108,14 @@ def run(args: argparse.Namespace) -> int:
     validate(args.prompt, args.size, args.frames)
     if args.dtype not in DTYPES:
         raise ValueError(f"unknown --dtype {args.dtype!r}: choose bf16 or fp32")
-    SamplingConfig(steps=args.steps, shift=args.shift, guidance_high=args.guidance_high,
-                   guidance_low=args.guidance_low, solver=args.solver)  # raises on an unknown solver, steps < 1
+    sampling = sampling_from_args(args)  # raises on an unknown solver, steps < 1
     dtype = DTYPES[args.dtype]
     ctx = setup_from_env(args.parallel, fsdp=not args.no_fsdp)  # None unless torchrun started several ranks
     main = ctx is None or ctx.is_main
 
     pipe = T2VPipeline.from_pretrained(args.ckpt, device=args.device, dtype=dtype, text_device=args.text_device,
                                        text_dtype=dtype, cache_dir=args.cache_dir, parallel=ctx)
+    pipe.set_loras(high=args.lora + args.lora_high, low=args.lora + args.lora_low)  # checked before weights load
     if pipe.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(pipe.device)
     if main:
@@ -94,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     if pipe.device.type == "cuda" and ctx is None:  # one GPU: how the run fits, decided and shown up front
         plan = pipe.make_plan(args.size, args.frames, args.vram_gb)
         print(plan.describe(), file=sys.stderr)
-    bar = tqdm(total=args.steps, desc="denoise", unit="step", file=sys.stderr, disable=not main)
+    bar = tqdm(total=sampling.steps, desc="denoise", unit="step", file=sys.stderr, disable=not main)
 
     def on_step(step: int, total: int, t: int, expert: str) -> None:
         bar.set_description(f"denoise [{expert}-noise expert]")
@@ -104,8 +135,9 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         result = pipe(args.prompt, negative_prompt=args.negative_prompt, size=args.size, frames=args.frames,
-                      steps=args.steps, seed=args.seed, shift=args.shift, guidance_high=args.guidance_high,
-                      guidance_low=args.guidance_low, solver=args.solver, callback=on_step, out=args.out,
+                      steps=sampling.steps, seed=args.seed, shift=sampling.shift,
+                      guidance_high=sampling.guidance_high, guidance_low=sampling.guidance_low,
+                      solver=sampling.solver, grid=sampling.grid, callback=on_step, out=args.out,
                       vae_tile="auto" if args.vae_tile is None else (args.vae_tile or None), plan=plan)
     finally:
         bar.close()

@@ -41,6 +41,7 @@ of the runtime is bf16).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -271,7 +272,8 @@ def wrap_experts(high: WanModel, low: WanModel, ctx: ParallelContext) -> tuple[P
 # loading straight into the shards
 
 
-def load_parallel_expert(path, ctx: ParallelContext, *, dtype: torch.dtype = torch.bfloat16) -> ParallelExpert:
+def load_parallel_expert(path, ctx: ParallelContext, *, dtype: torch.dtype = torch.bfloat16,
+                         loras: Sequence[tuple[str, float]] = ()) -> ParallelExpert:
     """One expert folder (official or diffusers layout; a quantized one when replicated) loaded into a
     ParallelExpert, sharded or replicated as ctx says. Rank 0 reads each tensor memory-mapped, casts it
     to its runtime dtype on its device and scatters it (FSDP) or broadcasts it (replicated); other
@@ -279,10 +281,10 @@ def load_parallel_expert(path, ctx: ParallelContext, *, dtype: torch.dtype = tor
     path = Path(path)
     if expert_scheme(path) != "none":
         if ctx.fsdp_mesh is None:  # replicated: every rank loads the quantized expert itself
-            return parallelize(load_expert(path, dtype=dtype, device=ctx.device), ctx)
+            return parallelize(load_expert(path, dtype=dtype, device=ctx.device, loras=loras), ctx)
         raise CheckpointError(f"{path} is a quantized expert: FSDP shards float weights only; run with "
                               "--no-fsdp (each GPU holds the whole 8-bit expert) or from the bf16 checkpoint")
-    source = open_expert(path)
+    source = open_expert(path, loras=loras)
     with torch.device("meta"):
         model = WanModel(source.config)
     shapes = {name: p.shape for name, p in model.state_dict().items()}
@@ -304,10 +306,13 @@ def load_parallel_expert(path, ctx: ParallelContext, *, dtype: torch.dtype = tor
     return expert
 
 
-def load_parallel_experts(root: ModelRoot, ctx: ParallelContext, *, dtype: torch.dtype = torch.bfloat16
+def load_parallel_experts(root: ModelRoot, ctx: ParallelContext, *, dtype: torch.dtype = torch.bfloat16,
+                          loras: dict[str, Sequence[tuple[str, float]]] | None = None
                           ) -> tuple[ParallelExpert, ParallelExpert]:
-    """(high, low) of a model root, loaded for the grid."""
-    return load_parallel_expert(root.high, ctx, dtype=dtype), load_parallel_expert(root.low, ctx, dtype=dtype)
+    """(high, low) of a model root, loaded for the grid, with each expert's LoRAs merged."""
+    loras = loras or {}
+    return (load_parallel_expert(root.high, ctx, dtype=dtype, loras=loras.get("high", ())),
+            load_parallel_expert(root.low, ctx, dtype=dtype, loras=loras.get("low", ())))
 
 
 def _check_shapes(source, shapes: dict[str, torch.Size]) -> None:

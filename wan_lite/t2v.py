@@ -20,16 +20,27 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from . import __version__, attention
-from .checkpoint import BOUNDARY, CheckpointError, ModelRoot, check_root, load_expert, open_root, resolve_root
+from .checkpoint import (
+    BOUNDARY,
+    CheckpointError,
+    ModelRoot,
+    check_root,
+    load_expert,
+    open_expert,
+    open_root,
+    resolve_root,
+)
 from .config import ModelConfig, SamplingConfig
+from .lora import read_lora
 from .parallel import ParallelContext, load_parallel_experts
-from .pipeline import Callback, sample
+from .pipeline import Callback, needs_negative_prompt, sample
 from .planner import Plan, budget_scheme, make_plan
 from .residency import Experts, LoadedExperts, ModuleSwap, Residency, host_experts
 from .text import DEFAULT_NEGATIVE_PROMPT, TextEncoder, clean_text
@@ -98,6 +109,7 @@ class T2VPipeline:
         self.hosts: tuple | None = None  # one GPU: (template, high, low) in host RAM for the residency
         self.vae: VAE | None = None
         self._running: Experts | None = None  # the experts of the run in progress (release() frees them)
+        self.loras: dict[str, tuple[tuple[str, float], ...]] = {"high": (), "low": ()}  # merged at load
 
     # the model's description, under the names earlier releases used
     root = property(lambda self: self.model.path)
@@ -133,6 +145,23 @@ class T2VPipeline:
         pipe.text_device_from_plan = text_device is None  # on one GPU the planner may move it to the CPU
         return pipe
 
+    def set_loras(self, high: Sequence[tuple[str | os.PathLike, float]] = (),
+                  low: Sequence[tuple[str | os.PathLike, float]] = ()) -> None:
+        """LoRAs [(file, strength), ...] merged into each expert's weights when they next load (e.g. the
+        Lightning pair: its HIGH file on `high`, its LOW file on `low`). Every file is read and checked
+        against the model now (wrong model, no matching key: CheckpointError), before any weight loads;
+        a change drops the experts already loaded."""
+        wanted = {name: tuple((str(Path(f)), float(s)) for f, s in loras) for name, loras in
+                  (("high", high), ("low", low))}
+        for loras in wanted.values():
+            for file, _ in loras:
+                read_lora(file, self.model.config)
+        if self.model.library_scheme and any(wanted.values()):
+            raise CheckpointError(f"{self.model.path} holds {self.model.scheme} experts: LoRAs merge into float, "
+                                  "int8 or fp8 weights; convert the float checkpoint to int8 or fp8 instead")
+        if wanted != self.loras:
+            self.loras, self.experts, self.hosts = wanted, None, None
+
     def expert_config(self) -> ModelConfig:
         """The experts' dimensions (read when the root was opened)."""
         return self.model.config
@@ -148,13 +177,13 @@ class T2VPipeline:
         """(high, low) experts as modules, loaded once: on this rank's GPU (several GPUs), on the device
         then parked on the CPU (library schemes: nf4 quantizes there), else in host memory."""
         if self.experts is None and self.parallel:  # straight into this rank's shards, on its GPU
-            self.experts = load_parallel_experts(self.model, self.parallel, dtype=self.dtype)
+            self.experts = load_parallel_experts(self.model, self.parallel, dtype=self.dtype, loras=self.loras)
         if self.experts is None and self.model.library_scheme and self.device.type == "cuda":
             self.experts = tuple(load_expert(p, dtype=self.dtype, device=self.device).to("cpu")
                                  for p in (self.model.high, self.model.low))
         if self.experts is None:
-            self.experts = (load_expert(self.model.high, dtype=self.dtype),
-                            load_expert(self.model.low, dtype=self.dtype))
+            self.experts = (load_expert(self.model.high, dtype=self.dtype, loras=self.loras["high"]),
+                            load_expert(self.model.low, dtype=self.dtype, loras=self.loras["low"]))
         return self.experts
 
     def _apply(self, plan: Plan | None) -> Experts:
@@ -169,7 +198,8 @@ class T2VPipeline:
         if self.model.library_scheme:  # tensor subclasses: whole modules, swapped at the boundary
             return ModuleSwap(*self.load_experts(), device=self.device)
         if self.hosts is None:
-            self.hosts = host_experts(self.model.high, self.model.low, dtype=self.dtype)
+            self.hosts = host_experts(open_expert(self.model.high, loras=self.loras["high"]),
+                                      open_expert(self.model.low, loras=self.loras["low"]), dtype=self.dtype)
         template, high, low = self.hosts
         return Residency(template, high, low, device=self.device, mode=plan.mode, cfg_batched=plan.cfg_batched,
                          slots=plan.slots if plan.mode == "streaming" else 2, compile=plan.compile,
@@ -208,6 +238,7 @@ class T2VPipeline:
         guidance_high: float = 4.0,
         guidance_low: float = 3.0,
         solver: str = "unipc",
+        grid: str = "official",
         callback: Callback | None = None,
         out: str | os.PathLike | None = None,
         extra_metadata: dict | None = None,
@@ -228,7 +259,7 @@ class T2VPipeline:
         size = tuple(size)
         validate(prompt, size, frames)
         sampling = SamplingConfig(steps=steps, shift=shift, boundary=self.boundary, guidance_high=guidance_high,
-                                  guidance_low=guidance_low, solver=solver)
+                                  guidance_low=guidance_low, solver=solver, grid=grid)
         if out is not None:
             check_writable(out)
         if plan is None and self.device.type == "cuda" and self.parallel is None:
@@ -242,22 +273,25 @@ class T2VPipeline:
         main = self.parallel is None or self.parallel.is_main
         timings = {}
 
-        # 2. text: both prompts in one pass (or from the cache), then the encoder leaves the GPU
+        # 2. text: both prompts in one pass (or from the cache), then the encoder leaves the GPU; with
+        #    guidance 1.0 on both experts (Lightning) no step runs an uncond pass: the prompt alone
         start = time.perf_counter()
         experts = self._apply(plan)  # kernels, text device, how the experts are held: before any weights load
+        prompts = [prompt, negative_prompt] if needs_negative_prompt(sampling) else [prompt]
         try:
-            embeddings = [e.cpu() for e in self.text.encode([prompt, negative_prompt])] if main else None
+            embeddings = [e.cpu() for e in self.text.encode(prompts)] if main else None
         finally:  # also after an error: 13.5 GB of encoder must not stay on the GPU
             self.text.unload()
         if self.parallel:  # every rank samples from rank 0's seed and prompt embeddings
             seed, embeddings = self.parallel.from_main((seed, embeddings))
-        context, context_null = embeddings  # (L, 4096), (L', 4096)
+        context, context_null = (*embeddings, None)[:2]  # (L, 4096), (L', 4096) or None
         timings["text"] = time.perf_counter() - start
 
         # 3-4. noise and denoising
         start = time.perf_counter()
         noise = self.noise(seed, size, frames)  # (1, 16, F', H/8, W/8)
-        context, context_null = (c.unsqueeze(0).to(self.device) for c in (context, context_null))  # (1, L, 4096)
+        context = context.unsqueeze(0).to(self.device)  # (1, L, 4096)
+        context_null = None if context_null is None else context_null.unsqueeze(0).to(self.device)
         self._running = experts
         try:
             experts.prepare(sampling)
@@ -285,9 +319,11 @@ class T2VPipeline:
         timings["decode"] = time.perf_counter() - start
 
         params = {
-            "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed, "width": size[0],
+            "prompt": prompt, "negative_prompt": negative_prompt if context_null is not None else None,
+            "seed": seed, "width": size[0],
             "height": size[1], "frames": frames, "steps": steps, "shift": shift, "guidance_high": guidance_high,
-            "guidance_low": guidance_low, "boundary": self.boundary, "solver": solver,
+            "guidance_low": guidance_low, "boundary": self.boundary, "solver": solver, "grid": grid,
+            "loras": {name: [[Path(f).name, st] for f, st in loras] for name, loras in self.loras.items()},
             "quantization": self.quantization, "dtype": str(self.dtype).removeprefix("torch."),
             "model": self.model_name, "layout": self.layout, "wan_lite_version": __version__,
             "plan": plan.to_dict() if plan is not None else None,
