@@ -309,9 +309,15 @@ def test_vae_file(files, tiny_vae):
 def test_vae_file_missing_key(files, tiny_vae):
     partial = {k: v for k, v in tiny_vae.items() if k != "decoder.head.2.bias"}
     path, _ = write_safetensors(partial, files / "vae_partial.safetensors")
+    from diffusers import AutoencoderKLWan
+
+    from wan_lite.vae import check_vae_keys
+
+    with torch.device("meta"):
+        model = AutoencoderKLWan(base_dim=8, z_dim=16)
     with pytest.raises(CheckpointError, match=r"vae_partial.safetensors does not hold the Wan2.1 VAE.*missing "
                                               r"decoder.conv_out.bias"):
-        read_vae_file(path)
+        check_vae_keys(read_vae_file(path), model, path)  # what VAE.from_pretrained checks before loading
 
 
 # ---------------------------------------------------------------------------------------------

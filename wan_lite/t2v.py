@@ -307,7 +307,7 @@ class T2VPipeline:
         # 5. decode
         start = time.perf_counter()
         if self.vae is None:
-            self.vae = VAE.from_pretrained(self.model.path, device=self.device, dtype=self.vae_dtype)
+            self.vae = VAE.from_pretrained(self.model.vae, device=self.device, dtype=self.vae_dtype)
         self.vae.model.to(self.device)
         if vae_tile == "auto" and plan is not None:  # the plan's tile fits its budget, not the card's
             vae_tile = plan.vae_tile

@@ -26,8 +26,10 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKLWan
 
-from .checkpoint import VAE_WEIGHTS as OFFICIAL_WEIGHTS
-from .checkpoint import find_vae
+from .formats import check_keys, read_vae_file
+from .keys import CheckpointError
+
+OFFICIAL_WEIGHTS = "Wan2.1_VAE.pth"  # the official release's file name (messages only)
 
 STRIDE = (4, 8, 8)  # (t, h, w) compression of the Wan2.1 VAE
 
@@ -100,6 +102,17 @@ def official_to_diffusers(sd: dict[str, torch.Tensor], num_res_blocks: int = 2) 
     return out
 
 
+def check_vae_keys(sd: dict, model: AutoencoderKLWan, path: Path) -> None:
+    """Every official key maps to the model and every model key is there; CheckpointError naming the file."""
+    found = []
+    for name in sd:
+        try:
+            found += list(official_to_diffusers({name: None}))
+        except KeyError:
+            found.append(name)  # not an official VAE key: reported as unexpected
+    check_keys(model.state_dict(), found, path, "the Wan2.1 VAE (names as diffusers' AutoencoderKLWan)")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Tile choice
 
@@ -141,25 +154,33 @@ class VAE:
 
     @classmethod
     def from_pretrained(
-        cls, root: str | os.PathLike, device: str | torch.device = "cuda", dtype: torch.dtype = torch.float32
+        cls, path: str | os.PathLike, device: str | torch.device = "cuda", dtype: torch.dtype = torch.float32
     ) -> VAE:
-        """Load from a model root (or from `Wan2.1_VAE.pth` / a `vae/` folder directly). fp32 is the official dtype."""
-        path = Path(root)
-        if path.is_file() or (path / "config.json").is_file():
-            layout = "official" if path.is_file() else "diffusers"
-        else:
-            layout, path = find_vae(path)
-        if layout == "diffusers":
+        """Load the Wan2.1 VAE from `Wan2.1_VAE.pth` (official), a `vae/` folder (diffusers) or a single
+        `.safetensors` file with the official key names (ComfyUI's `wan_2.1_vae.safetensors`); a model
+        root's VAE is `checkpoint.open_root(root).vae`. fp32 is the official dtype."""
+        path = Path(path)
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise CheckpointError(f"{path} is not a diffusers vae/ folder (no config.json): pass the VAE file "
+                                      "or folder itself (a model root's is checkpoint.open_root(root).vae)")
             model = AutoencoderKLWan.from_pretrained(path, torch_dtype=dtype)
-            mean, std = model.config.latents_mean, model.config.latents_std
+            return cls(model, model.config.latents_mean, model.config.latents_std, device=torch.device(device),
+                       dtype=dtype)
+        with torch.device("meta"):
+            model = AutoencoderKLWan()  # the default config is the Wan2.1 VAE
+        if path.suffix == ".safetensors":
+            sd = read_vae_file(path)  # refuses the Wan2.2 VAE and other files by name
+            check_vae_keys(sd, model, path)
         else:
             sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-            with torch.device("meta"):
-                model = AutoencoderKLWan()  # the default config is the Wan2.1 VAE
+        try:
             sd = {k: v.to(dtype) for k, v in official_to_diffusers(sd).items()}
             model.load_state_dict(sd, strict=True, assign=True)
-            mean, std = LATENTS_MEAN, LATENTS_STD
-        return cls(model, mean, std, device=torch.device(device), dtype=dtype)
+        except (KeyError, RuntimeError) as e:  # an unknown key, or missing / unexpected / mis-shaped ones
+            raise CheckpointError(f"{path} is not a complete Wan2.1 VAE ({' '.join(str(e).split())[:400]}): "
+                                  "download it again (Wan2.1_VAE.pth or wan_2.1_vae.safetensors)") from e
+        return cls(model, LATENTS_MEAN, LATENTS_STD, device=torch.device(device), dtype=dtype)
 
     def unload(self) -> None:
         """Move the weights off the GPU."""
