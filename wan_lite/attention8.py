@@ -175,24 +175,24 @@ def _attn_block(acc, l_i, m_i, q, c_q, k_desc, v_desc, ks, row0, vrow0, j, L,
 
 
 @triton.jit
-def _attn_fwd(q_desc, k_desc, v_desc, qs, ks, vs, Out, H, L, Lp, sob, soh, sol,
+def _attn_fwd(q_desc, k_desc, v_desc, qs, ks, vs, Out, H, Lq, Lqp, Lk, Lkp, sob, soh, sol,
               D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_BLOCK: tl.constexpr,
               P_SHIFT: tl.constexpr, WARP_SPEC: tl.constexpr):
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
-    row0 = bh * Lp  # first row of this head in the (B*H*Lp, D) 8-bit copies
-    q = q_desc.load([row0 + start_m * BLOCK_M, 0])  # (BLOCK_M, D) fp8, stays in shared memory
-    c_q = tl.load(qs + bh * (Lp // Q_BLOCK) + (start_m * BLOCK_M) // Q_BLOCK)
-    ks_h = ks + bh * (Lp // BLOCK_N)
+    q = q_desc.load([bh * Lqp + start_m * BLOCK_M, 0])  # (BLOCK_M, D) fp8, stays in shared memory
+    c_q = tl.load(qs + bh * (Lqp // Q_BLOCK) + (start_m * BLOCK_M) // Q_BLOCK)
+    row0 = bh * Lkp  # first row of this head in the (B*H*Lkp, D) 8-bit K
+    ks_h = ks + bh * (Lkp // BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    n_full = L // BLOCK_N
+    n_full = Lk // BLOCK_N
     for j in tl.range(0, n_full, warp_specialize=WARP_SPEC):
-        acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, c_q, k_desc, v_desc, ks_h, row0, bh * D, j, L,
+        acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, c_q, k_desc, v_desc, ks_h, row0, bh * D, j, Lk,
                                     BLOCK_N, False, P_SHIFT)
-    if n_full * BLOCK_N < L:
-        acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, c_q, k_desc, v_desc, ks_h, row0, bh * D, n_full, L,
+    if n_full * BLOCK_N < Lk:
+        acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, c_q, k_desc, v_desc, ks_h, row0, bh * D, n_full, Lk,
                                     BLOCK_N, True, P_SHIFT)
     d = tl.arange(0, D)
     sv = tl.load(vs + bh * D + d)  # (D,) V scale per channel
@@ -201,7 +201,7 @@ def _attn_fwd(q_desc, k_desc, v_desc, qs, ks, vs, Out, H, L, Lp, sob, soh, sol,
     b = bh // H
     h = bh % H
     ptr = Out + b.to(tl.int64) * sob + h.to(tl.int64) * soh + rows[:, None].to(tl.int64) * sol + d[None, :]
-    tl.store(ptr, out.to(Out.dtype.element_ty), mask=rows[:, None] < L)
+    tl.store(ptr, out.to(Out.dtype.element_ty), mask=rows[:, None] < Lq)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,77 +210,94 @@ def _attn_fwd(q_desc, k_desc, v_desc, qs, ks, vs, Out, H, L, Lp, sob, soh, sol,
 
 @dataclass(frozen=True)
 class Quantized:
-    """The pre-pass output for one (q, k, v): 8-bit copies padded to Lp tokens, and their fp32 scales."""
+    """The pre-pass output for one (q, k, v): 8-bit copies padded to a multiple of 128 tokens, fp32 scales."""
 
-    q8: torch.Tensor  # (B*H*Lp, D) e4m3, q * log2(e)/sqrt(D) / qs
-    k8: torch.Tensor  # (B*H*Lp, D) e4m3, (k - mean) / ks
-    vt8: torch.Tensor  # (B*H*D, Lp) e4m3, v^T / vs
-    qs: torch.Tensor  # (B*H, Lp/128) per 128-query block
-    ks: torch.Tensor  # (B*H, Lp/block_n) per key block
+    q8: torch.Tensor  # (B*H*Lqp, D) e4m3, q * log2(e)/sqrt(D) / qs
+    k8: torch.Tensor  # (B*H*Lkp, D) e4m3, (k - mean) / ks
+    vt8: torch.Tensor  # (B*H*D, Lkp) e4m3, v^T / vs
+    qs: torch.Tensor  # (B*H, Lqp/128) per 128-query block
+    ks: torch.Tensor  # (B*H, Lkp/block_n) per key block
     vs: torch.Tensor  # (B*H, D) per channel
-    length: int  # L
-    padded: int  # Lp
+    lq: int
+    lk: int
+    block_n: int
+
+    @property
+    def lqp(self) -> int:
+        return self.q8.shape[0] // self.qs.shape[0]
+
+    @property
+    def lkp(self) -> int:
+        return self.vt8.shape[1]
 
 
 def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int) -> Quantized:
-    """The three pre-pass kernels (plus two tiny torch reductions over the per-chunk statistics)."""
-    B, H, L, D = q.shape  # (B, H, L, D), last dim contiguous
-    Lp = triton.cdiv(L, PAD) * PAD
-    BH = B * H
-    dev = q.device
-    chunks = triton.cdiv(L, STATS_CHUNK)
+    """The three pre-pass kernels (plus two tiny torch reductions over the per-chunk statistics).
+
+    q (B, H, Lq, D), k and v (B, H, Lk, D), bf16/fp16 with the last axis contiguous (any other strides).
+    """
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    Lqp, Lkp = triton.cdiv(Lq, PAD) * PAD, triton.cdiv(Lk, PAD) * PAD
+    BH, dev, f8 = B * H, q.device, torch.float8_e4m3fn
+    chunks = triton.cdiv(Lk, STATS_CHUNK)
     ksum = torch.empty(BH, chunks, D, device=dev, dtype=torch.float32)
     vmax = torch.empty_like(ksum)
-    _kv_stats[(chunks, BH)](k, v, ksum, vmax, H, L, *k.stride()[:3], *v.stride()[:3],
+    _kv_stats[(chunks, BH)](k, v, ksum, vmax, H, Lk, *k.stride()[:3], *v.stride()[:3],
                             D=D, CHUNK=STATS_CHUNK, ROWS=64, num_warps=4)
-    kmean = ksum.sum(1) / L  # (BH, D)
+    kmean = ksum.sum(1) / Lk  # (BH, D)
     vs = vmax.amax(1).clamp_min(1e-30) / FP8_MAX  # (BH, D)
-    f8 = torch.float8_e4m3fn
-    q8 = torch.empty(BH * Lp, D, device=dev, dtype=f8)
-    k8 = torch.empty(BH * Lp, D, device=dev, dtype=f8)
-    vt8 = torch.empty(BH * D, Lp, device=dev, dtype=f8)
-    qs = torch.empty(BH, Lp // Q_BLOCK, device=dev, dtype=torch.float32)
-    ks = torch.empty(BH, Lp // block_n, device=dev, dtype=torch.float32)
-    _quant_q[(Lp // Q_BLOCK, BH)](q, q8, qs, H, L, Lp, *q.stride()[:3], LOG2E / D**0.5,
-                                  D=D, ROWS=Q_BLOCK, num_warps=8)
-    _quant_kv[(Lp // block_n, BH)](k, v, kmean, vs, k8, vt8, ks, H, L, Lp, *k.stride()[:3], *v.stride()[:3],
-                                   D=D, ROWS=block_n, num_warps=8)
-    return Quantized(q8, k8, vt8, qs, ks, vs, L, Lp)
+    q8 = torch.empty(BH * Lqp, D, device=dev, dtype=f8)
+    k8 = torch.empty(BH * Lkp, D, device=dev, dtype=f8)
+    vt8 = torch.empty(BH * D, Lkp, device=dev, dtype=f8)
+    qs = torch.empty(BH, Lqp // Q_BLOCK, device=dev, dtype=torch.float32)
+    ks = torch.empty(BH, Lkp // block_n, device=dev, dtype=torch.float32)
+    _quant_q[(Lqp // Q_BLOCK, BH)](q, q8, qs, H, Lq, Lqp, *q.stride()[:3], LOG2E / D**0.5,
+                                   D=D, ROWS=Q_BLOCK, num_warps=8)
+    _quant_kv[(Lkp // block_n, BH)](k, v, kmean, vs, k8, vt8, ks, H, Lk, Lkp, *k.stride()[:3], *v.stride()[:3],
+                                    D=D, ROWS=block_n, num_warps=8)
+    return Quantized(q8, k8, vt8, qs, ks, vs, Lq, Lk, block_n)
 
 
 def attention_quantized(x: Quantized, out: torch.Tensor, config: KernelConfig = DEFAULT) -> torch.Tensor:
-    """The attention loop over a pre-pass result; writes and returns `out` (B, H, L, D)."""
-    B, H, L, D = out.shape
+    """The attention loop over a pre-pass result; writes and returns `out` (B, H, Lq, D)."""
+    B, H, Lq, D = out.shape
     cfg = config
+    if cfg.block_n != x.block_n:
+        raise ValueError(f"the pre-pass ran with block_n {x.block_n}, the config has {cfg.block_n}")
     q_desc = TensorDescriptor.from_tensor(x.q8, [cfg.block_m, D])
     k_desc = TensorDescriptor.from_tensor(x.k8, [cfg.block_n, D])
     v_desc = TensorDescriptor.from_tensor(x.vt8, [D, cfg.block_n])
-    grid = (triton.cdiv(L, cfg.block_m), B * H)  # queries fastest: neighbouring programs share K and V in L2
-    _attn_fwd[grid](q_desc, k_desc, v_desc, x.qs, x.ks, x.vs, out, H, L, x.padded, *out.stride()[:3],
+    grid = (triton.cdiv(Lq, cfg.block_m), B * H)  # queries fastest: neighbouring programs share K and V in L2
+    _attn_fwd[grid](q_desc, k_desc, v_desc, x.qs, x.ks, x.vs, out, H, Lq, x.lqp, x.lk, x.lkp, *out.stride()[:3],
                     D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, Q_BLOCK=Q_BLOCK, P_SHIFT=P_SHIFT,
                     WARP_SPEC=cfg.warp_specialize, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
 
 
 def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, config: KernelConfig = DEFAULT) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D)) v in FP8: (B, H, L, D) x3 bf16/fp16 on an sm89+ GPU -> (B, H, L, D), q's dtype.
+    """softmax(q k^T / sqrt(D)) v in FP8 on an sm89+ GPU: (B, H, Lq, D) x (B, H, Lk, D) x2 -> (B, H, Lq, D).
 
-    Raises ValueError for shapes or dtypes it does not run (the message names what does).
+    bf16 or fp16 in, q's dtype out. Raises ValueError for inputs it does not run (the message names what does).
     """
-    _check(q, k, v, config)
+    problem = unsupported(q, k, v)
+    if problem:
+        raise ValueError(f"fp8 attention cannot run these inputs: {problem}; use an sdpa-* backend for them")
+    if Q_BLOCK % config.block_m or PAD % config.block_n:
+        raise ValueError(f"block_m must divide {Q_BLOCK} and block_n divide {PAD}, got {config}")
     out = torch.empty_like(q)  # keeps q's strides: (B, L, H, D) storage stays that way
     return attention_quantized(quantize(q, k, v, config.block_n), out, config)
 
 
-def _check(q, k, v, config):
-    if not (q.shape == k.shape == v.shape and q.dim() == 4):
-        raise ValueError(f"fp8 attention takes q, k, v of one (B, H, L, D) shape, got {q.shape}, {k.shape}, "
-                         f"{v.shape}: use the sdpa-cudnn backend for cross-attention or other shapes")
+def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why these inputs cannot run here (None: they can); needs no GPU to answer for CPU tensors."""
+    if q.dim() != 4 or k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        shapes = ", ".join(str(tuple(t.shape)) for t in (q, k, v))
+        return f"q, k, v must be (B, H, L, D) with one B, H and D, got {shapes}"
     if q.shape[-1] != HEAD_DIM:
-        raise ValueError(f"fp8 attention is built for head_dim {HEAD_DIM}, got {q.shape[-1]}: use sdpa-cudnn")
+        return f"head_dim must be {HEAD_DIM}, got {q.shape[-1]}"
     if q.dtype not in (torch.bfloat16, torch.float16) or not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"fp8 attention takes bf16 or fp16 inputs, got {q.dtype}: use sdpa-cudnn for fp32")
+        return f"inputs must be bf16 or fp16, got {q.dtype}, {k.dtype}, {v.dtype}"
     if any(t.stride(-1) != 1 for t in (q, k, v)):
-        raise ValueError("fp8 attention needs the head_dim axis contiguous (stride 1)")
-    if Q_BLOCK % config.block_m or PAD % config.block_n:
-        raise ValueError(f"block_m must divide {Q_BLOCK} and block_n divide {PAD}, got {config}")
+        return "the head_dim axis must be contiguous (stride 1)"
+    return None
