@@ -70,10 +70,12 @@ CONFIGS = {
     for c in (
         KernelConfig(128, 128, 8, 2),
         KernelConfig(128, 128, 8, 3),
+        KernelConfig(128, 128, 8, 4),
         KernelConfig(128, 64, 8, 3),
         KernelConfig(128, 256, 8, 2),
         KernelConfig(64, 128, 4, 2),
         KernelConfig(64, 128, 4, 3),
+        KernelConfig(64, 64, 4, 3),
         KernelConfig(128, 128, 8, 2, True),
         KernelConfig(64, 128, 4, 2, True),
     )
