@@ -57,27 +57,27 @@ class KernelConfig:
     block_n: int = 128  # keys per loop step, also the K scale block
     num_warps: int = 8
     num_stages: int = 2  # TMA buffers of K and V in flight
-    warp_specialize: bool = False  # Triton's automatic producer/consumer split of the loop
+    acc: int = 0  # how P.V joins the accumulator: see _softmax_pv
 
     @property
     def name(self) -> str:
-        ws = "-ws" if self.warp_specialize else ""
-        return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}{ws}"
+        return f"m{self.block_m}n{self.block_n}w{self.num_warps}s{self.num_stages}a{self.acc}"
 
 
 CONFIGS = {
     c.name: c
     for c in (
         KernelConfig(128, 128, 8, 2),
+        KernelConfig(64, 128, 4, 2),
         KernelConfig(128, 128, 8, 3),
-        KernelConfig(128, 128, 8, 4),
         KernelConfig(128, 64, 8, 3),
         KernelConfig(128, 256, 8, 2),
-        KernelConfig(64, 128, 4, 2),
         KernelConfig(64, 128, 4, 3),
         KernelConfig(64, 64, 4, 3),
-        KernelConfig(128, 128, 8, 2, True),
-        KernelConfig(64, 128, 4, 2, True),
+        KernelConfig(128, 128, 8, 2, acc=1),
+        KernelConfig(64, 128, 4, 2, acc=1),
+        KernelConfig(128, 128, 8, 2, acc=2),
+        KernelConfig(64, 128, 4, 2, acc=2),
     )
 }
 DEFAULT = KernelConfig()
@@ -155,48 +155,75 @@ def _quant_kv(K, V, kmean, vscale, k8, vt8, ks, H, L, Lp, skb, skh, skl, svb, sv
 
 
 @triton.jit
-def _attn_block(acc, l_i, m_i, q, c_q, k_desc, v_desc, ks, row0, vrow0, j, L,
-                BLOCK_N: tl.constexpr, MASK: tl.constexpr, P_SHIFT: tl.constexpr):
-    """One BLOCK_N key block of the online softmax; scores are already in base 2."""
+def _scores(q, k_desc, row0, j, BLOCK_N: tl.constexpr):
+    """q8 . k8^T for key block j: (BLOCK_M, BLOCK_N) fp32, not yet scaled."""
+    k = k_desc.load([row0 + j * BLOCK_N, 0])  # (BLOCK_N, D) fp8
+    return tl.dot(q, k.T)
+
+
+@triton.jit
+def _softmax_pv(s, acc, pv, l_i, m_i, c_q, v_desc, ks, vrow0, j, L,
+                BLOCK_N: tl.constexpr, MASK: tl.constexpr, P_SHIFT: tl.constexpr, ACC: tl.constexpr):
+    """Key block j of the online softmax (base 2) given its raw scores s, then P.V into the accumulator.
+
+    ACC 0: acc = acc * alpha + p8 . v8 (a fresh fp32 accumulator per block, added at once);
+    ACC 1: the same, the add deferred to the next block (`pv` carried), so the P.V wgmma can stay in
+           flight through the next block's Q.K^T and softmax;
+    ACC 2: p8 . v8 accumulated into acc * alpha by the tensor cores (their ~14-bit adder over the whole
+           key sequence: less accurate, one register tile less).
+    """
     start_n = j * BLOCK_N
-    k = k_desc.load([row0 + start_n, 0])  # (BLOCK_N, D) fp8
-    s = tl.dot(q, k.T)  # (BLOCK_M, BLOCK_N) fp32
     c = c_q * tl.load(ks + j)  # dequantization scale of this tile
     if MASK:  # the last, partial block
         s = s * c
         s = tl.where((start_n + tl.arange(0, BLOCK_N))[None, :] < L, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - (m_new - P_SHIFT)[:, None])
+        x = s - (m_new - P_SHIFT)[:, None]
     else:
         m_new = tl.maximum(m_i, tl.max(s, 1) * c)
-        p = tl.math.exp2(s * c - (m_new - P_SHIFT)[:, None])  # one FMA + exp2 per score
+        x = s * c - (m_new - P_SHIFT)[:, None]  # one FMA per score
     alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(x)
     l_i = l_i * alpha + tl.sum(p, 1)
     vt = v_desc.load([vrow0, start_n])  # (D, BLOCK_N) fp8, keys contiguous
-    acc = acc * alpha[:, None] + tl.dot(p.to(tl.float8e4nv), vt.T)  # (BLOCK_M, D)
-    return acc, l_i, m_new
+    p8 = p.to(tl.float8e4nv)
+    if ACC == 0:
+        acc = acc * alpha[:, None] + tl.dot(p8, vt.T)  # (BLOCK_M, D)
+    elif ACC == 1:
+        acc = (acc + pv) * alpha[:, None]
+        pv = tl.dot(p8, vt.T)
+    else:
+        acc = tl.dot(p8, vt.T, acc * alpha[:, None])
+    return acc, pv, l_i, m_new
 
 
 @triton.jit
 def _attn_fwd(q_desc, k_desc, v_desc, qs, ks, vs, Out, H, Lq, Lqp, Lk, Lkp, sob, soh, sol,
               D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_BLOCK: tl.constexpr,
-              P_SHIFT: tl.constexpr, WARP_SPEC: tl.constexpr):
+              P_SHIFT: tl.constexpr, ACC: tl.constexpr):
+    """One program: BLOCK_M queries of one (batch, head) over all keys."""
     start_m = tl.program_id(0)
     bh = tl.program_id(1)
     q = q_desc.load([bh * Lqp + start_m * BLOCK_M, 0])  # (BLOCK_M, D) fp8, stays in shared memory
     c_q = tl.load(qs + bh * (Lqp // Q_BLOCK) + (start_m * BLOCK_M) // Q_BLOCK)
     row0 = bh * Lkp  # first row of this head in the (B*H*Lkp, D) 8-bit K
+    vrow0 = bh * D  # first row of this head in the (B*H*D, Lkp) 8-bit V^T
     ks_h = ks + bh * (Lkp // BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
+    pv = tl.zeros([BLOCK_M, D], tl.float32)  # ACC 1: the last block's P.V, not yet in acc
     n_full = Lk // BLOCK_N
-    for j in tl.range(0, n_full, warp_specialize=WARP_SPEC):
-        acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, c_q, k_desc, v_desc, ks_h, row0, bh * D, j, Lk,
-                                    BLOCK_N, False, P_SHIFT)
-    if n_full * BLOCK_N < Lk:
-        acc, l_i, m_i = _attn_block(acc, l_i, m_i, q, c_q, k_desc, v_desc, ks_h, row0, bh * D, n_full, Lk,
-                                    BLOCK_N, True, P_SHIFT)
+    for j in range(0, n_full):
+        s = _scores(q, k_desc, row0, j, BLOCK_N)
+        acc, pv, l_i, m_i = _softmax_pv(s, acc, pv, l_i, m_i, c_q, v_desc, ks_h, vrow0, j, Lk,
+                                        BLOCK_N, False, P_SHIFT, ACC)
+    if n_full * BLOCK_N < Lk:  # the partial last block
+        s = _scores(q, k_desc, row0, n_full, BLOCK_N)
+        acc, pv, l_i, m_i = _softmax_pv(s, acc, pv, l_i, m_i, c_q, v_desc, ks_h, vrow0, n_full, Lk,
+                                        BLOCK_N, True, P_SHIFT, ACC)
+    if ACC == 1:
+        acc += pv
     d = tl.arange(0, D)
     sv = tl.load(vs + bh * D + d)  # (D,) V scale per channel
     out = acc * (1.0 / l_i)[:, None] * sv[None, :]
@@ -280,7 +307,7 @@ def launch(x: Quantized, out: torch.Tensor, config: KernelConfig):
     grid = (triton.cdiv(Lq, cfg.block_m), B * H)  # queries fastest: neighbouring programs share K and V in L2
     return _attn_fwd[grid](q_desc, k_desc, v_desc, x.qs, x.ks, x.vs, out, H, Lq, x.lqp, x.lk, x.lkp,
                            *out.stride()[:3], D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, Q_BLOCK=Q_BLOCK,
-                           P_SHIFT=P_SHIFT, WARP_SPEC=cfg.warp_specialize, num_warps=cfg.num_warps,
+                           P_SHIFT=P_SHIFT, ACC=cfg.acc, num_warps=cfg.num_warps,
                            num_stages=cfg.num_stages)
 
 
