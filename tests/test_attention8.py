@@ -86,7 +86,7 @@ def emulate(x, B, H, Lq, Lk, block_m, block_n):
     return (acc / denom[..., None] * x.vs[:, None, :]).view(B, H, Lq, D)
 
 
-@pytest.mark.parametrize("cfg", ["m128n128w8s2", "m64n128w4s2", "m128n64w8s3"])
+@pytest.mark.parametrize("cfg", ["m128n128w8s2a0", "m64n128w4s2a0", "m128n64w8s3a0"])
 @pytest.mark.parametrize("B,H,Lq,Lk,layout", [(1, 2, 1000, 1000, "bhld"), (2, 3, 777, 300, "blhd"),
                                               (1, 1, 130, 77, "bhld")])
 @pytest.mark.gpu
