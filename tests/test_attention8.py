@@ -137,7 +137,7 @@ def test_prepass_quantizes_within_e4m3_rounding():
     assert (x.vt8.float().view(B * H, D, x.lkp)[..., L:] == 0).all()
 
 
-@pytest.mark.parametrize("cfg", ["default", "m64n128w4s2a3"])
+@pytest.mark.parametrize("cfg", ["default", "m128n128w8s2a0"])
 @pytest.mark.gpu
 @needs_fp8_gpu
 def test_concentrated_attention_within_one_percent(cfg):

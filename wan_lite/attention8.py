@@ -25,6 +25,16 @@ Accuracy: each e4m3 rounding is up to 2^-4 relative (RMS ~2.6%); they average ou
 attends to when those keys carry similar values (local video tokens), not when V is independent noise
 per token: bench_attention reports both (and uniform random inputs).
 
+Measured (H200, torch 2.11, Triton 3.6, 2026-11-29, `python -m wan_lite.bench_attention`, B=1, H=40):
+DEFAULT (64 queries x 128 keys, 4 warps, 2 stages; 166 registers: 3 programs per SM) 28.1 ms at
+L=32,760 (783 TFLOP/s, 1.36x cuDNN SDPA) and 167.5 ms at 75,600 (699 TFLOP/s, 1.22x), pre-pass
+included (0.6 / 1.4 ms); relative error 0.43% (concentrated), 7.8% (concentrated, iid V), 5.4%
+(uniform) against cuDNN's 0.17% / 0.22% / 0.23%. Short of the 1.5x goal: Triton 3.6 waits for each
+wgmma right after issuing it and did not warp-specialize this loop on sm90 (same SASS with
+warp_specialize=True), so a warpgroup never overlaps its softmax with its own matrix products; only
+the 3 programs per SM overlap each other. The loop is ~550 instructions per warp per 64x128 tile
+(64 exp2 on the 16/clock/SM MUFU pipe, max, sum, scale, convert), as long as the tile's wgmma time.
+
 Deliberately unsupported: masks, causal attention, dropout, GQA, head_dim other than 128, the INT8
 Q.K^T path for Ampere (no FP8 tensor cores: wan_lite.attention refuses this backend there), backward.
 Imported only on CUDA (it imports Triton, which CPU builds of torch lack).
@@ -32,7 +42,6 @@ Imported only on CUDA (it imports Triton, which CPU builds of torch lack).
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -47,8 +56,6 @@ Q_BLOCK = 128  # queries per Q scale; BLOCK_M divides it
 PAD = 256  # the 8-bit copies hold a multiple of this many tokens (block_n divides it)
 STATS_CHUNK = 1024  # tokens per partial sum in _kv_stats
 P_SHIFT = 8.0  # p is computed as 2^8 * softmax numerator: [0, 256] of e4m3's [2^-9, 448]
-LAZY_TAU = tl.constexpr(4.0)  # ACC 3: the running max is moved only when it grew by more than this (log2 units)...
-LAZY_SHIFT = 4.0  # ... so p = 2^(s - m + 4) <= 2^8 stays under 448
 MIN_CAPABILITY = (8, 9)  # FP8 e4m3 tensor cores: Ada and Hopper
 
 
@@ -81,9 +88,6 @@ CONFIGS = {
         KernelConfig(64, 128, 4, 2, acc=1),
         KernelConfig(128, 128, 8, 2, acc=2),
         KernelConfig(64, 128, 4, 2, acc=2),
-        KernelConfig(64, 128, 4, 2, acc=3),
-        KernelConfig(128, 128, 8, 2, acc=3),
-        KernelConfig(64, 128, 4, 3, acc=3),
     )
 }
 DEFAULT = KernelConfig(64, 128, 4, 2)  # fastest exact-accumulation config of the H200 sweep (notes/)
@@ -168,7 +172,7 @@ def _scores(q, k_desc, row0, j, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _softmax_pv(s, acc, pv, lsum, o_desc, l_i, m_i, c_q, v_desc, ks, vrow0, j, L,
+def _softmax_pv(s, acc, pv, l_i, m_i, c_q, v_desc, ks, vrow0, j, L,
                 BLOCK_N: tl.constexpr, MASK: tl.constexpr, P_SHIFT: tl.constexpr, ACC: tl.constexpr):
     """Key block j of the online softmax (base 2) given its raw scores s, then P.V into the accumulator.
 
@@ -176,32 +180,12 @@ def _softmax_pv(s, acc, pv, lsum, o_desc, l_i, m_i, c_q, v_desc, ks, vrow0, j, L
     ACC 1: the same, the add deferred to the next block (`pv` carried), so the P.V wgmma can stay in
            flight through the next block's Q.K^T and softmax;
     ACC 2: p8 . v8 accumulated into acc * alpha by the tensor cores (their ~14-bit adder over the whole
-           key sequence: less accurate, one register tile less).
-    ACC 3: as 2, the rescale of acc lazy (only when some row's max grew by more than LAZY_TAU: in between,
-           p may reach 2^(P_SHIFT + LAZY_TAU), so P_SHIFT must leave that headroom under 448), and the row
-           sums accumulated by the tensor cores too (lsum = p8 . ones, (BLOCK_M, 16) equal columns).
+           key sequence: one register tile less; fine on the bench inputs, but a sum of same-sign terms
+           over ~600 blocks loses bits: a variant that also summed the row sums this way was off by
+           60-130% on uniform inputs, H200 2026-11-29. Not the default).
     """
     start_n = j * BLOCK_N
     c = c_q * tl.load(ks + j)  # dequantization scale of this tile
-    if ACC == 3:
-        if MASK:
-            s = tl.where((start_n + tl.arange(0, BLOCK_N))[None, :] < L, s * c, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1) * c)
-        if tl.max(m_new - m_i) > LAZY_TAU:  # one branch for the whole tile
-            alpha = tl.math.exp2(m_i - m_new)
-            acc = acc * alpha[:, None]
-            lsum = lsum * alpha[:, None]
-            m_i = m_new
-        if MASK:
-            p8 = tl.math.exp2(s - (m_i - P_SHIFT)[:, None]).to(tl.float8e4nv)
-        else:
-            p8 = tl.math.exp2(s * c - (m_i - P_SHIFT)[:, None]).to(tl.float8e4nv)
-        vt = v_desc.load([vrow0, start_n])  # (D, BLOCK_N) fp8, keys contiguous
-        acc = tl.dot(p8, vt.T, acc)
-        lsum = tl.dot(p8, o_desc.load([0, 0]).T, lsum)  # ones (16, BLOCK_N): a TMA load, no register copy
-        return acc, pv, lsum, l_i, m_i
     if MASK:  # the last, partial block
         s = s * c
         s = tl.where((start_n + tl.arange(0, BLOCK_N))[None, :] < L, s, float("-inf"))
@@ -222,11 +206,11 @@ def _softmax_pv(s, acc, pv, lsum, o_desc, l_i, m_i, c_q, v_desc, ks, vrow0, j, L
         pv = tl.dot(p8, vt.T)
     else:
         acc = tl.dot(p8, vt.T, acc * alpha[:, None])
-    return acc, pv, lsum, l_i, m_new
+    return acc, pv, l_i, m_new
 
 
 @triton.jit
-def _attn_fwd(q_desc, k_desc, v_desc, o_desc, qs, ks, vs, Out, H, Lq, Lqp, Lk, Lkp, sob, soh, sol,
+def _attn_fwd(q_desc, k_desc, v_desc, qs, ks, vs, Out, H, Lq, Lqp, Lk, Lkp, sob, soh, sol,
               D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_BLOCK: tl.constexpr,
               P_SHIFT: tl.constexpr, ACC: tl.constexpr):
     """One program: BLOCK_M queries of one (batch, head) over all keys."""
@@ -241,20 +225,17 @@ def _attn_fwd(q_desc, k_desc, v_desc, o_desc, qs, ks, vs, Out, H, Lq, Lqp, Lk, L
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     pv = tl.zeros([BLOCK_M, D], tl.float32)  # ACC 1: the last block's P.V, not yet in acc
-    lsum = tl.zeros([BLOCK_M, 16], tl.float32)  # ACC 3: row sums, by the tensor cores
     n_full = Lk // BLOCK_N
     for j in range(0, n_full):
         s = _scores(q, k_desc, row0, j, BLOCK_N)
-        acc, pv, lsum, l_i, m_i = _softmax_pv(s, acc, pv, lsum, o_desc, l_i, m_i, c_q, v_desc, ks_h, vrow0, j, Lk,
+        acc, pv, l_i, m_i = _softmax_pv(s, acc, pv, l_i, m_i, c_q, v_desc, ks_h, vrow0, j, Lk,
                                               BLOCK_N, False, P_SHIFT, ACC)
     if n_full * BLOCK_N < Lk:  # the partial last block
         s = _scores(q, k_desc, row0, n_full, BLOCK_N)
-        acc, pv, lsum, l_i, m_i = _softmax_pv(s, acc, pv, lsum, o_desc, l_i, m_i, c_q, v_desc, ks_h, vrow0, n_full, Lk,
+        acc, pv, l_i, m_i = _softmax_pv(s, acc, pv, l_i, m_i, c_q, v_desc, ks_h, vrow0, n_full, Lk,
                                               BLOCK_N, True, P_SHIFT, ACC)
     if ACC == 1:
         acc += pv
-    if ACC == 3:
-        l_i = tl.max(lsum, 1)
     d = tl.arange(0, D)
     sv = tl.load(vs + bh * D + d)  # (D,) V scale per channel
     out = acc * (1.0 / l_i)[:, None] * sv[None, :]
@@ -336,17 +317,10 @@ def launch(x: Quantized, out: torch.Tensor, config: KernelConfig):
     k_desc = TensorDescriptor.from_tensor(x.k8, [cfg.block_n, D])
     v_desc = TensorDescriptor.from_tensor(x.vt8, [D, cfg.block_n])
     grid = (triton.cdiv(Lq, cfg.block_m), B * H)  # queries fastest: neighbouring programs share K and V in L2
-    o_desc = TensorDescriptor.from_tensor(_ones(out.device), [16, cfg.block_n])
-    return _attn_fwd[grid](q_desc, k_desc, v_desc, o_desc, x.qs, x.ks, x.vs, out, H, Lq, x.lqp, x.lk, x.lkp,
+    return _attn_fwd[grid](q_desc, k_desc, v_desc, x.qs, x.ks, x.vs, out, H, Lq, x.lqp, x.lk, x.lkp,
                            *out.stride()[:3], D=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, Q_BLOCK=Q_BLOCK,
-                           P_SHIFT=LAZY_SHIFT if cfg.acc == 3 else P_SHIFT, ACC=cfg.acc, num_warps=cfg.num_warps,
+                           P_SHIFT=P_SHIFT, ACC=cfg.acc, num_warps=cfg.num_warps,
                            num_stages=cfg.num_stages)
-
-
-@functools.cache
-def _ones(device: torch.device) -> torch.Tensor:
-    """(16, PAD) e4m3 ones: the B operand of the row-sum product (ACC 3)."""
-    return torch.ones(16, PAD, device=device).to(torch.float8_e4m3fn)
 
 
 def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, config: KernelConfig = DEFAULT) -> torch.Tensor:
