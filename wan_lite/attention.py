@@ -13,14 +13,16 @@ runs is decided here and nowhere else, in this order:
    memory, where the math backend materializes L x L), and the block-wise path on other devices.
 
 Backends: `sdpa-cudnn`, `sdpa-flash`, `sdpa-efficient`, `sdpa-math` pin one torch SDPA backend and
-fail loudly when it cannot run these inputs; `blockwise` is exact attention over query and head
-blocks, one math-SDPA call per block, so at most `max_block_bytes` of scores (and their softmax, as
-much again) exist at once (75,600^2 scores x 40 heads would be 457 GB). It runs anywhere, in any
-dtype: the fallback where no fused kernel exists, and the exact reference the fused ones are tested
-against. The device default and the planner's
-`set_backend` choice let torch fall back down a priority list (e.g. cuDNN -> flash -> efficient ->
-math) when the first choice does not support the inputs (fp32 on CUDA, say); a name given to the
-call or in the environment never falls back.
+fail loudly when it cannot run these inputs; `fp8` is the 8-bit Triton kernel of wan_lite.attention8
+(Q.K^T and P.V in FP8 e4m3; bf16/fp16, head_dim 128, CUDA sm89+), never a device default: where it
+cannot run, the planner's choice of it falls back to the device default and a name given to the call
+or in the environment raises; `blockwise` is exact attention over query and head blocks, one
+math-SDPA call per block, so at most `max_block_bytes` of scores (and their softmax, as much again)
+exist at once (75,600^2 scores x 40 heads would be 457 GB). It runs anywhere, in any dtype: the
+fallback where no fused kernel exists, and the exact reference the fused ones are tested against.
+The device default and the planner's `set_backend` choice let torch fall back down a priority list
+(e.g. cuDNN -> flash -> efficient -> math) when the first choice does not support the inputs (fp32 on
+CUDA, say); a name given to the call or in the environment never falls back.
 
 Deliberately unsupported: masks, dropout, causal attention, GQA. The Wan DiT uses none of them.
 """
@@ -40,7 +42,9 @@ SDPA_BACKENDS = {
     "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
     "sdpa-math": SDPBackend.MATH,
 }
-BACKENDS = (*SDPA_BACKENDS, "blockwise")
+FP8 = "fp8"  # wan_lite.attention8, imported only on CUDA (it needs Triton)
+FP8_MIN_CAPABILITY = (8, 9)  # FP8 e4m3 tensor cores: Ada, Hopper
+BACKENDS = (*SDPA_BACKENDS, FP8, "blockwise")
 DEFAULT_BLOCK_BYTES = 256 * 2**20  # scores one block of the block-wise path may hold
 
 _chosen: str | None = None  # set_backend()
@@ -87,6 +91,16 @@ def attention(
         if q.device not in _resolved:  # once per device until the next set_backend
             _resolved[q.device] = resolve(q.device)
         name, explicit = _resolved[q.device]
+    if name == FP8:
+        problem = fp8_unsupported(q, k, v)  # dtype / shape / card: per call, a few attribute reads
+        if problem is None:
+            from .attention8 import attention_fp8  # Triton: imported only where it runs
+
+            return attention_fp8(q, k, v)
+        if explicit:
+            raise RuntimeError(f"attention backend {FP8!r} cannot run here: {problem}; name another backend "
+                               f"(the device default here is {device_default(q.device)!r}) or unset {ENV}")
+        name = device_default(q.device)  # the planner's choice falls back
     if name == "blockwise":
         return blockwise_attention(q, k, v, max_block_bytes=_block_bytes)
     first = SDPA_BACKENDS[name]
@@ -116,6 +130,18 @@ def blockwise_attention(
                 qb = q[:, h0 : h0 + heads, q0 : q0 + queries]  # (B, heads, queries, D)
                 out[:, h0 : h0 + heads, q0 : q0 + queries] = F.scaled_dot_product_attention(qb, kh, vh)
     return out
+
+
+def fp8_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why the fp8 backend cannot run these inputs on their device (None: it can)."""
+    if q.device.type != "cuda":
+        return f"it needs a CUDA GPU with FP8 tensor cores (sm89+), the inputs are on {q.device.type}"
+    cap = torch.cuda.get_device_capability(q.device)
+    if cap < FP8_MIN_CAPABILITY:
+        return f"it needs FP8 tensor cores (sm89+), this GPU is sm{cap[0]}{cap[1]}"
+    from .attention8 import unsupported
+
+    return unsupported(q, k, v)
 
 
 # tried after the device default, in this order
