@@ -56,7 +56,7 @@ def test_plan_for_budget(vram, res, chunked):
         with pytest.raises(PlanError, match="smallest budget that works"):
             make_plan(vram, height=res[0], width=res[1], frames=81, scheme="int8", **HOPPER)
         return
-    plan = make_plan(vram, height=res[0], width=res[1], frames=81, scheme="int8", **HOPPER)
+    plan = make_plan(vram, height=res[0], width=res[1], frames=81, scheme="int8", attention_8bit=False, **HOPPER)
     assert (plan.mode, plan.cfg_batched) == expected
     assert plan.estimated_peak_gb < vram
     assert plan.attention == "sdpa-cudnn"
@@ -110,3 +110,14 @@ def test_bad_size_is_an_error():
         if torch.cuda.is_available():
             pytest.skip("a CUDA device is here")
         make_plan(height=480, width=832, frames=81, device="cpu")
+
+
+def test_fp8_attention_with_8bit_weights_where_the_card_has_fp8():
+    """8-bit experts get the FP8 attention kernel on sm89 / sm90 (a flag turns it off); float experts,
+    Ampere cards and the CPU keep exact attention."""
+    kw = dict(height=480, width=832, frames=81, device="cuda", compile=True)
+    assert make_plan(24, scheme="int8", capability=(9, 0), **kw).attention == "fp8"
+    assert make_plan(24, scheme="fp8", capability=(8, 9), **kw).attention == "fp8"
+    assert make_plan(24, scheme="int8", capability=(9, 0), attention_8bit=False, **kw).attention == "sdpa-cudnn"
+    assert make_plan(40, scheme="none", capability=(9, 0), **kw).attention == "sdpa-cudnn"
+    assert make_plan(24, scheme="int8", capability=(8, 6), **kw).attention == "sdpa-flash"

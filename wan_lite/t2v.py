@@ -166,12 +166,15 @@ class T2VPipeline:
         """The experts' dimensions (read when the root was opened)."""
         return self.model.config
 
-    def make_plan(self, size: tuple[int, int], frames: int, vram_gb: float | None = None) -> Plan:
+    def make_plan(self, size: tuple[int, int], frames: int, vram_gb: float | None = None, *,
+                  attention_8bit: bool | None = None) -> Plan:
         """How a run of this size fits the GPU (None: its free memory now): residency mode, CFG
-        batching, attention kernel, chunking. Raises PlanError naming the smallest budget that works."""
+        batching, attention kernel (`attention_8bit`: the FP8 kernel, default with 8-bit weights on
+        sm89+), chunking. Raises PlanError naming the smallest budget that works."""
         width, height = size
         return make_plan(vram_gb, height=height, width=width, frames=frames, scheme=budget_scheme(self.scheme),
-                         device=self.device, cfg=self.model.config)
+                         device=self.device, cfg=self.model.config,
+                         attention_8bit=False if self.dtype == torch.float32 else attention_8bit)
 
     def load_experts(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         """(high, low) experts as modules, loaded once: on this rank's GPU (several GPUs), on the device
