@@ -1,6 +1,7 @@
-"""Choose how to run in a VRAM budget: residency mode, CFG batching, attention kernel, FFN chunking,
-VAE tile, text encoder placement. One frozen `Plan`, printed as a readable block and stored in the
-run's metadata (`plan.to_dict()`).
+"""Choose how to run in a VRAM budget and a host-RAM budget: residency mode, CFG batching, attention
+kernel, FFN chunking, VAE tile, text encoder placement, and where the experts wait on the host. One
+frozen `Plan` (its host side a `HostPlan`), printed as a readable block and stored in the run's
+metadata (`plan.to_dict()`).
 
 The arithmetic (DESIGN.md section 3), all in bytes, fitted to H100 measurements of
 `python -m wan_lite.bench` (int8 w8a8 experts, blocks compiled, 81 frames; BENCHMARKS.md):
@@ -20,6 +21,17 @@ Choices, in order: resident if one expert and one pass's activations fit, else s
 batched CFG if two passes fit, else sequential); a fused attention kernel where the device has one, the
 block-wise path elsewhere; the VAE tile from `vae.tile_for_memory`; the text encoder on the GPU when its
 bf16 weights fit (it runs before the expert is loaded), else on the CPU.
+
+Host RAM (`HostPlan`), private (anonymous) memory only: the page cache a memory-mapped checkpoint
+is read through is file-backed and reclaimable, so it is reported, not budgeted. Per expert, from the
+same unit layouts as the VRAM plan: E = embed + blocks + head bytes; an expert served from its file
+passes through `residency.STAGING` pinned staging buffers of the largest unit (U). Choices, fastest
+first, the first whose peak fits: "pinned" (both experts in pinned RAM: 2E), "mapped" (the high-noise
+expert pinned, the low-noise one read from the memory-mapped file by a prefetch thread during the
+high-noise steps: E + STAGING x U), "streamed" (both from the files: STAGING x U; in streaming mode
+every step then reads the experts through the page cache). The umt5 encoder on the CPU
+(`TEXT_HOST`) runs and is freed before the experts' buffers fill, so the peak is HOST_FIXED + the
+larger of the two phases, not their sum.
 """
 
 from __future__ import annotations
@@ -28,11 +40,12 @@ import functools
 import math
 from dataclasses import asdict, dataclass
 
+import psutil
 import torch
 
 from . import attention
 from .config import ModelConfig, VideoSize
-from .residency import layouts_of, template
+from .residency import STAGING, layouts_of, template
 
 GB = 1e9
 SCHEMES = ("int8", "fp8", "none")  # weight formats budgeted: 8-bit block Linears, or float (held in bf16)
@@ -52,10 +65,44 @@ STREAM_EXTRA = 4.13  # block-major sequential CFG: the second pass's float32 str
 FRAGMENTATION, SLACK = 1.075, 0.15 * GB
 TEXT_PARAMS = 6.73e9  # umt5-xxl encoder as transformers builds it (measured 13.5 GB in bf16)
 STREAM_SLOTS = 2
+# Private host RAM of umt5-xxl in bf16 on the CPU when its file is not known (an upper bound: TEXT_PARAMS
+# counts the tied embedding twice, the official .pth is 11.4 GB; a load that needs no cast keeps it
+# memory-mapped, file-backed). T2VPipeline passes the size of its encoder's files instead.
+TEXT_HOST = 2 * TEXT_PARAMS
+# Private host RAM besides the weights: torch and the CUDA runtime, latents, prompt embeddings (an
+# estimate, to be fitted on the full-size run), plus the decoded video (`decode_host_bytes`).
+HOST_FIXED = 1.5 * GB
+HOST_MODES = ("pinned", "mapped", "streamed")
 
 
 class PlanError(ValueError):
     """No plan fits the budget; the message names the smallest budget that works."""
+
+
+@dataclass(frozen=True)
+class HostPlan:
+    """Where the experts wait on the host, and the private host RAM the run takes (GB = 1e9 bytes)."""
+
+    ram_gb: float  # the host-RAM budget planned for
+    mode: str  # pinned | mapped | streamed (HOST_MODES)
+    high: str  # the high-noise expert: "ram" (pinned buffers, filled once) | "file" (memory-mapped, staged)
+    low: str  # the low-noise expert, likewise
+    staging: int  # pinned staging buffers the experts served from files pass through (0: none)
+    experts_gb: float  # private RAM of the experts' host side: pinned buffers + staging buffers
+    mapped_gb: float  # checkpoint bytes served through the page cache (file-backed, not private)
+    text_gb: float  # private RAM of the text phase (umt5 on the CPU), freed before the experts fill
+    peak_gb: float  # estimated peak private RAM: HOST_FIXED + decoded video + max(text, experts)
+    keep_between_runs: bool  # the experts' RAM may stay filled while the next run's text encoder runs
+
+    def describe(self) -> str:
+        where = {"pinned": "both experts in pinned RAM",
+                 "mapped": "high-noise expert in pinned RAM, low-noise expert from its memory-mapped file",
+                 "streamed": "both experts from their memory-mapped files"}[self.mode]
+        staged = f" ({self.staging} pinned staging buffers, read ahead)" if self.staging else ""
+        return (f"  host RAM     {where}{staged}\n"
+                f"               {self.experts_gb:.1f} GB experts, text encoder {self.text_gb:.1f} GB before them: "
+                f"{self.peak_gb:.1f} GB peak private of {self.ram_gb:.1f} GB (estimated); "
+                f"{self.mapped_gb:.1f} GB through the page cache")
 
 
 @dataclass(frozen=True)
@@ -78,7 +125,8 @@ class Plan:
     weights_gb: float  # VRAM the DiT weights take in this mode
     activations_gb: float  # estimated peak activations of the denoising loop
     estimated_peak_gb: float  # weights + activations + fixed
-    host_gb: float  # host RAM both experts take (pinned when it fits)
+    host_gb: float  # private host RAM the experts take in this plan (host.experts_gb)
+    host: HostPlan  # where the experts wait on the host (the host-RAM budget)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -101,7 +149,7 @@ class Plan:
             f"  text encoder {self.text_device}",
             f"  VRAM         {self.weights_gb:.1f} GB weights + {self.activations_gb:.1f} GB activations "
             f"= {self.estimated_peak_gb:.1f} GB peak (estimated)",
-            f"  host RAM     {self.host_gb:.1f} GB for both experts",
+            self.host.describe(),
         ]
         return "\n".join(lines)
 
@@ -161,6 +209,42 @@ def _estimate(L: int, cfg: ModelConfig, scheme: str, mode: str, cfg_batched: boo
     return weights, act, weights + act + FIXED
 
 
+def decode_host_bytes(width: int, height: int, frames: int) -> int:
+    """The decoded video on the host: float32 (3, F, H, W) and its uint8 copy for the mp4."""
+    return 3 * frames * height * width * (4 + 1)
+
+
+def host_plan(cfg: ModelConfig, scheme: str, ram_gb: float | None, *, text_device: str,
+              video_bytes: int = 0, text_bytes: float = TEXT_HOST) -> HostPlan:
+    """The fastest host placement of the experts whose peak private RAM fits `ram_gb` (None: what the
+    machine has available now, psutil); see the module docstring. `text_bytes`: the text encoder's
+    weights on the CPU. Raises PlanError naming the smallest budget that works."""
+    if ram_gb is None:
+        ram_gb = psutil.virtual_memory().available / GB
+    embed, block, head = unit_bytes(cfg, scheme)
+    expert = embed + head + cfg.num_layers * block  # E
+    ring = STAGING * max(embed, block, head)  # the staging buffers of experts served from files
+    text = text_bytes if text_device == "cpu" else 0.0
+    other = HOST_FIXED + video_bytes
+    options = {"pinned": ("ram", "ram", 0, 2 * expert), "mapped": ("ram", "file", STAGING, expert + ring),
+               "streamed": ("file", "file", STAGING, ring)}
+    for mode, (high, low, staging, experts) in options.items():
+        peak = other + max(text, experts)
+        if peak <= ram_gb * GB:
+            return HostPlan(ram_gb=round(ram_gb, 2), mode=mode, high=high, low=low, staging=staging,
+                            experts_gb=round(experts / GB, 2),
+                            mapped_gb=round(expert * [high, low].count("file") / GB, 2),
+                            text_gb=round(text / GB, 2), peak_gb=round(peak / GB, 2),
+                            keep_between_runs=other + text + experts <= ram_gb * GB)
+    smallest = math.ceil((other + max(text, ring)) / GB * 10) / 10
+    fix = ("free host RAM, or let the text encoder run on the GPU (a larger --vram-gb)" if text > ring
+           else "free host RAM")
+    raise PlanError(f"{ram_gb:.1f} GB of host RAM is too small for {scheme if scheme != 'none' else 'bf16'} experts"
+                    + (f" with the text encoder on the CPU ({text / GB:.1f} GB)" if text_device == "cpu" else "")
+                    + f": the smallest budget that works is {smallest:.1f} GB (both experts served from their "
+                    f"memory-mapped files); {fix}")
+
+
 # ---------------------------------------------------------------------------------------------
 # the plan
 
@@ -168,12 +252,15 @@ def _estimate(L: int, cfg: ModelConfig, scheme: str, mode: str, cfg_batched: boo
 def make_plan(vram_gb: float | None = None, *, height: int, width: int, frames: int, scheme: str = "int8",
               device: torch.device | str | None = None, cfg: ModelConfig | None = None,
               mode: str | None = None, capability: tuple[int, int] | None = None,
-              compile: bool | None = None, attention_8bit: bool | None = None) -> Plan:
-    """The plan for this budget (None: the free memory of `device` now). `mode` forces resident or
+              compile: bool | None = None, attention_8bit: bool | None = None,
+              ram_gb: float | None = None, text_bytes: float = TEXT_HOST) -> Plan:
+    """The plan for this budget (None: the free memory of `device` now) and `ram_gb` of host RAM (None:
+    what the machine has available now; `host_plan`; `text_bytes`: the text encoder's weights, held in
+    RAM when it runs on the CPU). `mode` forces resident or
     streaming; `capability` plans for a CUDA card that is not here; `compile` (default: on CUDA)
     whether the blocks run through torch.compile; `attention_8bit` (default: with 8-bit weights) the FP8
     attention kernel on cards with FP8 tensor cores (sm89+). Raises PlanError naming the smallest budget
-    that works when nothing fits."""
+    (VRAM or host RAM) that works when nothing fits."""
     cfg = cfg or ModelConfig.a14b()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if vram_gb is None:
@@ -217,12 +304,13 @@ def make_plan(vram_gb: float | None = None, *, height: int, width: int, frames: 
         vae_tile = tile_for_memory(height, width, frames, int(usable), 4)
     except MemoryError as e:
         raise PlanError(f"{vram_gb:.1f} GB: {e}") from e
-    embed, block, head = unit_bytes(cfg, scheme)
+    text_device = "cuda" if device.type == "cuda" and 2 * TEXT_PARAMS + GB <= usable else "cpu"
+    host = host_plan(cfg, scheme, ram_gb, text_device=text_device, text_bytes=text_bytes,
+                     video_bytes=decode_host_bytes(width, height, frames))
     return Plan(
         vram_gb=round(vram_gb, 2), height=height, width=width, frames=frames, tokens=L, scheme=scheme, mode=m,
         slots=STREAM_SLOTS if m == "streaming" else cfg.num_layers + 2, cfg_batched=batched, compile=compiled,
         attention=attn, attention_block_mb=block_mb, ffn_chunk=ffn_chunk, vae_tile=vae_tile,
-        text_device="cuda" if device.type == "cuda" and 2 * TEXT_PARAMS + GB <= usable else "cpu",
-        weights_gb=round(weights / GB, 2), activations_gb=round(act / GB, 2),
-        estimated_peak_gb=round(peak / GB, 2), host_gb=round(2 * (embed + head + cfg.num_layers * block) / GB, 2),
+        text_device=text_device, weights_gb=round(weights / GB, 2), activations_gb=round(act / GB, 2),
+        estimated_peak_gb=round(peak / GB, 2), host_gb=host.experts_gb, host=host,
     )

@@ -32,15 +32,25 @@ Every way of holding the experts offers that same interface (`Experts`: `.high`,
 `prepare(sampling)`, `release()`): the `Residency`, `ModuleSwap` for library-quantized experts and
 `LoadedExperts` for plain modules (the CPU, shards on several GPUs). The pipeline runs one recipe.
 
+An expert may wait in pinned host RAM (`HostExpert.in_ram`, filled once by `fill`, which
+`prepare` calls: after the text encoder has run and been freed) or in its memory-mapped checkpoint
+(page cache, not private memory). A mapped expert's units pass through `staging` pinned buffers: once
+the copies are planned, a prefetch thread (`_Prefetch`) reads the units in the order the copies will
+be sent (`send_order`, a replay of the plan) into that ring of buffers, ahead of use, so the swap to a
+memory-mapped low-noise expert is staged during the high-noise steps. A send the thread did not
+foresee (no plan, a changed one) is read on the calling thread, as before. `stats` counts both and
+the time the calling thread waited for staged units (`host_waits`).
+
 Deliberately unsupported: tensor-subclass weights (every state tensor must be a dense plain tensor);
-more than two experts; overlapping the host-side read of a memory-mapped checkpoint with compute
-(it runs on the calling thread; the GPU keeps working through its queue meanwhile).
+more than two experts.
 """
 
 from __future__ import annotations
 
 import copy
+import queue
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -61,6 +71,7 @@ from .quantized.linear import convert_for_runtime
 ALIGN = 256  # bytes; every tensor in a flat unit buffer starts on this boundary
 MODES = ("resident", "streaming")
 EXPERTS = ("high", "low")
+STAGING = 3  # pinned staging buffers (of the largest unit) a memory-mapped expert's units pass through
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,14 +160,17 @@ def template(cfg: ModelConfig, dtype: torch.dtype = torch.bfloat16, linears: dic
 
 
 class HostExpert:
-    """One expert's units in host memory: a flat (pinned if asked) buffer per unit, or read on demand
-    from a memory-mapped checkpoint through a pinned staging buffer."""
+    """One expert's units in host memory: a flat (pinned if asked) buffer per unit (`in_ram`), or read
+    on demand from a memory-mapped checkpoint through pinned staging buffers."""
 
     def __init__(self, layouts: dict[str, Layout], flats: dict[str, torch.Tensor] | None = None,
-                 read: Callable[[str], torch.Tensor] | None = None):
+                 read: Callable[[str], torch.Tensor] | None = None, *, in_ram: bool | None = None,
+                 pin: bool = False):
         self.layouts = layouts
-        self.flats = flats  # unit -> uint8 buffer, or None when served from `read`
-        self.read = read  # name -> tensor (memory-mapped), used when flats is None
+        self.flats = flats  # unit -> uint8 buffer; None when served from `read` or not filled yet
+        self.read = read  # name -> tensor (memory-mapped): fills the buffers, or is staged at copy time
+        self.in_ram = flats is not None if in_ram is None else in_ram  # held in RAM once `fill`ed
+        self.pin = pin
 
     @classmethod
     def empty(cls, layouts: dict[str, Layout], pin: bool) -> HostExpert:
@@ -178,16 +192,24 @@ class HostExpert:
 
     @classmethod
     def from_checkpoint(cls, source, layouts: dict[str, Layout], *, in_ram: bool = False,
-                        pin: bool = True) -> HostExpert:
+                        pin: bool = True, defer: bool = False) -> HostExpert:
         """From a checkpoint (`checkpoint.open_expert`): read unit by unit into (pinned) RAM with
-        `in_ram` (one copy of the expert, cast to the layout's dtypes), else serve each unit from the
-        memory-mapped files through a pinned staging buffer at copy time."""
-        if not in_ram:
-            return cls(layouts, read=source.tensor)
-        host = cls.empty(layouts, pin and torch.cuda.is_available())
-        for u, lay in layouts.items():
-            lay.pack(source.tensor, host.flats[u])
+        `in_ram` (one copy of the expert, cast to the layout's dtypes; with `defer` when `fill` is
+        called, e.g. by `Residency.prepare`), else serve each unit from the memory-mapped files through
+        pinned staging buffers at copy time."""
+        host = cls(layouts, read=source.tensor, in_ram=in_ram, pin=pin and torch.cuda.is_available())
+        if not defer:
+            host.fill()
         return host
+
+    def fill(self) -> None:
+        """Read every unit into (pinned) RAM, once; nothing for an expert served from its files."""
+        if self.in_ram and self.flats is None:
+            flats = {u: torch.empty(lay.nbytes, dtype=torch.uint8, pin_memory=self.pin)
+                     for u, lay in self.layouts.items()}
+            for u, lay in self.layouts.items():
+                lay.pack(self.read, flats[u])
+            self.flats = flats
 
     @property
     def nbytes(self) -> int:
@@ -269,20 +291,32 @@ class Placement:
 
 
 
+def _replay(placement: Placement, start: int, overlap: bool = True):
+    """Run a plan's calls from `start` on `placement` (mutated: pass a copy) as the residency runs them,
+    yielding every copy in order as (call, sweep, "before" | "after", unit used, slot, expert, unit sent)."""
+    for c in range(start, len(placement.calls)):
+        for s in range(placement.calls[c].sweeps):
+            for u, unit in enumerate(placement.units):
+                if (copy_ := placement.before(placement.calls[c].expert, u)) is not None:
+                    yield c, s, "before", unit, *copy_
+                if overlap and (copy_ := placement.after(c, s, u)) is not None:
+                    yield c, s, "after", unit, *copy_
+
+
 def swap_schedule(calls: list[Call], units: list[str], mode: str, slots: int = 2) -> list[tuple]:
     """Replay a plan: every copy in order, as (call, sweep, "before" | "after", unit used, slot, expert,
     unit sent). "before" copies are loads at the moment of use (the first call's, or misses)."""
     placement = Placement(units, mode, slots)
     placement.calls, placement.planned = list(calls), len(calls)
-    out = []
-    for c, call in enumerate(calls):
-        for s in range(call.sweeps):
-            for u, unit in enumerate(units):
-                if (copy := placement.before(call.expert, u)) is not None:
-                    out.append((c, s, "before", unit, *copy))
-                if (copy := placement.after(c, s, u)) is not None:
-                    out.append((c, s, "after", unit, *copy))
-    return out
+    return list(_replay(placement, 0))
+
+
+def send_order(placement: Placement, start: int, experts: Iterable[str], overlap: bool = True) -> list[tuple[str, str]]:
+    """The (expert, unit) of every copy the residency will send from call `start` to the end of the plan,
+    in order, for `experts` only (those served from files): what the prefetch thread stages. Pure: the
+    placement is copied, not changed."""
+    experts = set(experts)
+    return [(e, u) for *_, e, u in _replay(copy.deepcopy(placement), start, overlap) if e in experts]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,12 +364,76 @@ class _Copier:
         return before, after
 
 
+class _Prefetch:
+    """A thread that reads memory-mapped units into a ring of pinned staging buffers, in the order the
+    residency will send them (`send_order`), as far ahead as the ring allows. `take` hands the next
+    staged unit to the calling thread (waiting for it if need be); `give_back` returns its buffer with
+    the event of the copy reading it, which the thread waits for before filling the buffer again."""
+
+    def __init__(self, order: list[tuple[str, str]], hosts: dict[str, HostExpert], layouts: dict[str, Layout],
+                 buffers: int, pin: bool):
+        self.order, self.hosts, self.layouts = order, hosts, layouts
+        self.pos = 0  # order[pos] is the next unit `take` hands out
+        self.staged: list[tuple[str, str]] = []  # (expert, unit) in the order the thread read them
+        self._ready: queue.Queue = queue.Queue()  # (expert, unit, staged view), or the thread's exception
+        self._free: queue.Queue = queue.Queue()  # (buffer, copy-done event or None)
+        size = max(layouts[u].nbytes for _, u in order)
+        for _ in range(min(buffers, len(order))):
+            self._free.put((torch.empty(size, dtype=torch.uint8, pin_memory=pin), None))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="wan-lite-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for expert, unit in self.order:
+                while True:  # a free buffer, or stop
+                    if self._stop.is_set():
+                        return
+                    try:
+                        buf, done = self._free.get(timeout=0.05)
+                        break
+                    except queue.Empty:
+                        continue
+                if done is not None:
+                    done.synchronize()  # the copy out of this buffer has finished
+                lay = self.layouts[unit]
+                view = buf[: lay.nbytes]
+                lay.pack(self.hosts[expert].read, view)
+                self.staged.append((expert, unit))
+                self._ready.put((expert, unit, view))
+        except BaseException as e:  # handed to the calling thread by `take`
+            self._ready.put(e)
+
+    def take(self, expert: str, unit: str) -> torch.Tensor | None:
+        """The staged buffer of (expert, unit), waiting for the thread; None when it is not next in the
+        order (the run left the plan: the caller stages it itself)."""
+        if self.pos >= len(self.order) or self.order[self.pos] != (expert, unit):
+            return None
+        item = self._ready.get()
+        if isinstance(item, BaseException):
+            raise RuntimeError(f"reading {expert} {unit} from the memory-mapped checkpoint failed: {item}") from item
+        self.pos += 1
+        return item[2]
+
+    def give_back(self, view: torch.Tensor, done) -> None:
+        self._free.put((view._base if view._base is not None else view, done))
+
+    def close(self) -> None:
+        """Stop the thread (it finishes the unit it is reading) and drop the buffers."""
+        self._stop.set()
+        self._thread.join()
+
+
 @dataclass
 class Stats:
     copies: int = 0  # units sent ahead of their use
     misses: int = 0  # units copied at the moment they were needed: the first load, or no/wrong plan
     bytes: int = 0
-    host_wait_s: float = 0.0  # time the calling thread spent filling staging buffers
+    host_wait_s: float = 0.0  # time the calling thread spent on staging: reading units itself, or waiting for them
+    staged_ahead: int = 0  # memory-mapped units the prefetch thread had read (or was reading) for the copy
+    staged_inline: int = 0  # memory-mapped units read on the calling thread (no plan, or the plan changed)
+    host_waits: list = field(default_factory=list)  # (call, unit, seconds) the calling thread spent staging
     waits: list = field(default_factory=list)  # (call, unit, event pair) with measure=True
 
     def stall_ms(self, call: int | None = None) -> float:
@@ -344,15 +442,21 @@ class Stats:
             torch.cuda.synchronize()
         return sum(a.elapsed_time(b) for c, _, (a, b) in self.waits if call is None or c == call)
 
+    def host_stall_ms(self, call: int | None = None) -> float:
+        """Calling-thread time spent staging memory-mapped units (all calls, or one call), in ms."""
+        return 1e3 * sum(w for c, _, w in self.host_waits if call is None or c == call)
 
-def host_experts(high, low, *, dtype: torch.dtype = torch.bfloat16,
-                 in_ram: bool | None = None) -> tuple[nn.Module, HostExpert, HostExpert]:
+
+def host_experts(high, low, *, dtype: torch.dtype = torch.bfloat16, in_ram: bool | tuple[bool, bool] | None = None,
+                 defer: bool = False) -> tuple[nn.Module, HostExpert, HostExpert]:
     """(meta template, high, low) for a Residency, from two expert sources (or folders, opened).
 
     Any source packs the same way (float, our 8-bit layout, and what else `checkpoint` reads): the
     template is a meta WanModel with the source's 8-bit Linears swapped in, each unit is read tensor by
-    tensor and cast to the template's dtypes: into (pinned) RAM with `in_ram` (default: when RAM holds
-    both with room to spare), else served from the memory-mapped files at copy time.
+    tensor and cast to the template's dtypes: into (pinned) RAM with `in_ram` (per expert as a
+    (high, low) pair, e.g. from `planner.HostPlan`; None: both when RAM holds them with room to spare),
+    else served from the memory-mapped files at copy time. `defer`: the RAM is filled by `fill` (the
+    residency's `prepare`), not now.
     """
     sources = [open_expert(s) if isinstance(s, (str, Path)) else s for s in (high, low)]
     if sources[0].linears != sources[1].linears or sources[0].config != sources[1].config:
@@ -362,7 +466,8 @@ def host_experts(high, low, *, dtype: torch.dtype = torch.bfloat16,
     layouts = layouts_of(model)
     if in_ram is None:
         in_ram = psutil.virtual_memory().available > 2.2 * sum(lay.nbytes for lay in layouts.values())
-    hosts = [HostExpert.from_checkpoint(src, layouts, in_ram=in_ram) for src in sources]
+    in_ram = (in_ram, in_ram) if isinstance(in_ram, bool) else tuple(in_ram)
+    hosts = [HostExpert.from_checkpoint(src, layouts, in_ram=r, defer=defer) for src, r in zip(sources, in_ram)]
     return model, hosts[0], hosts[1]
 
 
@@ -439,11 +544,14 @@ class Residency:
     compile: `model.compile_blocks` on the device model (fuses the float32 work between matmuls).
     ffn_chunk: tokens per FFN chunk on the device model's blocks (`Block.ffn_chunk`; None: whole).
     measure: time the compute stream's waits for copies (`stats.stall_ms`).
+    staging: pinned staging buffers the prefetch thread fills ahead of use for experts served from their
+    memory-mapped files (0: no thread, each unit is read on the calling thread at copy time).
     """
 
     def __init__(self, template: nn.Module, high: HostExpert, low: HostExpert, *, device="cuda",
                  mode: str = "resident", cfg_batched: bool = False, slots: int = 2, overlap: bool = True,
-                 compile: bool = False, ffn_chunk: int | None = None, measure: bool = False):
+                 compile: bool = False, ffn_chunk: int | None = None, measure: bool = False,
+                 staging: int = STAGING):
         if mode not in MODES:
             raise ValueError(f"unknown residency mode {mode!r}: choose one of {', '.join(MODES)}")
         self.template = template
@@ -470,7 +578,9 @@ class Residency:
         self._buffers: dict[str, torch.Tensor] = {}  # slot -> device uint8 buffer
         self._ready: dict[str, object] = {}  # slot -> copy-done event
         self._free: dict[str, object] = {}  # slot -> compute-done event
-        self._staging: list[tuple[torch.Tensor, object]] = []  # pinned staging buffers (mapped experts)
+        self._staging: list[tuple[torch.Tensor, object]] = []  # pinned staging buffers read on the calling thread
+        self.staging = staging
+        self._prefetch: _Prefetch | None = None  # the thread staging mapped units ahead, once a plan is known
         self._call = -1  # index into placement.calls of the call running now
         self.stats = Stats()
         self.trace: list[tuple] | None = None  # set to [] to record every copy
@@ -484,7 +594,10 @@ class Residency:
 
     def prepare(self, sampling: SamplingConfig) -> None:
         """Plan the copies for `pipeline.sample(..., sampling)`: one call per step, `guided` (CFG)
-        unless that expert's guidance is 1.0, when the loop runs the conditional pass alone."""
+        unless that expert's guidance is 1.0, when the loop runs the conditional pass alone. Fills the
+        experts held in RAM now (not before: the text encoder has been freed by the time the loop starts)."""
+        for host in self.hosts.values():
+            host.fill()
         guided = {"high": sampling.guidance_high != 1.0, "low": sampling.guidance_low != 1.0}
         self.plan_steps(timesteps(sampling), sampling.boundary, guided=guided,
                         num_train_timesteps=sampling.num_train_timesteps)
@@ -503,6 +616,32 @@ class Residency:
         p = self.placement
         p.calls = p.calls[: self._call + 1] + plan
         p.planned = len(p.calls)
+        self._start_prefetch()
+
+    def _start_prefetch(self) -> None:
+        """Stage the memory-mapped experts' units of the planned copies ahead, on a thread."""
+        self._stop_prefetch()
+        mapped = [name for name, host in self.hosts.items() if not host.in_ram]
+        order = send_order(self.placement, self._call + 1, mapped, self.overlap) if self.staging else []
+        if order:
+            self._prefetch = _Prefetch(order, self.hosts, self.layouts, self.staging, pin=self._copier.cuda)
+
+    def _stop_prefetch(self) -> None:
+        if self._prefetch is not None:
+            self._prefetch.close()
+            self._prefetch = None
+
+    def swap_stall_ms(self) -> float | None:
+        """The visible cost of the switch to the low-noise expert: the compute stream's waits for copies
+        in the first low-noise call (with measure=True) plus the calling thread's time staging units in
+        the last high-noise call and the first low-noise call (an upper bound: the GPU works through its
+        queue meanwhile). None when the calls so far never switched."""
+        calls = self.placement.calls[: self._call + 1]
+        first = next((c for c in range(1, len(calls)) if calls[c].expert == "low" and calls[c - 1].expert == "high"),
+                     None)
+        if first is None:
+            return None
+        return self.stats.stall_ms(first) + self.stats.host_stall_ms(first - 1) + self.stats.host_stall_ms(first)
 
     def where(self) -> dict[str, list[str]]:
         """Which expert's units sit (or are on their way) in the device slots."""
@@ -513,6 +652,7 @@ class Residency:
 
     def release(self) -> None:
         """Give the VRAM back (before the VAE decodes, say); the next call loads what it needs."""
+        self._stop_prefetch()
         if self._copier.cuda:
             torch.cuda.synchronize(self.device)
         self._model, self._buffers, self._ready, self._free, self._staging = None, {}, {}, {}, []
@@ -578,15 +718,39 @@ class Residency:
         host, nbytes = self.hosts[expert], self.layouts[unit].nbytes
         if self.trace is not None:
             self.trace.append((self._call, slot, expert, unit))
-        src = host.flats[unit] if host.flats is not None else self._stage(host, unit)
+        if host.in_ram:
+            host.fill()  # (prepare did, unless the loop runs unplanned)
+            src, ahead = host.flats[unit], False
+        else:
+            src, ahead = self._staged(expert, unit)
         self._ready[slot] = done = self._copier.copy(self._buffers[slot][:nbytes], src, self._free.get(slot))
         self.stats.bytes += nbytes
-        if host.flats is None:
+        if ahead:
+            self._prefetch.give_back(src, done)
+        elif not host.in_ram:
             self._staging.append((src, done))
+
+    def _staged(self, expert: str, unit: str) -> tuple[torch.Tensor, bool]:
+        """A memory-mapped unit in a pinned staging buffer: the prefetch thread's (True) when it is the one
+        the thread read next, else read now on the calling thread (False; the thread stops: the run left
+        the plan). The calling thread's time is recorded in `stats.host_waits`."""
+        start = time.perf_counter()
+        staged = self._prefetch.take(expert, unit) if self._prefetch is not None else None
+        ahead = staged is not None
+        if ahead:
+            self.stats.staged_ahead += 1
+        else:
+            self._stop_prefetch()
+            staged = self._stage(self.hosts[expert], unit)
+            self.stats.staged_inline += 1
+        waited = time.perf_counter() - start
+        self.stats.host_wait_s += waited
+        self.stats.host_waits.append((self._call, unit, waited))
+        return staged, ahead
 
     def _stage(self, host: HostExpert, unit: str) -> torch.Tensor:
         """Read a unit from the memory-mapped checkpoint into a pinned staging buffer (two, in turn)."""
-        start, nbytes = time.perf_counter(), self.layouts[unit].nbytes
+        nbytes = self.layouts[unit].nbytes
         if len(self._staging) >= 2:  # reuse the oldest buffer once its copy is done
             buf, done = self._staging.pop(0)
             if done is not None:
@@ -596,7 +760,6 @@ class Residency:
             size = max(lay.nbytes for lay in self.layouts.values())
             buf = torch.empty(size, dtype=torch.uint8, pin_memory=self._copier.cuda)
         self.layouts[unit].pack(host.read, buf[:nbytes])
-        self.stats.host_wait_s += time.perf_counter() - start
         return buf[:nbytes]
 
     def _slot_sizes(self) -> dict[str, int]:

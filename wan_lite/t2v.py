@@ -107,6 +107,7 @@ class T2VPipeline:
         self.text_device_from_plan = False  # from_pretrained sets it when no text_device was asked for
         self.experts: tuple[torch.nn.Module, torch.nn.Module] | None = None  # loaded modules (CPU, GPUs, libraries)
         self.hosts: tuple | None = None  # one GPU: (template, high, low) in host RAM for the residency
+        self.residency: Residency | None = None  # the last run's (its `stats`: copies, staging, swap stall)
         self.vae: VAE | None = None
         self._running: Experts | None = None  # the experts of the run in progress (release() frees them)
         self.loras: dict[str, tuple[tuple[str, float], ...]] = {"high": (), "low": ()}  # merged at load
@@ -167,14 +168,20 @@ class T2VPipeline:
         return self.model.config
 
     def make_plan(self, size: tuple[int, int], frames: int, vram_gb: float | None = None, *,
-                  attention_8bit: bool | None = None) -> Plan:
+                  attention_8bit: bool | None = None, ram_gb: float | None = None) -> Plan:
         """How a run of this size fits the GPU (None: its free memory now): residency mode, CFG
         batching, attention kernel (`attention_8bit`: the FP8 kernel, default with 8-bit weights on
-        sm89+), chunking. Raises PlanError naming the smallest budget that works."""
+        sm89+), chunking, and where the experts wait in `ram_gb` of host RAM (None: what is available now).
+        Raises PlanError naming the smallest budget that works."""
         width, height = size
         return make_plan(vram_gb, height=height, width=width, frames=frames, scheme=budget_scheme(self.scheme),
-                         device=self.device, cfg=self.model.config,
+                         device=self.device, cfg=self.model.config, ram_gb=ram_gb, text_bytes=self._text_bytes(),
                          attention_8bit=False if self.dtype == torch.float32 else attention_8bit)
+
+    def _text_bytes(self) -> int:
+        """The text encoder's weights as stored (a .pth, or a folder of them): its RAM on the CPU."""
+        path = Path(self.model.text_encoder)
+        return sum(f.stat().st_size for f in (path.rglob("*") if path.is_dir() else [path]) if f.is_file())
 
     def load_experts(self) -> tuple[torch.nn.Module, torch.nn.Module]:
         """(high, low) experts as modules, loaded once: on this rank's GPU (several GPUs), on the device
@@ -191,8 +198,10 @@ class T2VPipeline:
 
     def _apply(self, plan: Plan | None) -> Experts:
         """The one place a plan takes effect: attention kernel, text-encoder device, and how the experts
-        are held (residency mode, CFG batching, compiled blocks, FFN chunks). Without a plan (the CPU, or
-        several GPUs) the loaded modules run as they are."""
+        are held (residency mode, CFG batching, compiled blocks, FFN chunks; each expert in pinned RAM or
+        served from its memory-mapped file, `plan.host`). Runs before the text encoder: the experts' RAM
+        is only filled by the residency's `prepare`, once the encoder has been freed. Without a plan (the
+        CPU, or several GPUs) the loaded modules run as they are."""
         if plan is None or self.parallel is not None:
             return LoadedExperts(*self.load_experts())
         attention.set_backend(plan.attention, max_block_bytes=(plan.attention_block_mb or 0) * 2**20 or None)
@@ -200,13 +209,21 @@ class T2VPipeline:
             self.text.device = torch.device(plan.text_device)
         if self.model.library_scheme:  # tensor subclasses: whole modules, swapped at the boundary
             return ModuleSwap(*self.load_experts(), device=self.device)
-        if self.hosts is None:
+        in_ram = (plan.host.high == "ram", plan.host.low == "ram")  # else served from the memory-mapped files
+        if self.hosts is not None and (tuple(h.in_ram for h in self.hosts[1:]) != in_ram
+                                       or not plan.host.keep_between_runs):
+            self.hosts = None  # another placement, or the text encoder needs the RAM first: refilled at prepare
+            if self.device.type == "cuda":
+                torch._C._host_emptyCache()  # freed pinned blocks back to the OS
+        if self.hosts is None:  # only opened here: `prepare` fills the RAM, after the text encoder is freed
             self.hosts = host_experts(open_expert(self.model.high, loras=self.loras["high"]),
-                                      open_expert(self.model.low, loras=self.loras["low"]), dtype=self.dtype)
+                                      open_expert(self.model.low, loras=self.loras["low"]), dtype=self.dtype,
+                                      in_ram=in_ram, defer=True)
         template, high, low = self.hosts
-        return Residency(template, high, low, device=self.device, mode=plan.mode, cfg_batched=plan.cfg_batched,
-                         slots=plan.slots if plan.mode == "streaming" else 2, compile=plan.compile,
-                         ffn_chunk=plan.ffn_chunk)
+        self.residency = Residency(template, high, low, device=self.device, mode=plan.mode,
+                                   cfg_batched=plan.cfg_batched, slots=plan.slots if plan.mode == "streaming" else 2,
+                                   compile=plan.compile, ffn_chunk=plan.ffn_chunk, measure=self.device.type == "cuda")
+        return self.residency
 
     def release(self) -> None:
         """Take every model of this pipeline off the GPU (after a failed or cancelled run; a finished run
