@@ -12,7 +12,9 @@ expert (the last of which swaps the low-noise expert in) and as many with the lo
 timed through the sampler's callback; per-step times are extrapolated to the official 26 + 14 steps.
 
 Reported: seconds per step for each expert, the visible swap stall (time the compute stream waited
-for weight copies during the first low-noise step), peak VRAM (allocated and reserved), host RAM,
+for weight copies during the first low-noise step, plus any host-side staging wait), peak VRAM
+(allocated and reserved), host RAM (private and file-backed: `host_memory` per run, `host_peak` over
+the process, sampled by wan_lite.hostmem),
 the 40-step total, and the time a plain `.to("cuda")` of one expert from pageable memory takes.
 `--baselines` adds, in the same process: our bf16 resident path without a cap, and diffusers'
 `WanTransformer3DModel` with block-level group offloading (use_stream=True) under the same cap.
@@ -37,6 +39,7 @@ import psutil
 import torch
 
 from .config import ModelConfig, SamplingConfig, VideoSize
+from .hostmem import PeakSampler, host_memory
 from .model import WanModel
 from .pipeline import high_steps, sample, timesteps
 from .planner import RESOLUTIONS, PlanError, make_plan
@@ -138,6 +141,11 @@ def _host_rss_gb() -> float:
     return psutil.Process().memory_info().rss / GB
 
 
+def _host_memory() -> dict:
+    """Host memory now, private and file-backed (wan_lite.hostmem), in GB."""
+    return host_memory().to_dict()
+
+
 def extrapolate(high_s: float, low_s: float, stall_s: float, sampling: SamplingConfig | None = None) -> dict:
     """The official schedule: steps with t >= boundary on the high expert (26 of 40), the rest low."""
     sampling = sampling or SamplingConfig()
@@ -202,7 +210,7 @@ def bench_ours(tmpl, hosts, *, height, width, frames, mode, cfg_batched, vram_gb
         out.update({
             "high_step_s": sum(times["high"]) / steps, "low_step_s": sum(times["low"]) / steps,
             "timesteps": [int(t) for t in timesteps(sampling)], "shift": sampling.shift,
-            "swap_stall_ms": res.stats.stall_ms(first_low),
+            "swap_stall_ms": res.swap_stall_ms(),  # GPU waits in the first low step + host staging waits
             "stall_per_low_step_ms": [res.stats.stall_ms(first_low + i) for i in range(steps)],
             "copied_gb": res.stats.bytes / GB,
             "peak_allocated_gb": torch.cuda.max_memory_allocated() / GB,
@@ -220,6 +228,9 @@ def bench_ours(tmpl, hosts, *, height, width, frames, mode, cfg_batched, vram_gb
         out["error"] = f"{type(e).__name__}: {str(e)[:500]}"
     out["misses"], out["copies"] = res.stats.misses, res.stats.copies
     out["host_rss_gb"] = _host_rss_gb()
+    out["host_memory"] = _host_memory()
+    if out.get("swap_stall_ms", 0) > 50:
+        _log(f"{label}: swap stall {out['swap_stall_ms']:.0f} ms, over 50 ms")
     res.release()
     del res
     return out
@@ -270,6 +281,7 @@ def bench_diffusers(cfg: ModelConfig, *, height, width, frames, vram_gb, label="
         out["error"] = f"OOM: {str(e).splitlines()[0]}"
         out["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / GB
     out["host_rss_gb"] = _host_rss_gb()
+    out["host_memory"] = _host_memory()
     del model
     return out
 
@@ -427,6 +439,7 @@ def main(argv=None) -> int:
                 json.dump(results, f, indent=1)
 
     compile_blocks = args.compile == "yes"
+    memory = PeakSampler().start()  # peak host RAM, private and file-backed, over all runs
     common = dict(height=height, width=width, frames=args.frames, steps=args.steps, ffn_chunk=chunk)
     if "ours" in what:
         tmpl = runtime_template(cfg, args.scheme)
@@ -454,6 +467,8 @@ def main(argv=None) -> int:
     if "vae" in what:
         record(bench_vae(width, height, args.frames, vram_gb))
     results["host_peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB
+    results["host_peak"] = memory.stop().to_dict()  # private_gb, file_gb, shmem_gb, hwm_gb, pinned_gb
+    print(f"peak host RAM {memory.peak.describe()}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -17,9 +17,11 @@ import time
 import torch
 
 from .config import SamplingConfig, size_arg
+from .hostmem import PeakSampler
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 PRESETS = {"official": SamplingConfig(), "lightning": SamplingConfig.lightning()}
+SWAP_STALL_MS = 50  # a visible stall at the boundary above this is reported as such
 
 
 def lora_arg(text: str) -> tuple[str, float]:
@@ -69,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="VAE tile side in pixels, a multiple of 32; 0 decodes untiled (default: from free memory)")
     p.add_argument("--vram-gb", type=float, default=None,
                    help="one GPU: plan for this much VRAM (e.g. 24, 16, 12, 8; default: the free memory now)")
+    p.add_argument("--ram-gb", type=float, default=None,
+                   help="one GPU: plan for this much private host RAM: both experts pinned in RAM, the low-noise one "
+                   "served from its memory-mapped file, or both (e.g. 64, 32, 16; default: what is available now)")
     p.add_argument("--exact-attention", action="store_true",
                    help="one GPU: keep exact (cuDNN / flash) attention even with 8-bit experts on an sm89+ card, "
                    "where the planner otherwise picks the FP8 attention kernel (1.2-1.4x faster, ~0.4-5%% error)")
@@ -78,17 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="prompt-embedding cache (default ~/.cache/wan-lite/text)")
     p.add_argument("--out", required=True, help="output .mp4 (a <name>.json sidecar is written beside it)")
     return p
-
-
-def _peak_ram_bytes() -> int:
-    if sys.platform == "win32":
-        import psutil
-
-        return psutil.Process().memory_info().peak_wset
-    import resource
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024  # macOS reports bytes, Linux KiB
 
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingConfig:
@@ -126,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     plan = None
     if pipe.device.type == "cuda" and ctx is None:  # one GPU: how the run fits, decided and shown up front
-        plan = pipe.make_plan(args.size, args.frames, args.vram_gb,
+        plan = pipe.make_plan(args.size, args.frames, args.vram_gb, ram_gb=args.ram_gb,
                               attention_8bit=False if args.exact_attention else None)
         print(plan.describe(), file=sys.stderr)
     bar = tqdm(total=sampling.steps, desc="denoise", unit="step", file=sys.stderr, disable=not main)
@@ -137,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
         bar.update(1)
 
     start = time.perf_counter()
+    memory = PeakSampler().start()  # peak private and file-backed host RAM (wan_lite.hostmem)
     try:
         result = pipe(args.prompt, negative_prompt=args.negative_prompt, size=args.size, frames=args.frames,
                       steps=sampling.steps, seed=args.seed, shift=sampling.shift,
@@ -145,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
                       vae_tile="auto" if args.vae_tile is None else (args.vae_tile or None), plan=plan)
     finally:
         bar.close()
+        peak = memory.stop()
     total = time.perf_counter() - start
     if not main:
         return 0
@@ -153,8 +149,18 @@ def run(args: argparse.Namespace) -> int:
     vram = (f"peak VRAM {torch.cuda.max_memory_allocated(pipe.device) / 2**30:.2f} GiB, "
             if pipe.device.type == "cuda" else "")
     print(f"wrote {args.out} ({args.frames} frames, {args.size[0]}x{args.size[1]}, seed {result.seed})")
-    print(f"time {total:.1f}s: {phases}; {vram}peak RAM {_peak_ram_bytes() / 2**30:.2f} GiB")
+    print(f"time {total:.1f}s: {phases}; {vram}peak RAM {peak.describe()}{_swap_summary(pipe)}")
     return 0
+
+
+def _swap_summary(pipe) -> str:
+    """'; swap stall 12 ms' from the residency's stats (one GPU), flagged when over SWAP_STALL_MS."""
+    stall = pipe.residency.swap_stall_ms() if pipe.residency is not None else None
+    if stall is None:
+        return ""
+    late = stall > SWAP_STALL_MS
+    flag = f" (over {SWAP_STALL_MS} ms: the low-noise expert's copies did not keep ahead)" if late else ""
+    return f"; swap stall {stall:.0f} ms{flag}"
 
 
 def main(argv: list[str] | None = None) -> int:
