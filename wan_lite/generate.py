@@ -16,10 +16,25 @@ import time
 
 import torch
 
-from .config import SamplingConfig, size_arg
+from .config import SamplingConfig, StepCache, size_arg
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 PRESETS = {"official": SamplingConfig(), "lightning": SamplingConfig.lightning()}
+
+
+def cache_arg(text: str) -> StepCache:
+    """off | N% | easycache | a threshold number -> StepCache (argparse type)."""
+    try:
+        if text == "off":
+            return StepCache()
+        if text == "easycache":
+            return StepCache.easycache()
+        if text.endswith("%"):
+            return StepCache(mode="pattern", pattern=text)
+        return StepCache(mode="threshold", threshold=float(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--step-cache {text!r}: {e}; use off, 50%, easycache or a threshold "
+                                         "such as 0.06") from e
 
 
 def lora_arg(text: str) -> tuple[str, float]:
@@ -56,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-low", type=float, default=None,
                    help="CFG scale with the low-noise expert (default: the preset's, 3.0 official, 1.0 lightning)")
     p.add_argument("--solver", default=None, help="unipc or euler (default: the preset's, unipc official)")
+    p.add_argument("--step-cache", type=cache_arg, default=StepCache(), metavar="off|N%|easycache|T",
+                   help="step caching (default off): N%% computes a fixed N%% of each expert's steps (benchmarks); "
+                   "easycache = threshold 0.06 (EasyCache's Wan2.2 setting); a number T = that threshold. "
+                   "Quality is not measured here: compare with off on your prompts")
     p.add_argument("--lora", type=lora_arg, action="append", default=[], metavar="FILE[:S]",
                    help="a LoRA merged into both experts at strength S (default 1.0); repeatable")
     p.add_argument("--lora-high", type=lora_arg, action="append", default=[], metavar="FILE[:S]",
@@ -141,7 +160,8 @@ def run(args: argparse.Namespace) -> int:
         result = pipe(args.prompt, negative_prompt=args.negative_prompt, size=args.size, frames=args.frames,
                       steps=sampling.steps, seed=args.seed, shift=sampling.shift,
                       guidance_high=sampling.guidance_high, guidance_low=sampling.guidance_low,
-                      solver=sampling.solver, grid=sampling.grid, callback=on_step, out=args.out,
+                      solver=sampling.solver, grid=sampling.grid, cache=args.step_cache, callback=on_step,
+                      out=args.out,
                       vae_tile="auto" if args.vae_tile is None else (args.vae_tile or None), plan=plan)
     finally:
         bar.close()
