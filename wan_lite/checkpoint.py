@@ -615,7 +615,7 @@ def open_comfyui(models, *, high: str, low: str, tokenizer=None) -> ModelRoot:
             return Path(name)
         raise FileNotFoundError(f"no expert file {name!r} in {models}/diffusion_models or {models}/unet")
 
-    def find(kind: str, model: str, subs: tuple[str, ...]) -> Path:
+    def find(kind: str, model: tuple[str, ...], subs: tuple[str, ...]) -> Path:
         found = []
         for sub in subs:
             for f in sorted((models / sub).glob("*.safetensors")) if (models / sub).is_dir() else []:
@@ -623,17 +623,17 @@ def open_comfyui(models, *, high: str, low: str, tokenizer=None) -> ModelRoot:
                     info = identify(f)
                 except CheckpointError:
                     continue
-                if info.kind == kind and info.model == model:
+                if info.kind == kind and info.model in model:
                     found.append((info.scheme != "none", f))  # float first
         if not found:
-            raise FileNotFoundError(f"no {model} {kind.replace('_', ' ')} file in {models}/{'/ or '.join(subs)}/: "
+            raise FileNotFoundError(f"no {model[0]} {kind.replace('_', ' ')} file in {models}/{'/ or '.join(subs)}/: "
                                     "put it there (umt5_xxl_fp16.safetensors / wan_2.1_vae.safetensors), or name it "
                                     "with --text-encoder / --vae")
         return min(found)[1]
 
-    return open_components(expert(high), expert(low), text_encoder=find("text_encoder", "umt5-xxl",
-                                                                          COMFYUI_FOLDERS["text"]),
-                           vae=find("vae", "wan2.1-vae", COMFYUI_FOLDERS["vae"]), tokenizer=tokenizer,
+    text = find("text_encoder", ("umt5-xxl", "umt5"), COMFYUI_FOLDERS["text"])  # "umt5": other widths (tests)
+    return open_components(expert(high), expert(low), text_encoder=text,
+                           vae=find("vae", ("wan2.1-vae",), COMFYUI_FOLDERS["vae"]), tokenizer=tokenizer,
                            name=f"{models} ({high} + {low})")
 
 

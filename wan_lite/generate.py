@@ -55,7 +55,16 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m wan_lite.generate", description="Wan2.2-T2V-A14B text to video.")
-    p.add_argument("--ckpt", required=True, help="model root (official or diffusers layout) or a Hugging Face id")
+    p.add_argument("--ckpt", help="model root (official, diffusers or quantized by wan_lite.quantize), a Hugging "
+                   "Face id, or a ComfyUI models/ folder (with --high/--low naming the expert files there)")
+    p.add_argument("--high", help="the high-noise expert: one .safetensors (fp16/bf16/fp32, fp8 scaled) or .gguf file")
+    p.add_argument("--low", help="the low-noise expert (same kinds as --high)")
+    p.add_argument("--text-encoder", help="with --high/--low: the umt5-xxl encoder file (umt5_xxl_fp16.safetensors, "
+                   "fp8 scaled too) or folder (default with a ComfyUI --ckpt: found in text_encoders/)")
+    p.add_argument("--vae", help="with --high/--low: the Wan2.1 VAE file (wan_2.1_vae.safetensors) (default with a "
+                   "ComfyUI --ckpt: found in vae/)")
+    p.add_argument("--tokenizer", help="the google/umt5-xxl tokenizer folder for a single-file text encoder "
+                   "(default: the hub id, cached or downloaded)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default=None, help="default: the official Chinese negative prompt")
     p.add_argument("--size", type=size_arg, default=(1280, 720), help="WIDTHxHEIGHT, multiples of 16 (1280x720)")
@@ -118,6 +127,29 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingConfig:
     return dataclasses.replace(preset, **{k: v for k, v in given.items() if v is not None})
 
 
+def model_from_args(args: argparse.Namespace):
+    """--ckpt ROOT (a path or hub id, opened by the pipeline), or the pieces: --high/--low with --text-encoder
+    and --vae, or a ComfyUI models/ folder as --ckpt with --high/--low naming files in it."""
+    from .checkpoint import open_comfyui, open_components
+
+    if args.high is None and args.low is None:
+        if args.ckpt is None:
+            raise ValueError("no model: give --ckpt ROOT (official / diffusers / quantized root or a hub id), or "
+                             "--high FILE --low FILE --text-encoder FILE --vae FILE")
+        return args.ckpt
+    if args.high is None or args.low is None:
+        raise ValueError("give both --high and --low (the two expert files)")
+    if args.text_encoder is None or args.vae is None:
+        if args.ckpt is None:
+            raise ValueError("with --high/--low also give --text-encoder FILE and --vae FILE, or --ckpt "
+                             "COMFYUI/models to find them in text_encoders/ and vae/")
+        found = open_comfyui(args.ckpt, high=args.high, low=args.low, tokenizer=args.tokenizer)
+        return open_components(found.high, found.low, text_encoder=args.text_encoder or found.text_encoder,
+                               vae=args.vae or found.vae, tokenizer=args.tokenizer, name=found.name)
+    return open_components(args.high, args.low, text_encoder=args.text_encoder, vae=args.vae,
+                           tokenizer=args.tokenizer)
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -135,8 +167,9 @@ def run(args: argparse.Namespace) -> int:
     ctx = setup_from_env(args.parallel, fsdp=not args.no_fsdp)  # None unless torchrun started several ranks
     main = ctx is None or ctx.is_main
 
-    pipe = T2VPipeline.from_pretrained(args.ckpt, device=args.device, dtype=dtype, text_device=args.text_device,
-                                       text_dtype=dtype, cache_dir=args.cache_dir, parallel=ctx)
+    pipe = T2VPipeline.from_pretrained(model_from_args(args), device=args.device, dtype=dtype,
+                                       text_device=args.text_device, text_dtype=dtype, cache_dir=args.cache_dir,
+                                       parallel=ctx)
     pipe.set_loras(high=args.lora + args.lora_high, low=args.lora + args.lora_low)  # checked before weights load
     if pipe.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(pipe.device)

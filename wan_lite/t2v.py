@@ -104,7 +104,8 @@ class T2VPipeline:
         self.parallel = parallel  # several GPUs (wan_lite.parallel): experts sharded there, rank 0 decodes
         self.device, self.dtype, self.vae_dtype = device, dtype, vae_dtype
         self.text = TextEncoder(text_layout(model.text_encoder), model.text_encoder, model.tokenizer,
-                                device=text_device, dtype=text_dtype, cache_dir=cache_dir, use_cache=True)
+                                device=text_device, dtype=text_dtype, cache_dir=cache_dir, use_cache=True,
+                                width=model.config.text_dim)
         self.text_device_from_plan = False  # from_pretrained sets it when no text_device was asked for
         self.experts: tuple[torch.nn.Module, torch.nn.Module] | None = None  # loaded modules (CPU, GPUs, libraries)
         self.hosts: tuple | None = None  # one GPU: (template, high, low) in host RAM for the residency

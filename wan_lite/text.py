@@ -164,9 +164,10 @@ def text_layout(weights: Path) -> str:
     return "diffusers" if weights.is_dir() else "official" if weights.suffix == ".pth" else "file"
 
 
-def load_encoder_file(path: Path, dtype: torch.dtype) -> UMT5EncoderModel:
-    """A UMT5 encoder single file (checked: UMT5, 4096 wide, every key) built on the meta device."""
-    sd = read_text_encoder_file(path)  # CheckpointError naming the file for a T5, another width, a bad key set
+def load_encoder_file(path: Path, dtype: torch.dtype, width: int = 4096) -> UMT5EncoderModel:
+    """A UMT5 encoder single file (checked: UMT5, `width` wide (the experts' text_dim), every key) built
+    on the meta device."""
+    sd = read_text_encoder_file(path, width=width)  # CheckpointError naming the file: a T5, another width, bad keys
     config = umt5_config({k: tuple(v.shape) for k, v in sd.items()})
     with torch.device("meta"):
         model = UMT5EncoderModel(config)
@@ -192,8 +193,10 @@ class TextEncoder:
         dtype: torch.dtype,
         cache_dir: str | os.PathLike | None,
         use_cache: bool,
+        width: int = 4096,
     ):
         self.layout, self.weights, self.tokenizer_path = layout, weights, tokenizer
+        self.width = width  # d_model the experts read (their text_dim): a single file is checked against it
         self.device, self.dtype = torch.device(device), dtype
         self.cache_dir = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser()
         self.use_cache = use_cache
@@ -231,7 +234,7 @@ class TextEncoder:
         if self.layout == "official":
             model = load_official_encoder(self.weights, self.dtype)
         elif self.layout == "file":
-            model = load_encoder_file(self.weights, self.dtype)
+            model = load_encoder_file(self.weights, self.dtype, self.width)
         else:
             model = UMT5EncoderModel.from_pretrained(self.weights, dtype=self.dtype)
         self.model = model.to(self.device).eval().requires_grad_(False)
