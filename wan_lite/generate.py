@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one GPU: keep exact (cuDNN / flash) attention even with 8-bit experts on an sm89+ card, "
                    "where the planner otherwise picks the FP8 attention kernel (1.2-1.4x faster, ~0.4-5%% error)")
     p.add_argument("--parallel", default="auto", choices=("auto", "ulysses", "cfg"),
-                   help="under torchrun: CFG parallel on even GPU counts (auto), or Ulysses sequence parallel")
+                   help="under torchrun: CFG parallel on even GPU counts (auto; Ulysses when no step runs an uncond "
+                   "pass, as with --preset lightning), or Ulysses sequence parallel")
     p.add_argument("--no-fsdp", action="store_true", help="under torchrun: replicate the experts, don't shard them")
     p.add_argument("--cache-dir", default=None, help="prompt-embedding cache (default ~/.cache/wan-lite/text)")
     p.add_argument("--out", required=True, help="output .mp4 (a <name>.json sidecar is written beside it)")
@@ -154,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .parallel import setup_from_env
+    from .pipeline import needs_negative_prompt
     from .t2v import T2VPipeline, validate
     from .video import check_writable
 
@@ -164,7 +166,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown --dtype {args.dtype!r}: choose bf16 or fp32")
     sampling = sampling_from_args(args)  # raises on an unknown solver, steps < 1
     dtype = DTYPES[args.dtype]
-    ctx = setup_from_env(args.parallel, fsdp=not args.no_fsdp)  # None unless torchrun started several ranks
+    mode = args.parallel
+    if mode == "auto" and not needs_negative_prompt(sampling):  # no uncond pass (Lightning): CFG halves would idle
+        mode = "ulysses"
+    ctx = setup_from_env(mode, fsdp=not args.no_fsdp)  # None unless torchrun started several ranks
     main = ctx is None or ctx.is_main
 
     pipe = T2VPipeline.from_pretrained(model_from_args(args), device=args.device, dtype=dtype,
