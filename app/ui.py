@@ -14,6 +14,7 @@ preview beside it come from a 0.5 s timer.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import gradio as gr
@@ -25,6 +26,7 @@ from .options import PRESETS
 
 CSS = "#status textarea {font-family: ui-monospace, monospace} #plan textarea {font-family: ui-monospace, monospace}"
 BUSY = "Generating: one video per window at a time (Cancel stops it)"
+PRESET_FIELDS = ("steps", "shift", "guidance_high", "guidance_low", "solver")  # what picking a preset fills
 PLAN_INPUTS = ("size", "frames", "preset", "steps", "guidance_high", "guidance_low", "shift", "solver", "lora_high",
                "lora_high_strength", "lora_low", "lora_low_strength", "quantization", "exact_attention", "vram_profile")
 
@@ -92,9 +94,10 @@ def build_ui(app: App) -> gr.Blocks:
         def show_plan(data: dict):
             return app.plan(settings_of(data))
 
-        def fill_preset(name):
-            fills = PRESETS[name].fills()
-            return [fills[n] for n in ("steps", "shift", "guidance_high", "guidance_low", "solver")]
+        def fill_preset(data: dict):  # the sampler's fields and the plan that shows them, in one update
+            s = settings_of(data)
+            fills = PRESETS[s.preset].fills()
+            return [*(fills[n] for n in PRESET_FIELDS), app.plan(dataclasses.replace(s, **fills))]
 
         def listing():
             items = app.gallery()
@@ -136,8 +139,7 @@ def build_ui(app: App) -> gr.Blocks:
         gen.then(after_run, None, [generate, gallery, shown], concurrency_limit=None, show_progress="hidden")
         cancel.click(stop, None, status, concurrency_limit=None, show_progress="hidden")
         timer.tick(poll, None, [status, preview], concurrency_limit=None, show_progress="hidden")
-        c["preset"].input(fill_preset, c["preset"], [c[n] for n in ("steps", "shift", "guidance_high", "guidance_low",
-                                                                     "solver")], concurrency_limit=None)
+        c["preset"].input(fill_preset, set(controls), [*(c[n] for n in PRESET_FIELDS), plan], concurrency_limit=None)
         gr.on([c[n].change for n in PLAN_INPUTS], show_plan, set(controls), plan, concurrency_limit=None,
               show_progress="hidden")
         refresh.click(listing, None, [gallery, shown], concurrency_limit=None)
