@@ -20,7 +20,6 @@ import gradio as gr
 import numpy as np
 import pytest
 import torch
-from builders_files import write_lora
 
 from app import demo
 from app.__main__ import main
@@ -475,12 +474,23 @@ def test_presets_fill_the_sampler():
     assert PRESETS["lightning"].sampling.grid == "lightning"
 
 
+def write_attention_lora(path: Path, dim: int, rank: int = 4) -> Path:
+    """A ComfyUI-style LoRA on the first block's self-attention q of a model `dim` wide (tiny: 32)."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(dim)
+    layer = "diffusion_model.blocks.0.self_attn.q"
+    save_file({f"{layer}.lora_down.weight": torch.randn(rank, dim, generator=g),
+               f"{layer}.lora_up.weight": torch.randn(dim, rank, generator=g),
+               f"{layer}.alpha": torch.tensor(float(rank))}, str(path))
+    return path
+
+
 @pytest.fixture(scope="module")
 def lora_app(tmp_path_factory, cache):
     folder = tmp_path_factory.mktemp("loras")
-    write_lora(folder / "lightning_high.safetensors")
-    write_lora(folder / "lightning_low.safetensors")
-    write_lora(folder / "other_model.safetensors", dim=48)  # made for another model: refused when set
+    for name, dim in (("lightning_high", 32), ("lightning_low", 32), ("other_model", 48)):  # 48: another model's
+        write_attention_lora(folder / f"{name}.safetensors", dim)
     (folder / "notes.txt").write_text("not a LoRA")
     return App(tmp_path_factory.mktemp("out"), cache_dir=cache, device="cpu", loras=folder)
 
