@@ -29,7 +29,10 @@ Deliberately unsupported: masks, dropout, causal attention, GQA. The Wan DiT use
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +62,8 @@ def set_backend(name: str | None, *, max_block_bytes: int | None = None) -> None
     _chosen = _check(name) if name is not None else None
     _block_bytes = max_block_bytes or DEFAULT_BLOCK_BYTES
     _resolved.clear()
+    if FP8 in (_chosen, os.environ.get(ENV)) and torch.cuda.is_available():  # import (register the op) eagerly
+        _fp8_device_problem(torch.device("cuda", torch.cuda.current_device()))
 
 
 def device_default(device: torch.device, capability: tuple[int, int] | None = None) -> str:
@@ -92,11 +97,9 @@ def attention(
             _resolved[q.device] = resolve(q.device)
         name, explicit = _resolved[q.device]
     if name == FP8:
-        problem = fp8_unsupported(q, k, v)  # dtype / shape / card: per call, a few attribute reads
-        if problem is None:
-            from .attention8 import attention_fp8  # Triton: imported only where it runs
-
-            return attention_fp8(q, k, v)
+        problem = fp8_unsupported(q, k, v)  # the card once per device, then dtype / shape attribute reads
+        if problem is None:  # an opaque custom op: torch.compile'd blocks call the Triton kernels as they are
+            return torch.ops.wan_lite.attention_fp8(q, k, v)
         if explicit:
             raise RuntimeError(f"attention backend {FP8!r} cannot run here: {problem}; name another backend "
                                f"(the device default here is {device_default(q.device)!r}) or unset {ENV}")
@@ -132,16 +135,31 @@ def blockwise_attention(
     return out
 
 
+_fp8_device: dict[torch.device, str | None] = {}  # device -> why the fp8 kernel cannot run there (None: it can)
+
+
+def _fp8_device_problem(device: torch.device) -> str | None:
+    """Checked once per device; on a capable card this imports wan_lite.attention8 (Triton), which
+    registers the `wan_lite::attention_fp8` op (set_backend does it before any compiled call)."""
+    if device not in _fp8_device:
+        if device.type != "cuda":
+            _fp8_device[device] = f"it needs a CUDA GPU with FP8 tensor cores (sm89+), the inputs are on {device.type}"
+        elif (cap := torch.cuda.get_device_capability(device)) < FP8_MIN_CAPABILITY:
+            _fp8_device[device] = f"it needs FP8 tensor cores (sm89+), this GPU is sm{cap[0]}{cap[1]}"
+        elif importlib.util.find_spec("triton") is None:
+            _fp8_device[device] = "it needs Triton, which this torch build lacks"
+        else:
+            importlib.import_module(f"{__package__}.attention8")
+            _fp8_device[device] = None
+    return _fp8_device[device]
+
+
 def fp8_unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
     """Why the fp8 backend cannot run these inputs on their device (None: it can)."""
-    if q.device.type != "cuda":
-        return f"it needs a CUDA GPU with FP8 tensor cores (sm89+), the inputs are on {q.device.type}"
-    cap = torch.cuda.get_device_capability(q.device)
-    if cap < FP8_MIN_CAPABILITY:
-        return f"it needs FP8 tensor cores (sm89+), this GPU is sm{cap[0]}{cap[1]}"
-    from .attention8 import unsupported
-
-    return unsupported(q, k, v)
+    problem = _fp8_device_problem(q.device)
+    if problem is not None:
+        return problem
+    return sys.modules[f"{__package__}.attention8"].unsupported(q, k, v)
 
 
 # tried after the device default, in this order

@@ -349,3 +349,14 @@ def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None
     if any(t.stride(-1) != 1 for t in (q, k, v)):
         return "the head_dim axis must be contiguous (stride 1)"
     return None
+
+
+@torch.library.custom_op("wan_lite::attention_fp8", mutates_args=())
+def attention_fp8_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """`attention_fp8` as an operator torch.compile treats as opaque (the blocks are compiled)."""
+    return attention_fp8(q, k, v)
+
+
+@attention_fp8_op.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(q)  # what attention_fp8 allocates: q's shape, dtype and strides

@@ -36,6 +36,7 @@ from datetime import datetime, timezone
 import psutil
 import torch
 
+from . import attention
 from .config import ModelConfig, SamplingConfig, VideoSize
 from .model import WanModel
 from .pipeline import high_steps, sample, timesteps
@@ -391,6 +392,8 @@ def main(argv=None) -> int:
                    "under the cap; bf16 = our bf16 resident path without a cap; diffusers = WanTransformer3DModel "
                    "with group offloading under the cap; text / vae = the umt5 encoder / the VAE decode")
     p.add_argument("--baselines", action="store_true", help="shorthand: add bf16 and diffusers to --what")
+    p.add_argument("--attention", choices=attention.BACKENDS,
+                   help="attention kernel for ours (default: the plan's; fp8 with 8-bit experts on sm89+)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     # as measured (before CUDA starts): less fragmentation, reserved within 1.05x of allocated
@@ -413,6 +416,9 @@ def main(argv=None) -> int:
     except PlanError as e:  # measure anyway: the planner's estimate is what is being checked
         print(f"planner: {e}")
         plan, mode, batched, chunk = None, args.mode or "streaming", False, None
+    attn = args.attention or (plan.attention if plan else None)
+    attention.set_backend(attn)  # what T2VPipeline._apply does with a plan
+    print(f"attention: {attn or 'device default'}", flush=True)
     batched = batched if args.cfg_batched is None else args.cfg_batched == "yes"
     chunk = chunk if args.ffn_chunk is None else (args.ffn_chunk or None)
     results = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -433,7 +439,8 @@ def main(argv=None) -> int:
         hosts = (random_host_expert(tmpl, 1), random_host_expert(tmpl, 2))
         record(bench_copy(hosts[0]))
         run = bench_ours(tmpl, hosts, mode=mode, cfg_batched=batched, vram_gb=vram_gb,
-                         label=f"wan-lite {args.scheme} {mode}", compile_blocks=compile_blocks, **common)
+                         label=f"wan-lite {args.scheme} {mode} attention={attn}", compile_blocks=compile_blocks,
+                         **common)
         record(run)
         if compile_blocks and "error" in run and not run["error"].startswith("OOM"):  # measure eager instead
             record(bench_ours(tmpl, hosts, mode=mode, cfg_batched=batched, vram_gb=vram_gb,

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
-from .formats import open_expert_file
+from .formats import identify, open_expert_file, refuse
 from .keys import CheckpointError, diffusers_to_official
 from .keys import open_safetensors as _safe_open
 from .lora import LoRASource, read_lora
@@ -242,13 +242,15 @@ def expert_scheme(path) -> str:
     return "none"
 
 
-def open_expert(path, *, loras: Sequence[tuple[str | os.PathLike, float]] = ()):
+def open_expert(path, *, loras: Sequence[tuple[str | os.PathLike, float]] = (), scheme: str | None = None):
     """Open one expert as an expert source: a folder (official, diffusers or our int8 / fp8 layout) or a
     single file (.safetensors float / fp8-scaled, or .gguf: `wan_lite.formats`, recognised by content),
-    with `loras` [(file, strength), ...] merged at read time (`wan_lite.lora.LoRASource`). Library
-    schemes cannot be sources (no flat buffers): `load_expert` loads them as modules."""
+    with `loras` [(file, strength), ...] merged at read time (`wan_lite.lora.LoRASource`). `scheme`
+    ("int8") reads a single file's block Linears requantized to our int8 (what a GPU runs a GGUF file
+    as); None reads it as stored (GGUF dequantized to float). Library schemes cannot be sources (no flat
+    buffers): `load_expert` loads them as modules."""
     path = Path(path)
-    source = open_expert_file(path) if path.is_file() else _open_folder(path)
+    source = open_expert_file(path, scheme=scheme) if path.is_file() else _open_folder(path)
     if loras:
         source = LoRASource(source, [(read_lora(file, source.config), float(s)) for file, s in loras])
     return source
@@ -432,15 +434,20 @@ class ModelRoot:
 
     path: Path  # the root folder
     name: str  # as the user gave it (a path or a hub id): stored in the video's metadata
-    layout: str  # "official" | "diffusers"
+    layout: str  # "official" | "diffusers" | "files" (the four pieces named one by one)
     high: Path  # the high-noise expert (t >= boundary * 1000)
     low: Path  # the low-noise expert
     scheme: str  # both experts' weight format: "none" (float), "int8", "fp8", or a library scheme
     config: ModelConfig  # one expert's dimensions (both have the same)
     boundary: float  # the ratio 0.875: the high-noise expert runs while t >= boundary * 1000
-    text_encoder: Path  # the umt5-xxl weights: a .pth (official) or a folder (diffusers)
-    tokenizer: Path  # the google/umt5-xxl tokenizer folder
-    vae: Path  # Wan2.1_VAE.pth (official) or vae/ (diffusers)
+    text_encoder: Path  # the umt5-xxl weights: a .pth (official), a folder (diffusers) or one .safetensors file
+    tokenizer: Path | str  # the google/umt5-xxl tokenizer folder, or that hub id (single-file encoders)
+    vae: Path  # Wan2.1_VAE.pth (official), vae/ (diffusers) or wan_2.1_vae.safetensors
+
+    @property
+    def run_scheme(self) -> str | None:
+        """The scheme a GPU reads single-file experts as (GGUF: requantized to int8); None: as stored."""
+        return "int8" if self.scheme == "int8" and any(p.suffix == ".gguf" for p in (self.high, self.low)) else None
 
     @property
     def library_scheme(self) -> bool:
@@ -549,6 +556,85 @@ def open_root(path_or_hub_id: str | os.PathLike) -> ModelRoot:
     return ModelRoot(path=path, name=str(path_or_hub_id), layout=layout, high=high, low=low,
                      scheme=schemes["high"], config=expert_config(high), boundary=boundary,
                      text_encoder=text_encoder, tokenizer=tokenizer, vae=vae)
+
+
+GGUF_AS = "int8"  # GGUF experts run as our int8 (requantized per channel at load; see wan_lite.formats.expert)
+TOKENIZER_HUB_ID = "google/umt5-xxl"  # single-file text encoders hold no tokenizer
+
+
+def _file_scheme(path: Path) -> str:
+    """The scheme a single-file expert runs as: its fp8 weights as our fp8, GGUF as int8, float as "none"."""
+    scheme = identify(path).scheme
+    return GGUF_AS if scheme == "gguf" else "none" if scheme == "none" else "fp8"
+
+
+def open_components(high, low, *, text_encoder, vae, tokenizer=None, name: str | None = None) -> ModelRoot:
+    """Describe a model given as its four pieces (what ComfyUI users have): the two experts (single
+    .safetensors / .gguf files, or expert folders), the umt5 text encoder (a single file, a .pth or a
+    folder), the Wan2.1 VAE (a file or a folder) and optionally the tokenizer folder (default: the
+    google/umt5-xxl hub id, cached or downloaded by transformers). Every piece is identified from its
+    header and checked before any weight is read; a wrong file is refused by name."""
+    paths = {"high": Path(high), "low": Path(low), "text encoder": Path(text_encoder), "VAE": Path(vae)}
+    for what, path in paths.items():
+        if not path.exists():
+            raise FileNotFoundError(f"the {what} {path} does not exist")
+    for what, path in (("expert", paths["high"]), ("expert", paths["low"]), ("text_encoder", paths["text encoder"]),
+                       ("vae", paths["VAE"])):
+        if path.is_file() and path.suffix in (".safetensors", ".gguf"):
+            refuse(identify(path), what)
+    schemes = {k: _file_scheme(p) if p.is_file() else expert_scheme(p) for k, p in (("high", paths["high"]),
+                                                                                      ("low", paths["low"]))}
+    if schemes["high"] != schemes["low"]:
+        raise CheckpointError(f"the experts are stored in different formats (high {paths['high'].name}: "
+                              f"{schemes['high']}, low {paths['low'].name}: {schemes['low']}): use a matching pair")
+    config = open_expert(paths["high"]).config if paths["high"].is_file() else expert_config(paths["high"])
+    if tokenizer is not None and not Path(tokenizer).is_dir():
+        raise FileNotFoundError(f"tokenizer folder {tokenizer} does not exist")
+    if tokenizer is None and paths["text encoder"].is_dir() and (paths["text encoder"].parent / "tokenizer").is_dir():
+        tokenizer = paths["text encoder"].parent / "tokenizer"  # a diffusers root's text_encoder/ + tokenizer/
+    return ModelRoot(path=paths["high"].parent, name=name or f"{paths['high'].name} + {paths['low'].name}",
+                     layout="files", high=paths["high"], low=paths["low"], scheme=schemes["high"], config=config,
+                     boundary=BOUNDARY, text_encoder=paths["text encoder"],
+                     tokenizer=Path(tokenizer) if tokenizer is not None else TOKENIZER_HUB_ID, vae=paths["VAE"])
+
+
+COMFYUI_FOLDERS = {"experts": ("diffusion_models", "unet"), "text": ("text_encoders", "clip"), "vae": ("vae",)}
+
+
+def open_comfyui(models, *, high: str, low: str, tokenizer=None) -> ModelRoot:
+    """A ComfyUI `models/` folder: the two experts named by the user (file names in diffusion_models/
+    or unet/), the umt5-xxl encoder found in text_encoders/ (or clip/) and the Wan2.1 VAE in vae/, each
+    recognised by its content (fp16 preferred over fp8 for the encoder). Errors list what was found."""
+    models = Path(models)
+
+    def expert(name: str) -> Path:
+        for sub in COMFYUI_FOLDERS["experts"]:
+            if (models / sub / name).is_file():
+                return models / sub / name
+        if Path(name).is_file():
+            return Path(name)
+        raise FileNotFoundError(f"no expert file {name!r} in {models}/diffusion_models or {models}/unet")
+
+    def find(kind: str, model: tuple[str, ...], subs: tuple[str, ...]) -> Path:
+        found = []
+        for sub in subs:
+            for f in sorted((models / sub).glob("*.safetensors")) if (models / sub).is_dir() else []:
+                try:
+                    info = identify(f)
+                except CheckpointError:
+                    continue
+                if info.kind == kind and info.model in model:
+                    found.append((info.scheme != "none", f))  # float first
+        if not found:
+            raise FileNotFoundError(f"no {model[0]} {kind.replace('_', ' ')} file in {models}/{'/ or '.join(subs)}/: "
+                                    "put it there (umt5_xxl_fp16.safetensors / wan_2.1_vae.safetensors), or name it "
+                                    "with --text-encoder / --vae")
+        return min(found)[1]
+
+    text = find("text_encoder", ("umt5-xxl", "umt5"), COMFYUI_FOLDERS["text"])  # "umt5": other widths (tests)
+    return open_components(expert(high), expert(low), text_encoder=text,
+                           vae=find("vae", ("wan2.1-vae",), COMFYUI_FOLDERS["vae"]), tokenizer=tokenizer,
+                           name=f"{models} ({high} + {low})")
 
 
 def _clip(names: list[str], n: int = 6) -> str:

@@ -3,16 +3,20 @@
 `ModelConfig.a14b()` is one Wan2.2-T2V-A14B expert (both experts share it); `ModelConfig.tiny()` is
 the 2-layer, 2-head model the tests build on the CPU. `SamplingConfig()` holds the official
 text-to-video defaults of `wan/configs/wan_t2v_A14B.py`; `SamplingConfig.lightning()` the 4-step
-Lightning recipe.
+Lightning recipe. `StepCache` (a field of `SamplingConfig`, off by default) says which steps may reuse the
+last computed step's output instead of running the expert.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 SOLVERS = ("unipc", "euler")
 GRIDS = ("official", "lightning")
+CACHE_MODES = ("off", "threshold", "pattern")
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,77 @@ class ModelConfig:
         return cls(**base)
 
 
+def _percentage(pattern) -> Fraction:
+    """"50%" -> Fraction(1, 2), exact (so 30% of 10 steps is 3, not 3.0000000000000004 rounded up)."""
+    text = pattern if isinstance(pattern, str) else ""
+    if not re.fullmatch(r"\d+(\.\d+)?%", text) or Fraction(text[:-1]) > 100:
+        raise ValueError(f"step cache pattern {pattern!r} is not a percentage from 0% to 100%, e.g. '50%' (or "
+                         "give the computed step indices)")
+    return Fraction(text[:-1]) / 100
+
+
+@dataclass(frozen=True)
+class StepCache:
+    """Step caching: on a skipped step `pipeline.sample` runs no expert and estimates the guided velocity as
+    v = x + (v_c - x_c), reusing the transformation vector v - x of that expert's last computed step c
+    (EasyCache, arXiv:2507.02860: the model output minus its input, taken end to end over the model).
+
+    Each expert's first and last steps are always computed and nothing crosses the expert switch: the
+    low-noise expert never reuses a high-noise vector, and the change-rate estimate starts afresh.
+    "pattern" fixes the computed steps in advance (for benchmarks, and what the residency can plan);
+    "threshold" decides per step from the latents (EasyCache's criterion), so which steps run is known
+    only while sampling. Raises ValueError naming the fix for an unknown mode or a malformed setting.
+    """
+
+    # "off": every step runs its expert (the default). "threshold": skip while the accumulated estimate
+    # of the velocity's relative change since the last computed step stays below `threshold`.
+    # "pattern": compute exactly the steps `pattern` names.
+    mode: str = "off"
+    # "threshold" mode, the one knob: the accumulated relative change (mean |dv| / mean |v|) tolerated
+    # before the expert runs again; 0 computes every step, larger skips more. 0.06 is EasyCache's
+    # Wan2.2 T2V-A14B setting (EasyCache4Wan2.2/easycache_generate.py, --thresh_t2v).
+    threshold: float = 0.06
+    # "threshold" mode: the run's first `warmup` steps are always computed (EasyCache's ret_steps, 7 for
+    # Wan2.2 T2V-A14B: the early steps change the most).
+    warmup: int = 7
+    # "pattern" mode: "N%" computes N% of each expert's steps (rounded up, at least its first and last),
+    # evenly spaced from its first step to its last ("50%": 13 of 26 high and 7 of 14 low steps of the
+    # official 40); or the computed step indices themselves (0-based; must hold each expert's first and last).
+    pattern: str | tuple[int, ...] = "50%"
+
+    def __post_init__(self):
+        if self.mode not in CACHE_MODES:
+            raise ValueError(f"unknown step cache mode {self.mode!r}: choose one of {', '.join(CACHE_MODES)}")
+        if not self.threshold >= 0:
+            raise ValueError(f"step cache threshold must be >= 0 (0 computes every step), got {self.threshold}")
+        if not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"step cache warmup must be a whole number of steps >= 0, got {self.warmup!r}")
+        if isinstance(self.pattern, str):
+            _percentage(self.pattern)  # raises for anything but "N%" with 0 <= N <= 100
+        else:
+            steps = tuple(self.pattern)
+            if not all(isinstance(i, int) and i >= 0 for i in steps):
+                raise ValueError(f"step cache pattern {self.pattern!r}: give 0-based step indices (whole numbers "
+                                 "from 0) or a percentage such as '50%'")
+            object.__setattr__(self, "pattern", tuple(sorted(set(steps))))  # a list becomes a hashable tuple
+
+    @property
+    def fraction(self) -> Fraction:
+        """A percentage pattern as an exact fraction: "50%" -> 1/2. Raises ValueError for another pattern."""
+        return _percentage(self.pattern)
+
+    @classmethod
+    def half(cls) -> StepCache:
+        """The fixed benchmark pattern: half of each expert's steps computed, first and last included."""
+        return cls(mode="pattern", pattern="50%")
+
+    @classmethod
+    def easycache(cls) -> StepCache:
+        """EasyCache's published Wan2.2 T2V-A14B setting (threshold 0.06, 7 warm-up steps; reported ~2.2x
+        at 720p on an H20 by H-EmbodVis/EasyCache, EasyCache4Wan2.2): the setting to start from."""
+        return cls(mode="threshold", threshold=0.06, warmup=7)
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     steps: int = 40  # denoising steps
@@ -73,6 +148,10 @@ class SamplingConfig:
     # EulerScheduler: 1000, 937.5, 833.33, 625), the grid the 4-step LoRAs were distilled on.
     grid: str = "official"
     num_train_timesteps: int = field(default=1000, repr=False)
+    # Which steps run the expert and which reuse the last computed one (StepCache; off: all run). Here
+    # rather than an argument of `sample`, so that what plans per step from the sampling settings (the
+    # residency's `prepare(sampling)`, `pipeline.computed_steps`) sees the same steps the loop runs.
+    cache: StepCache = StepCache()
 
     def __post_init__(self):
         if self.solver not in SOLVERS:

@@ -16,10 +16,25 @@ import time
 
 import torch
 
-from .config import SamplingConfig, size_arg
+from .config import SamplingConfig, StepCache, size_arg
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 PRESETS = {"official": SamplingConfig(), "lightning": SamplingConfig.lightning()}
+
+
+def cache_arg(text: str) -> StepCache:
+    """off | N% | easycache | a threshold number -> StepCache (argparse type)."""
+    try:
+        if text == "off":
+            return StepCache()
+        if text == "easycache":
+            return StepCache.easycache()
+        if text.endswith("%"):
+            return StepCache(mode="pattern", pattern=text)
+        return StepCache(mode="threshold", threshold=float(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"--step-cache {text!r}: {e}; use off, 50%, easycache or a threshold "
+                                         "such as 0.06") from e
 
 
 def lora_arg(text: str) -> tuple[str, float]:
@@ -40,7 +55,16 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m wan_lite.generate", description="Wan2.2-T2V-A14B text to video.")
-    p.add_argument("--ckpt", required=True, help="model root (official or diffusers layout) or a Hugging Face id")
+    p.add_argument("--ckpt", help="model root (official, diffusers or quantized by wan_lite.quantize), a Hugging "
+                   "Face id, or a ComfyUI models/ folder (with --high/--low naming the expert files there)")
+    p.add_argument("--high", help="the high-noise expert: one .safetensors (fp16/bf16/fp32, fp8 scaled) or .gguf file")
+    p.add_argument("--low", help="the low-noise expert (same kinds as --high)")
+    p.add_argument("--text-encoder", help="with --high/--low: the umt5-xxl encoder file (umt5_xxl_fp16.safetensors, "
+                   "fp8 scaled too) or folder (default with a ComfyUI --ckpt: found in text_encoders/)")
+    p.add_argument("--vae", help="with --high/--low: the Wan2.1 VAE file (wan_2.1_vae.safetensors) (default with a "
+                   "ComfyUI --ckpt: found in vae/)")
+    p.add_argument("--tokenizer", help="the google/umt5-xxl tokenizer folder for a single-file text encoder "
+                   "(default: the hub id, cached or downloaded)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--negative-prompt", default=None, help="default: the official Chinese negative prompt")
     p.add_argument("--size", type=size_arg, default=(1280, 720), help="WIDTHxHEIGHT, multiples of 16 (1280x720)")
@@ -56,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance-low", type=float, default=None,
                    help="CFG scale with the low-noise expert (default: the preset's, 3.0 official, 1.0 lightning)")
     p.add_argument("--solver", default=None, help="unipc or euler (default: the preset's, unipc official)")
+    p.add_argument("--step-cache", type=cache_arg, default=StepCache(), metavar="off|N%|easycache|T",
+                   help="step caching (default off): N%% computes a fixed N%% of each expert's steps (benchmarks); "
+                   "easycache = threshold 0.06 (EasyCache's Wan2.2 setting); a number T = that threshold. "
+                   "Quality is not measured here: compare with off on your prompts")
     p.add_argument("--lora", type=lora_arg, action="append", default=[], metavar="FILE[:S]",
                    help="a LoRA merged into both experts at strength S (default 1.0); repeatable")
     p.add_argument("--lora-high", type=lora_arg, action="append", default=[], metavar="FILE[:S]",
@@ -73,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one GPU: keep exact (cuDNN / flash) attention even with 8-bit experts on an sm89+ card, "
                    "where the planner otherwise picks the FP8 attention kernel (1.2-1.4x faster, ~0.4-5%% error)")
     p.add_argument("--parallel", default="auto", choices=("auto", "ulysses", "cfg"),
-                   help="under torchrun: CFG parallel on even GPU counts (auto), or Ulysses sequence parallel")
+                   help="under torchrun: CFG parallel on even GPU counts (auto; Ulysses when no step runs an uncond "
+                   "pass, as with --preset lightning), or Ulysses sequence parallel")
     p.add_argument("--no-fsdp", action="store_true", help="under torchrun: replicate the experts, don't shard them")
     p.add_argument("--cache-dir", default=None, help="prompt-embedding cache (default ~/.cache/wan-lite/text)")
     p.add_argument("--out", required=True, help="output .mp4 (a <name>.json sidecar is written beside it)")
@@ -99,10 +128,34 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingConfig:
     return dataclasses.replace(preset, **{k: v for k, v in given.items() if v is not None})
 
 
+def model_from_args(args: argparse.Namespace):
+    """--ckpt ROOT (a path or hub id, opened by the pipeline), or the pieces: --high/--low with --text-encoder
+    and --vae, or a ComfyUI models/ folder as --ckpt with --high/--low naming files in it."""
+    from .checkpoint import open_comfyui, open_components
+
+    if args.high is None and args.low is None:
+        if args.ckpt is None:
+            raise ValueError("no model: give --ckpt ROOT (official / diffusers / quantized root or a hub id), or "
+                             "--high FILE --low FILE --text-encoder FILE --vae FILE")
+        return args.ckpt
+    if args.high is None or args.low is None:
+        raise ValueError("give both --high and --low (the two expert files)")
+    if args.text_encoder is None or args.vae is None:
+        if args.ckpt is None:
+            raise ValueError("with --high/--low also give --text-encoder FILE and --vae FILE, or --ckpt "
+                             "COMFYUI/models to find them in text_encoders/ and vae/")
+        found = open_comfyui(args.ckpt, high=args.high, low=args.low, tokenizer=args.tokenizer)
+        return open_components(found.high, found.low, text_encoder=args.text_encoder or found.text_encoder,
+                               vae=args.vae or found.vae, tokenizer=args.tokenizer, name=found.name)
+    return open_components(args.high, args.low, text_encoder=args.text_encoder, vae=args.vae,
+                           tokenizer=args.tokenizer)
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .parallel import setup_from_env
+    from .pipeline import needs_negative_prompt
     from .t2v import T2VPipeline, validate
     from .video import check_writable
 
@@ -113,11 +166,15 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown --dtype {args.dtype!r}: choose bf16 or fp32")
     sampling = sampling_from_args(args)  # raises on an unknown solver, steps < 1
     dtype = DTYPES[args.dtype]
-    ctx = setup_from_env(args.parallel, fsdp=not args.no_fsdp)  # None unless torchrun started several ranks
+    mode = args.parallel
+    if mode == "auto" and not needs_negative_prompt(sampling):  # no uncond pass (Lightning): CFG halves would idle
+        mode = "ulysses"
+    ctx = setup_from_env(mode, fsdp=not args.no_fsdp)  # None unless torchrun started several ranks
     main = ctx is None or ctx.is_main
 
-    pipe = T2VPipeline.from_pretrained(args.ckpt, device=args.device, dtype=dtype, text_device=args.text_device,
-                                       text_dtype=dtype, cache_dir=args.cache_dir, parallel=ctx)
+    pipe = T2VPipeline.from_pretrained(model_from_args(args), device=args.device, dtype=dtype,
+                                       text_device=args.text_device, text_dtype=dtype, cache_dir=args.cache_dir,
+                                       parallel=ctx)
     pipe.set_loras(high=args.lora + args.lora_high, low=args.lora + args.lora_low)  # checked before weights load
     if pipe.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(pipe.device)
@@ -141,7 +198,8 @@ def run(args: argparse.Namespace) -> int:
         result = pipe(args.prompt, negative_prompt=args.negative_prompt, size=args.size, frames=args.frames,
                       steps=sampling.steps, seed=args.seed, shift=sampling.shift,
                       guidance_high=sampling.guidance_high, guidance_low=sampling.guidance_low,
-                      solver=sampling.solver, grid=sampling.grid, callback=on_step, out=args.out,
+                      solver=sampling.solver, grid=sampling.grid, cache=args.step_cache, callback=on_step,
+                      out=args.out,
                       vae_tile="auto" if args.vae_tile is None else (args.vae_tile or None), plan=plan)
     finally:
         bar.close()

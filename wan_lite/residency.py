@@ -54,7 +54,7 @@ import torch.nn as nn
 from .checkpoint import open_expert
 from .config import ModelConfig, SamplingConfig
 from .model import WanModel, compile_blocks
-from .pipeline import combine_guidance, timesteps
+from .pipeline import combine_guidance, computed_steps, timesteps
 from .quantized.format import runtime_dtype
 from .quantized.linear import convert_for_runtime
 
@@ -483,11 +483,16 @@ class Residency:
         return 2 if guided and not self.cfg_batched and self.mode == "resident" else 1
 
     def prepare(self, sampling: SamplingConfig) -> None:
-        """Plan the copies for `pipeline.sample(..., sampling)`: one call per step, `guided` (CFG)
-        unless that expert's guidance is 1.0, when the loop runs the conditional pass alone."""
+        """Plan the copies for `pipeline.sample(..., sampling)`: one call per computed step, `guided`
+        (CFG) unless that expert's guidance is 1.0, when the loop runs the conditional pass alone. A
+        step cache decided while sampling ("threshold") cannot be planned: every call then runs unplanned
+        (correct; the copies at the switch are not sent ahead, one visible stall)."""
         guided = {"high": sampling.guidance_high != 1.0, "low": sampling.guidance_low != 1.0}
-        self.plan_steps(timesteps(sampling), sampling.boundary, guided=guided,
-                        num_train_timesteps=sampling.num_train_timesteps)
+        if sampling.cache.mode == "threshold":
+            ts = []
+        else:
+            ts = [t for t, run in zip(timesteps(sampling), computed_steps(sampling)) if run]
+        self.plan_steps(ts, sampling.boundary, guided=guided, num_train_timesteps=sampling.num_train_timesteps)
 
     def plan_steps(self, timesteps: Iterable[float], boundary: float, *, guided: bool | dict[str, bool] = True,
                    calls_per_step: int = 1, num_train_timesteps: int = 1000) -> None:

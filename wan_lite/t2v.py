@@ -17,6 +17,7 @@ strings the phases together.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import time
@@ -37,13 +38,13 @@ from .checkpoint import (
     open_root,
     resolve_root,
 )
-from .config import ModelConfig, SamplingConfig
+from .config import ModelConfig, SamplingConfig, StepCache
 from .lora import read_lora
 from .parallel import ParallelContext, load_parallel_experts
-from .pipeline import Callback, needs_negative_prompt, sample
+from .pipeline import Callback, computed_steps, needs_negative_prompt, sample
 from .planner import Plan, budget_scheme, make_plan
 from .residency import Experts, LoadedExperts, ModuleSwap, Residency, host_experts
-from .text import DEFAULT_NEGATIVE_PROMPT, TextEncoder, clean_text
+from .text import DEFAULT_NEGATIVE_PROMPT, TextEncoder, clean_text, text_layout
 from .vae import STRIDE, VAE
 from .video import check_writable, write_mp4
 
@@ -102,8 +103,9 @@ class T2VPipeline:
         self.model = model  # the model on disk, described once (checkpoint.open_root)
         self.parallel = parallel  # several GPUs (wan_lite.parallel): experts sharded there, rank 0 decodes
         self.device, self.dtype, self.vae_dtype = device, dtype, vae_dtype
-        self.text = TextEncoder.from_pretrained(model.path, device=text_device, dtype=text_dtype,
-                                                cache_dir=cache_dir)
+        self.text = TextEncoder(text_layout(model.text_encoder), model.text_encoder, model.tokenizer,
+                                device=text_device, dtype=text_dtype, cache_dir=cache_dir, use_cache=True,
+                                width=model.config.text_dim)
         self.text_device_from_plan = False  # from_pretrained sets it when no text_device was asked for
         self.experts: tuple[torch.nn.Module, torch.nn.Module] | None = None  # loaded modules (CPU, GPUs, libraries)
         self.hosts: tuple | None = None  # one GPU: (template, high, low) in host RAM for the residency
@@ -124,7 +126,7 @@ class T2VPipeline:
     @classmethod
     def from_pretrained(
         cls,
-        path_or_hub_id: str | os.PathLike,
+        path_or_hub_id: str | os.PathLike | ModelRoot,
         *,
         device: str | torch.device | None = None,
         dtype: torch.dtype = torch.bfloat16,
@@ -134,10 +136,11 @@ class T2VPipeline:
         cache_dir: str | os.PathLike | None = None,
         parallel: ParallelContext | None = None,
     ) -> T2VPipeline:
-        """Open a model root (either layout, or a quantized copy) or a hub id. `device` defaults to CUDA
-        when present; `text_device` (default: `device`) runs the umt5 encoder; `cache_dir` holds prompt
-        embeddings."""
-        model = open_root(path_or_hub_id)
+        """Open a model root (either layout, or a quantized copy), a hub id, or a `ModelRoot` already
+        described (e.g. `checkpoint.open_components` / `open_comfyui` for single files). `device` defaults
+        to CUDA when present; `text_device` (default: `device`) runs the umt5 encoder; `cache_dir` holds
+        prompt embeddings."""
+        model = path_or_hub_id if isinstance(path_or_hub_id, ModelRoot) else open_root(path_or_hub_id)
         device = parallel.device if parallel else torch.device(device) if device is not None else _default_device()
         pipe = cls(model, device=device, dtype=dtype,
                    text_device=torch.device(text_device) if text_device is not None else device,
@@ -201,8 +204,9 @@ class T2VPipeline:
         if self.model.library_scheme:  # tensor subclasses: whole modules, swapped at the boundary
             return ModuleSwap(*self.load_experts(), device=self.device)
         if self.hosts is None:
-            self.hosts = host_experts(open_expert(self.model.high, loras=self.loras["high"]),
-                                      open_expert(self.model.low, loras=self.loras["low"]), dtype=self.dtype)
+            self.hosts = host_experts(*(open_expert(path, loras=self.loras[name], scheme=self.model.run_scheme)
+                                        for name, path in (("high", self.model.high), ("low", self.model.low))),
+                                      dtype=self.dtype)
         template, high, low = self.hosts
         return Residency(template, high, low, device=self.device, mode=plan.mode, cfg_batched=plan.cfg_batched,
                          slots=plan.slots if plan.mode == "streaming" else 2, compile=plan.compile,
@@ -242,6 +246,7 @@ class T2VPipeline:
         guidance_low: float = 3.0,
         solver: str = "unipc",
         grid: str = "official",
+        cache: StepCache | None = None,
         callback: Callback | None = None,
         preview: Callable[[torch.Tensor], None] | None = None,
         out: str | os.PathLike | None = None,
@@ -264,7 +269,9 @@ class T2VPipeline:
         size = tuple(size)
         validate(prompt, size, frames)
         sampling = SamplingConfig(steps=steps, shift=shift, boundary=self.boundary, guidance_high=guidance_high,
-                                  guidance_low=guidance_low, solver=solver, grid=grid)
+                                  guidance_low=guidance_low, solver=solver, grid=grid, cache=cache or StepCache())
+        if sampling.cache.mode == "pattern":
+            computed_steps(sampling)  # a malformed pattern fails here, before any weights load
         if out is not None:
             check_writable(out)
         if plan is None and self.device.type == "cuda" and self.parallel is None:
@@ -298,10 +305,11 @@ class T2VPipeline:
         context = context.unsqueeze(0).to(self.device)  # (1, L, 4096)
         context_null = None if context_null is None else context_null.unsqueeze(0).to(self.device)
         self._running = experts
+        stats = {}
         try:
             experts.prepare(sampling)
             latents = sample(experts.high, experts.low, noise, context, context_null, sampling,
-                             callback=callback, preview=preview).cpu()
+                             callback=callback, stats=stats, preview=preview).cpu()
         finally:  # also after a cancel or an error: the VAE (or the next run) gets the VRAM
             experts.release()
             self._running = None
@@ -328,6 +336,8 @@ class T2VPipeline:
             "seed": seed, "width": size[0],
             "height": size[1], "frames": frames, "steps": steps, "shift": shift, "guidance_high": guidance_high,
             "guidance_low": guidance_low, "boundary": self.boundary, "solver": solver, "grid": grid,
+            "step_cache": {**dataclasses.asdict(sampling.cache), "computed": stats.get("computed"),
+                           "passes": stats.get("passes")},
             "loras": {name: [[Path(f).name, st] for f, st in loras] for name, loras in self.loras.items()},
             "quantization": self.quantization, "dtype": str(self.dtype).removeprefix("torch."),
             "model": self.model_name, "layout": self.layout, "wan_lite_version": __version__,

@@ -38,6 +38,7 @@ from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
 from .checkpoint import TEXT_WEIGHTS as OFFICIAL_WEIGHTS
 from .checkpoint import find_text_encoder
+from .formats import read_text_encoder_file, umt5_config
 
 TEXT_LEN = 512  # prompts are truncated to this many tokens (the official text_len)
 DEFAULT_CACHE_DIR = Path("~/.cache/wan-lite/text")
@@ -148,9 +149,31 @@ def _fingerprint(weights: Path, tokenizer: Path, dtype: torch.dtype) -> str:
             h.update(fh.read(1 << 20))
             fh.seek(max(0, size - (1 << 20)))
             h.update(fh.read(1 << 20))
-    for f in sorted(p for p in tokenizer.rglob("*") if p.is_file()):
-        h.update(f.name.encode() + f.read_bytes())
+    if Path(tokenizer).is_dir():
+        for f in sorted(p for p in Path(tokenizer).rglob("*") if p.is_file()):
+            h.update(f.name.encode() + f.read_bytes())
+    else:  # a hub id (google/umt5-xxl): its name
+        h.update(str(tokenizer).encode())
     return h.hexdigest()[:32]
+
+
+def text_layout(weights: Path) -> str:
+    """How the encoder's weights are stored: "official" (.pth), "diffusers" (a folder) or "file" (one
+    .safetensors file with transformers' UMT5 key names, fp16 or fp8 scaled: ComfyUI's umt5_xxl_*)."""
+    weights = Path(weights)
+    return "diffusers" if weights.is_dir() else "official" if weights.suffix == ".pth" else "file"
+
+
+def load_encoder_file(path: Path, dtype: torch.dtype, width: int = 4096) -> UMT5EncoderModel:
+    """A UMT5 encoder single file (checked: UMT5, `width` wide (the experts' text_dim), every key) built
+    on the meta device."""
+    sd = read_text_encoder_file(path, width=width)  # CheckpointError naming the file: a T5, another width, bad keys
+    config = umt5_config({k: tuple(v.shape) for k, v in sd.items()})
+    with torch.device("meta"):
+        model = UMT5EncoderModel(config)
+    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=True, assign=True)
+    model.tie_weights()
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -164,14 +187,16 @@ class TextEncoder:
         self,
         layout: str,
         weights: Path,
-        tokenizer: Path,
+        tokenizer: Path | str,
         *,
         device: str | torch.device,
         dtype: torch.dtype,
         cache_dir: str | os.PathLike | None,
         use_cache: bool,
+        width: int = 4096,
     ):
         self.layout, self.weights, self.tokenizer_path = layout, weights, tokenizer
+        self.width = width  # d_model the experts read (their text_dim): a single file is checked against it
         self.device, self.dtype = torch.device(device), dtype
         self.cache_dir = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser()
         self.use_cache = use_cache
@@ -198,9 +223,18 @@ class TextEncoder:
         """Load tokenizer and weights onto `device` (done on demand by `encode`)."""
         if self.model is not None:
             return
-        self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+        except OSError as e:  # a hub id offline, or a folder without the files
+            raise FileNotFoundError(
+                f"cannot load the umt5 tokenizer from {self.tokenizer_path} ({' '.join(str(e).split())[:200]}): "
+                "a single-file text encoder holds no tokenizer; pass --tokenizer DIR (a folder with google/umt5-xxl's "
+                "tokenizer files, e.g. `hf download google/umt5-xxl --include '*token*' 'spiece.model' --local-dir "
+                "DIR`), or go online once so google/umt5-xxl is cached") from e
         if self.layout == "official":
             model = load_official_encoder(self.weights, self.dtype)
+        elif self.layout == "file":
+            model = load_encoder_file(self.weights, self.dtype, self.width)
         else:
             model = UMT5EncoderModel.from_pretrained(self.weights, dtype=self.dtype)
         self.model = model.to(self.device).eval().requires_grad_(False)

@@ -29,8 +29,6 @@ from diffusers import AutoencoderKLWan
 from .formats import check_keys, read_vae_file
 from .keys import CheckpointError
 
-OFFICIAL_WEIGHTS = "Wan2.1_VAE.pth"  # the official release's file name (messages only)
-
 STRIDE = (4, 8, 8)  # (t, h, w) compression of the Wan2.1 VAE
 
 # The official latent statistics (wan/modules/vae2_1.py Wan2_1_VAE): z_model = z_norm * std + mean.
@@ -97,7 +95,7 @@ def official_to_diffusers(sd: dict[str, torch.Tensor], num_res_blocks: int = 2) 
             else:
                 new = f"decoder.up_blocks.{stage}.resnets.{pos}.{_rename_resnet(rest)}"
         if new is None:
-            raise KeyError(f"unexpected key {key!r} in the official VAE checkpoint ({OFFICIAL_WEIGHTS})")
+            raise KeyError(f"unexpected key {key!r} in the official Wan2.1 VAE checkpoint")
         out[new] = value
     return out
 
@@ -179,7 +177,7 @@ class VAE:
             model.load_state_dict(sd, strict=True, assign=True)
         except (KeyError, RuntimeError) as e:  # an unknown key, or missing / unexpected / mis-shaped ones
             raise CheckpointError(f"{path} is not a complete Wan2.1 VAE ({' '.join(str(e).split())[:400]}): "
-                                  "download it again (Wan2.1_VAE.pth or wan_2.1_vae.safetensors)") from e
+                                  "download it again (the official release's VAE, or wan_2.1_vae.safetensors)") from e
         return cls(model, LATENTS_MEAN, LATENTS_STD, device=torch.device(device), dtype=dtype)
 
     def unload(self) -> None:

@@ -1,0 +1,97 @@
+"""Single files as a whole model: a ComfyUI `models/` folder (two expert files, the umt5 encoder file, the
+Wan2.1 VAE file) gives the video of the same weights in the official layout; bad pieces are refused by
+name before any weight loads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from builders import make_checkpoint_root
+from builders_t2v import add_t2v_components, make_tokenizer
+from safetensors.torch import load_file, save_file
+from tolerance import assert_close_fp32
+
+from wan_lite.checkpoint import CheckpointError, open_comfyui, open_components, open_root
+from wan_lite.config import ModelConfig
+from wan_lite.generate import main
+from wan_lite.t2v import T2VPipeline
+from wan_lite.text import official_to_transformers
+from wan_lite.video import read_metadata
+
+SIZE, FRAMES = (48, 32), 5
+
+
+@pytest.fixture(scope="module")
+def roots(tmp_path_factory):
+    """(official root, ComfyUI models/ folder with the same weights as single fp32 files, tokenizer folder)."""
+    cfg = ModelConfig.tiny()
+    root = add_t2v_components(make_checkpoint_root(tmp_path_factory.mktemp("official"), cfg, "official").root,
+                              "official", cfg.text_dim)
+    models = tmp_path_factory.mktemp("comfyui") / "models"
+    for sub in ("diffusion_models", "text_encoders", "vae"):
+        (models / sub).mkdir(parents=True)
+    for name in ("high", "low"):
+        state = {}
+        for f in sorted((root / f"{name}_noise_model").glob("*.safetensors")):
+            state.update(load_file(f))
+        save_file({f"model.diffusion_model.{k}": v.contiguous() for k, v in state.items()},
+                  models / "diffusion_models" / f"wan2.2_t2v_{name}_noise_14B_fp32.safetensors",
+                  metadata={"wan_lite.num_heads": str(cfg.num_heads)})  # tiny dims: head count not dim // 128
+    t5 = torch.load(root / "models_t5_umt5-xxl-enc-bf16.pth", map_location="cpu", weights_only=True)
+    hf = {k: v.float().contiguous() for k, v in official_to_transformers(t5).items()
+          if k != "encoder.embed_tokens.weight"}
+    save_file(hf, models / "text_encoders" / "umt5_xxl_fp32.safetensors")
+    vae = torch.load(root / "Wan2.1_VAE.pth", map_location="cpu", weights_only=True)
+    save_file({k: v.contiguous() for k, v in vae.items()}, models / "vae" / "wan_2.1_vae.safetensors")
+    return root, models, make_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer")
+
+
+def _pipe(model, cache):
+    return T2VPipeline.from_pretrained(model, device="cpu", dtype=torch.float32, text_dtype=torch.float32,
+                                       cache_dir=cache)
+
+
+def test_comfyui_folder_makes_the_video_of_the_official_root(roots, tmp_path):
+    root, models, tok = roots
+    model = open_comfyui(models, high="wan2.2_t2v_high_noise_14B_fp32.safetensors",
+                         low="wan2.2_t2v_low_noise_14B_fp32.safetensors", tokenizer=tok)
+    assert model.layout == "files" and model.scheme == "none" and model.config == open_root(root).config
+    assert model.text_encoder.name == "umt5_xxl_fp32.safetensors" and model.vae.name == "wan_2.1_vae.safetensors"
+    kw = dict(size=SIZE, frames=FRAMES, steps=3, seed=7)
+    ref = _pipe(root, tmp_path / "a")("a red fox", **kw)
+    got = _pipe(model, tmp_path / "b")("a red fox", **kw)
+    assert_close_fp32(got.latents, ref.latents)
+    assert_close_fp32(got.video, ref.video, rtol=1e-4)  # the VAE's fp32 decode over many layers
+
+
+def test_cli_takes_the_four_pieces(roots, tmp_path):
+    root, models, tok = roots
+    out = tmp_path / "v.mp4"
+    argv = ["--high", str(models / "diffusion_models" / "wan2.2_t2v_high_noise_14B_fp32.safetensors"),
+            "--low", str(models / "diffusion_models" / "wan2.2_t2v_low_noise_14B_fp32.safetensors"),
+            "--text-encoder", str(models / "text_encoders" / "umt5_xxl_fp32.safetensors"),
+            "--vae", str(models / "vae" / "wan_2.1_vae.safetensors"), "--tokenizer", str(tok),
+            "--prompt", "a fox", "--size", "48x32", "--frames", "5", "--steps", "2", "--seed", "1", "--device", "cpu",
+            "--dtype", "fp32", "--vae-tile", "0", "--cache-dir", str(tmp_path / "c"), "--out", str(out)]
+    assert main(argv) == 0
+    assert read_metadata(out)["layout"] == "files"
+
+
+def test_a_vae_passed_as_an_expert_is_refused_by_name(roots):
+    root, models, tok = roots
+    with pytest.raises(CheckpointError, match="VAE"):
+        open_components(models / "vae" / "wan_2.1_vae.safetensors",
+                        models / "diffusion_models" / "wan2.2_t2v_low_noise_14B_fp32.safetensors",
+                        text_encoder=models / "text_encoders" / "umt5_xxl_fp32.safetensors",
+                        vae=models / "vae" / "wan_2.1_vae.safetensors")
+
+
+def test_comfyui_folder_without_a_vae_says_what_to_put_there(roots, tmp_path):
+    _, models, _ = roots
+    empty = tmp_path / "models"
+    (empty / "diffusion_models").mkdir(parents=True)
+    for f in (models / "diffusion_models").iterdir():
+        (empty / "diffusion_models" / f.name).symlink_to(f)
+    with pytest.raises(FileNotFoundError, match="wan_2.1_vae.safetensors"):
+        open_comfyui(empty, high="wan2.2_t2v_high_noise_14B_fp32.safetensors",
+                     low="wan2.2_t2v_low_noise_14B_fp32.safetensors")
