@@ -1,19 +1,24 @@
 """What the app's buttons do, as plain Python: `App` holds the model, the outputs folder and the one GPU.
 
 Everything here runs and is tested without a browser (tests/test_app.py); `app/ui.py` only lays out
-components and binds them to these methods. User-facing failures are raised as `gr.Error` with a
-message that names the fix; the app keeps running.
+components and binds them to these methods; `app/jobs.py` follows one run (queue position, phase, ETA,
+decode progress, Cancel), `app/preview.py` draws the live preview, `app/options.py` holds the presets
+and the LoRA folder. User-facing failures are raised as `gr.Error` with a message that names the fix
+(never with a traceback in the terminal); the ui shows them as a notice and in the status line, and the
+app keeps running.
 
 A run (`App.generate`):
-1. validates the settings (size among the loaded model's presets, frames 4n+1, ...);
-2. takes the GPU lock (one video at a time, also across a cancelled run that is still stopping);
+1. validates the settings (size among the loaded model's presets, frames 4n+1, the quantization the
+   loaded model can run, LoRAs from the LoRA folder, ...);
+2. waits its turn in the line for the GPU (one video at a time, first come first served; the status
+   line shows its position; Cancel leaves the line);
 3. on CUDA asks the planner how to fit the VRAM profile (a profile too small for the size is refused
-   with the planner's message) and hands the plan to the pipeline, which runs the experts as it says
-   (resident or streamed) and records it in the sidecar;
-4. calls `T2VPipeline`; its per-step callback moves the gr.Progress bar ("high-noise expert 12/26",
-   ETA, peak VRAM), records the step for the status line that the ui polls (`App.status`), and raises
-   `GenerationCancelled` when this browser session pressed Cancel, so a run stops after its current
-   step;
+   with the planner's message; "exact attention" turns the FP8 attention kernel off) and hands the plan
+   to the pipeline, which records it in the sidecar;
+4. sets the LoRAs on the pipeline and calls it with the preset's grid; its per-step callback moves the
+   gr.Progress bar and the status line, its preview hook draws the live preview, and a hook on the VAE
+   decoder reports the decode frame by frame. Cancel stops the run after its current step or before
+   the next decoded frame: then nothing is written. A run that finished its decode finishes.
 5. returns the mp4 path, the parameters (what the sidecar JSON holds) and the seed used; on cancel or
    error it first moves the models off the GPU and empties the CUDA cache, then says what to change.
 
@@ -24,7 +29,8 @@ Files: the gallery lists `*.mp4` in the outputs folder with their `<name>.json` 
 is resolved by file name and refused unless it is an mp4 directly inside the outputs folder.
 
 Deliberately unsupported: more than one loaded model at a time; switching models while a run is in
-progress (the load is refused until it ends).
+progress or queued (the load is refused until it ends); converting a float model to int8/fp8 from the
+app (`python -m wan_lite.quantize` does it; the app offers only what the loaded model can run).
 """
 
 from __future__ import annotations
@@ -34,23 +40,27 @@ import gc
 import json
 import os
 import random
-import threading
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
 import torch
 
 from wan_lite import planner
 from wan_lite.checkpoint import CheckpointError, check_root
 from wan_lite.config import SOLVERS, SamplingConfig
-from wan_lite.pipeline import high_steps
+from wan_lite.pipeline import grid, high_steps
 from wan_lite.t2v import T2VPipeline
 from wan_lite.text import DEFAULT_NEGATIVE_PROMPT
+from wan_lite.vae import VAE
 
 from . import demo
+from .jobs import GenerationCancelled, GpuLine, Job, clock, peak_vram, watch_decode
+from .options import PRESETS, LoraFolder
+from .preview import Preview
 
 SIZE_PRESETS = {  # label -> (width, height): the official Wan2.2 T2V sizes
     "1280x720 (720p landscape)": (1280, 720),
@@ -60,19 +70,17 @@ SIZE_PRESETS = {  # label -> (width, height): the official Wan2.2 T2V sizes
 }
 DEMO_SIZE_PRESETS = {"64x64 (demo)": (64, 64), "96x64 (demo landscape)": (96, 64), "64x96 (demo portrait)": (64, 96)}
 VRAM_PROFILES = {"auto": None, "24 GB": 24.0, "16 GB": 16.0, "12 GB": 12.0, "8 GB": 8.0}  # None: free memory now
-QUANT_CHOICES = ("auto", "int8", "fp8", "bf16")  # auto: as the checkpoint is stored; bf16: float weights
+SCHEME_LABELS = {"none": "bf16"}  # the menu's name of a stored scheme; others are called as stored (int8, fp8)
+MAX_FRAMES = 161  # the frames slider's end: 10 s at 16 fps
+MAX_LORA_STRENGTH = 4.0
 MAX_SEED = 2**31 - 1
 SETTINGS_FILE = "settings.json"
 GALLERY_LIMIT = 48
-POLL_S = 0.25  # how often a run waiting for the GPU lock checks for Cancel
 
 
-class GenerationCancelled(Exception):
-    """Raised from the pipeline's step callback when the user pressed Cancel."""
-
-    def __init__(self, step: int, total: int):
-        super().__init__(f"cancelled after step {step}/{total}")
-        self.step, self.total = step, total
+def user_error(message: str) -> gr.Error:
+    """A failure the person can fix: shown in the browser, no traceback in the terminal."""
+    return gr.Error(message, print_exception=False)
 
 
 @dataclass
@@ -83,6 +91,7 @@ class Settings:
     negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
     size: str = "1280x720 (720p landscape)"
     frames: int = 81
+    preset: str = "official"  # PRESETS key: its grid is used, and picking it fills steps .. solver
     steps: int = 40
     guidance_high: float = 4.0  # CFG scale with the high-noise expert
     guidance_low: float = 3.0  # CFG scale with the low-noise expert
@@ -90,7 +99,12 @@ class Settings:
     solver: str = "unipc"
     random_seed: bool = True
     seed: int = 0  # used when random_seed is off
+    lora_high: list[str] = field(default_factory=list)  # file names in the LoRA folder
+    lora_high_strength: float = 1.0
+    lora_low: list[str] = field(default_factory=list)
+    lora_low_strength: float = 1.0
     quantization: str = "auto"
+    exact_attention: bool = False  # True: never the FP8 attention kernel
     vram_profile: str = "auto"
 
     @classmethod
@@ -114,73 +128,11 @@ class Update:
     seed: int | None = None
 
 
-@dataclass
-class Job:
-    """A run in progress: the pipeline's step callback updates it, the status timer and gr.Progress read it."""
-
-    session: str
-    steps: int
-    high_steps: int  # steps taken by the high-noise expert (t >= boundary)
-    progress: object  # gr.Progress (called from the run's own thread)
-    cancel: threading.Event = field(default_factory=threading.Event)
-    started: float = field(default_factory=time.monotonic)
-    first_step_at: float | None = None
-    done_steps: int = 0
-    expert: str = ""
-
-    def on_step(self, step: int, total: int, t: int, expert: str) -> None:
-        """The pipeline's callback(step, total, t, expert), after each denoising step."""
-        if self.first_step_at is None:
-            self.first_step_at = time.monotonic()
-        self.done_steps, self.expert = step + 1, expert
-        if self.cancel.is_set():
-            raise GenerationCancelled(step + 1, total)
-        self.report()
-
-    def report(self) -> None:
-        self.progress((self.done_steps, self.steps), desc=f"{self.phase()} · {self.eta()} · {peak_vram()}")
-
-    def phase(self) -> str:
-        n, high = self.done_steps, self.high_steps
-        if n == 0:
-            return "encoding the prompt, loading the experts"
-        if n >= self.steps:
-            return "decoding the video (VAE)"
-        if self.expert == "high":
-            return f"high-noise expert {n}/{high}"
-        return f"low-noise expert {n - high}/{self.steps - high}"
-
-    def eta(self) -> str:
-        n = self.done_steps
-        if n < 2 or self.first_step_at is None:
-            return "ETA --"
-        per_step = (time.monotonic() - self.first_step_at) / (n - 1)
-        return f"ETA {_clock(per_step * (self.steps - n))}" + (" + VAE decode" if n < self.steps else "")
-
-    def status_line(self) -> str:
-        return f"{self.phase()} · step {self.done_steps}/{self.steps} · {self.eta()} · {peak_vram()}"
-
-
-def _no_progress(*args, **kwargs) -> None:
-    pass
-
-
-def _clock(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
-
-
-def peak_vram() -> str:
-    if not torch.cuda.is_available():
-        return "peak VRAM n/a (CPU)"
-    return f"peak VRAM {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
-
-
 def oom_message(s: Settings) -> str:
     return (f"Out of GPU memory at {s.size}, {s.frames} frames with the VRAM profile '{s.vram_profile}' "
             f"and quantization '{s.quantization}'. Change one setting and try again: a lower VRAM profile "
             "(streams the expert's blocks instead of holding it whole), a smaller size (480p), fewer frames, "
-            "or int8/fp8 quantization. Memory has been freed.")
+            "or an int8/fp8 copy of the model. Memory has been freed.")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -188,19 +140,22 @@ def oom_message(s: Settings) -> str:
 
 
 class App:
-    """The app's state: the loaded model, the outputs folder, the GPU lock and the runs in progress."""
+    """The app's state: the loaded model, the outputs folder, the line for the GPU and the runs in it."""
 
     def __init__(self, outputs: str | os.PathLike = "outputs", *, ckpt: str | os.PathLike | None = None,
-                 device: str | None = None, cache_dir: str | os.PathLike | None = None, share: bool = False):
+                 device: str | None = None, cache_dir: str | os.PathLike | None = None, share: bool = False,
+                 loras: str | os.PathLike | None = None):
         self.outputs = Path(outputs).expanduser().resolve()
         self.outputs.mkdir(parents=True, exist_ok=True)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self.share = share  # with a public link, only the listed model roots can be loaded
-        self.gpu = threading.Lock()  # held for the whole of a run, also while a cancelled one stops
-        self.jobs: dict[str, Job] = {}  # browser session -> its run in progress
+        self.loras = LoraFolder(loras)
+        self.line = GpuLine()  # one run at a time, in order; a cancelled run holds it until it has stopped
+        self.jobs: dict[str, Job] = {}  # browser session -> its run (queued or running)
         self.last_status: dict[str, str] = {}  # browser session -> how its last run ended
         self.sent_status: dict[str, str] = {}  # browser session -> the status line its timer last showed
+        self.decode_rate: float | None = None  # seconds per decoded pixel x frame, from the last run
         self.pipe: T2VPipeline | None = None
         self.is_demo = False
         self.load_model(ckpt if ckpt is not None else demo.ensure_demo_checkpoint(cache_dir))
@@ -223,15 +178,16 @@ class App:
         """Open a model root (validated: every file of its layout present). Returns the banner text."""
         text = str(root or "").strip()
         if not text:
-            raise gr.Error("Choose a model folder: a Wan2.2-T2V-A14B root (official or diffusers layout).")
+            raise user_error("Choose a model folder: a Wan2.2-T2V-A14B root (official or diffusers layout, or a "
+                             "quantized copy).")
         path = Path(text).expanduser()
         if self.share and self.pipe is not None and str(path) not in self.model_roots():
-            raise gr.Error("With --share only the listed model folders can be loaded: start the app with "
-                           "--ckpt PATH to add one.")
+            raise user_error("With --share only the listed model folders can be loaded: start the app with "
+                             "--ckpt PATH to add one.")
         if self.jobs:
-            raise gr.Error("A video is being generated: wait for it or cancel it, then load the model.")
+            raise user_error("A video is being generated or queued: wait for it or cancel it, then load the model.")
         if not path.is_dir():
-            raise gr.Error(f"No folder {path}: give the folder that holds the downloaded Wan2.2-T2V-A14B files.")
+            raise user_error(f"No folder {path}: give the folder that holds the downloaded Wan2.2-T2V-A14B files.")
         try:
             check_root(path)
             is_demo = demo.is_demo(path)
@@ -240,8 +196,8 @@ class App:
             pipe = T2VPipeline.from_pretrained(path, device=self.device, dtype=dtype, text_dtype=dtype,
                                                cache_dir=self.cache_dir / "text" if self.cache_dir else None)
         except (CheckpointError, FileNotFoundError, ValueError) as e:
-            raise gr.Error(str(e)) from e
-        old, self.pipe, self.is_demo = self.pipe, pipe, is_demo
+            raise user_error(str(e)) from None
+        old, self.pipe, self.is_demo, self.decode_rate = self.pipe, pipe, is_demo, None
         del old
         free_memory()
         return self.banner()
@@ -260,6 +216,11 @@ class App:
         """The sizes offered for the loaded model: the tiny demo sizes, or the official ones."""
         return DEMO_SIZE_PRESETS if self.is_demo else SIZE_PRESETS
 
+    def quant_choices(self) -> list[str]:
+        """What the loaded model can run: 'auto' (as stored) and the stored scheme by name (bf16 for float
+        weights, int8 / fp8 for our converted copies, or a library scheme); converting is the quantizer's job."""
+        return ["auto", SCHEME_LABELS.get(self.pipe.scheme, self.pipe.scheme)]
+
     # --- settings --------------------------------------------------------------------------------
 
     def settings(self) -> Settings:
@@ -274,7 +235,12 @@ class App:
         s = dataclasses.replace(defaults, **{k: v for k, v in stored.items() if k in SETTING_NAMES})
         if s.size not in self.size_presets():  # remembered from another model: its frames and steps too
             s = dataclasses.replace(s, size=defaults.size, frames=defaults.frames, steps=defaults.steps)
-        return s
+        listed = self.loras.names()
+        return dataclasses.replace(
+            s, quantization=s.quantization if s.quantization in self.quant_choices() else "auto",
+            preset=s.preset if s.preset in PRESETS else defaults.preset,
+            lora_high=[n for n in _names(s.lora_high) if n in listed],
+            lora_low=[n for n in _names(s.lora_low) if n in listed])
 
     def save_settings(self, s: Settings) -> None:
         path = self.outputs / SETTINGS_FILE
@@ -285,13 +251,15 @@ class App:
     def validate(self, s: Settings) -> tuple[int, int]:
         """(width, height) of valid settings; gr.Error naming the fix otherwise."""
         if not isinstance(s.prompt, str) or not s.prompt.strip():
-            raise gr.Error("The prompt is empty: describe the video to generate.")
+            raise user_error("The prompt is empty: describe the video to generate.")
         presets = self.size_presets()
         if s.size not in presets:
-            raise gr.Error(f"Size {s.size!r} is not offered for this model: choose one of {', '.join(presets)}.")
+            raise user_error(f"Size {s.size!r} is not offered for this model: choose one of {', '.join(presets)}.")
+        strength = f"must be between -{MAX_LORA_STRENGTH:g} and {MAX_LORA_STRENGTH:g} (1.0: as trained)"
         checks = [
-            (_is_int(s.frames) and s.frames >= 1 and (s.frames - 1) % 4 == 0,
-             f"Frames {s.frames} must be 4n+1 (5, 9, ..., 81): 81 frames is 5 s at 16 fps."),
+            (_is_int(s.frames) and 1 <= s.frames <= MAX_FRAMES and (s.frames - 1) % 4 == 0,
+             f"Frames {s.frames} must be 4n+1 (1, 5, 9, ..., {MAX_FRAMES}): 81 frames is 5 s at 16 fps."),
+            (s.preset in PRESETS, f"Preset {s.preset!r} is unknown: choose {' or '.join(PRESETS)}."),
             (_is_int(s.steps) and 1 <= s.steps <= 200, f"Steps {s.steps} must be between 1 and 200 (40 is official)."),
             (_is_num(s.guidance_high) and 0 <= s.guidance_high <= 20,
              f"High-noise guidance {s.guidance_high} must be between 0 and 20 (4.0 is official)."),
@@ -301,23 +269,34 @@ class App:
             (s.solver in SOLVERS, f"Solver {s.solver!r} is unknown: choose {' or '.join(SOLVERS)}."),
             (s.random_seed or (_is_int(s.seed) and 0 <= s.seed <= MAX_SEED),
              f"Seed {s.seed} must be a whole number from 0 to {MAX_SEED}, or tick 'random seed'."),
-            (s.quantization in QUANT_CHOICES, f"Quantization {s.quantization!r} is unknown: choose one of "
-                                              f"{', '.join(QUANT_CHOICES)}."),
+            (_is_num(s.lora_high_strength) and abs(s.lora_high_strength) <= MAX_LORA_STRENGTH,
+             f"High-noise LoRA strength {s.lora_high_strength} {strength}."),
+            (_is_num(s.lora_low_strength) and abs(s.lora_low_strength) <= MAX_LORA_STRENGTH,
+             f"Low-noise LoRA strength {s.lora_low_strength} {strength}."),
             (s.vram_profile in VRAM_PROFILES, f"VRAM profile {s.vram_profile!r} is unknown: choose one of "
                                               f"{', '.join(VRAM_PROFILES)}."),
         ]
         for ok, message in checks:
             if not ok:
-                raise gr.Error(message)
+                raise user_error(message)
+        if s.quantization not in self.quant_choices():
+            stored = self.quant_choices()[1]
+            raise user_error(f"This model's experts are stored as {stored}, so it runs them as {stored} ('auto'). "
+                             f"For {s.quantization}, convert a copy once (python -m wan_lite.quantize --ckpt "
+                             f"{self.pipe.root} --out DST --scheme {s.quantization}) and load DST under Model.")
+        try:
+            self.lora_files(s)
+        except ValueError as e:
+            raise user_error(str(e)) from None
         s.frames, s.steps, s.seed = int(s.frames), int(s.steps), int(s.seed) if _is_int(s.seed) else 0
-        stored = {"none": "bf16"}.get(self.pipe.scheme, self.pipe.scheme)
-        if s.quantization not in ("auto", stored):
-            raise gr.Error(f"This checkpoint's experts are stored as {stored}; running them as {s.quantization} "
-                           f"needs a converted copy: python -m wan_lite.quantize --ckpt {self.pipe.root} --out DST "
-                           f"--scheme {s.quantization}, then load DST. Or choose 'auto'.")
         return presets[s.size]
 
-    # --- memory plan -----------------------------------------------------------------------------
+    def lora_files(self, s: Settings) -> dict[str, list[tuple[Path, float]]]:
+        """{"high": [(file, strength)], "low": [...]} from the pickers; ValueError for a file not listed."""
+        return {"high": [(self.loras.path(n), float(s.lora_high_strength)) for n in _names(s.lora_high)],
+                "low": [(self.loras.path(n), float(s.lora_low_strength)) for n in _names(s.lora_low)]}
+
+    # --- what a run will do ----------------------------------------------------------------------
 
     def make_plan(self, s: Settings) -> planner.Plan | None:
         """The planner's choice for valid settings; None on a CPU with the 'auto' profile. Raises PlanError.
@@ -329,14 +308,27 @@ class App:
         cuda = self.device.type == "cuda"
         if vram is None and not cuda:
             return None
-        scheme = self.pipe.scheme if s.quantization == "auto" else {"bf16": "none"}.get(s.quantization, s.quantization)
         return planner.make_plan(vram, height=height, width=width, frames=int(s.frames),
-                                 scheme=planner.budget_scheme(scheme),
+                                 scheme=planner.budget_scheme(self.pipe.scheme),
                                  device=self.device if cuda else "cuda", cfg=self.pipe.expert_config(),
-                                 capability=None if cuda else (8, 9))
+                                 capability=None if cuda else (8, 9),
+                                 attention_8bit=False if s.exact_attention else None)
 
     def plan(self, s: Settings) -> str:
-        """The planner's choice for these settings, as text (shown beside the VRAM profile)."""
+        """What a run with these settings will do, as text: sampler, LoRAs, attention, the memory plan."""
+        return f"{self.recipe(s)}\n{self.memory_plan(s)}"
+
+    def recipe(self, s: Settings) -> str:
+        preset = PRESETS.get(s.preset)
+        grid_name = preset.sampling.grid if preset else "?"
+        loras = " · ".join(f"{name}: " + (", ".join(f"{n} x{strength}" for n in _names(names)) or "none")
+                           for name, names, strength in (("high", s.lora_high, s.lora_high_strength),
+                                                         ("low", s.lora_low, s.lora_low_strength)))
+        attention = "exact (FP8 attention off)" if s.exact_attention else "FP8 kernel allowed (8-bit models, sm89+)"
+        return (f"Sampler: {s.preset} preset, {grid_name} grid · {s.steps} steps {s.solver} · shift {s.shift} · "
+                f"guidance {s.guidance_high} / {s.guidance_low}\nLoRAs: {loras}\nAttention: {attention}")
+
+    def memory_plan(self, s: Settings) -> str:
         if s.size not in self.size_presets() or not _is_int(s.frames) or (s.frames - 1) % 4 \
                 or s.vram_profile not in VRAM_PROFILES:
             return "Memory plan: choose a size, 4n+1 frames and a VRAM profile."
@@ -355,62 +347,91 @@ class App:
         """Run one video and return its `Update` (see the module docstring). `progress` is a gr.Progress."""
         try:
             size = self.validate(s)
-            plan = None
-            if self.device.type == "cuda":
-                try:
-                    plan = self.make_plan(s)
-                except planner.PlanError as e:
-                    raise gr.Error(f"{e}. Or choose a larger VRAM profile.") from None
-                except CheckpointError as e:
-                    raise gr.Error(str(e)) from None
-        except gr.Error as e:  # also kept in the status line: the pop-up goes away
+            plan = self._cuda_plan(s)
+        except gr.Error as e:  # also kept in the status line: the notice goes away
             self.last_status[session] = f"Not started: {e.message}"
             raise
         self.save_settings(s)
-        pipe = self.pipe
         seed = random.randint(0, MAX_SEED) if s.random_seed else s.seed
-        out = self._output_path(seed)
-        job = Job(session, s.steps, high_steps=high_steps(SamplingConfig(steps=s.steps, shift=s.shift,
-                                                                         boundary=pipe.boundary)),
-                  progress=_no_progress if progress is None else progress)  # a gr.Progress is falsy
+        sampling = SamplingConfig(steps=s.steps, shift=s.shift, boundary=self.pipe.boundary,
+                                  grid=PRESETS[s.preset].sampling.grid)
+        job = Job(session, s.steps, high_steps=high_steps(sampling), decode_estimate=self._decode_estimate(size, s),
+                  progress=progress)
         self.jobs[session] = job
-        error = None
         try:
-            while not self.gpu.acquire(timeout=POLL_S):  # a cancelled run may still be finishing its step
-                if job.cancel.is_set():
-                    return self._finish(job, Update("Cancelled before it started."))
+            if not self.line.enter(job):
+                return self._finish(job, Update("Cancelled before it started."))
             try:
-                if torch.cuda.is_available():
-                    torch.cuda.reset_peak_memory_stats()
-                job.report()
-                pipe(s.prompt, s.negative_prompt, size=size, frames=s.frames, steps=s.steps, seed=seed, shift=s.shift,
-                     guidance_high=s.guidance_high, guidance_low=s.guidance_low, solver=s.solver,
-                     callback=job.on_step, out=out, plan=plan, extra_metadata={"vram_profile": s.vram_profile})
-            except GenerationCancelled as e:
-                error = f"Cancelled after step {e.step}/{e.total}"
-            except torch.cuda.OutOfMemoryError:
-                error = oom_message(s)
-            except (ValueError, MemoryError, OSError, CheckpointError) as e:  # messages that name the fix
-                error = str(e)
-            except Exception as e:
-                traceback.print_exc()
-                error = f"Generation failed ({type(e).__name__}: {e}). The app is still running; the terminal " \
-                        "has the traceback."
-            finally:  # outside the except blocks: no traceback keeps the run's tensors alive
-                if error is not None:
-                    pipe.release()
-                free_memory()
-                self.gpu.release()
+                out, error = self._run(job, s, size, seed, plan, sampling)
+            finally:
+                self.line.leave(job)
         finally:
             self._forget(job)
-        elapsed = _clock(time.monotonic() - job.started)
-        if error is not None and error.startswith("Cancelled"):
-            return self._finish(job, Update(f"{error} ({elapsed}); memory freed."))
+        elapsed = clock(time.monotonic() - job.started)
+        if isinstance(error, GenerationCancelled):
+            return self._finish(job, Update(f"Cancelled {error.where} ({elapsed}); nothing written, memory freed."))
         if error is not None:
             self._finish(job, Update(f"Failed: {error}"))
-            raise gr.Error(error)
+            raise user_error(error)
         return self._finish(job, Update(f"Done in {elapsed} · seed {seed} · {peak_vram()} · {out.name}",
                                         video=str(out), params=read_sidecar(out), seed=seed))
+
+    def _cuda_plan(self, s: Settings) -> planner.Plan | None:
+        if self.device.type != "cuda":
+            return None
+        try:
+            return self.make_plan(s)
+        except planner.PlanError as e:
+            raise user_error(f"{e}. Or choose a larger VRAM profile.") from None
+        except CheckpointError as e:
+            raise user_error(str(e)) from None
+
+    def _run(self, job: Job, s: Settings, size: tuple[int, int], seed: int, plan, sampling: SamplingConfig):
+        """The pipeline call, holding the GPU: (mp4 path, None) or (None, the error: a message or the cancel)."""
+        pipe, out, error = self.pipe, self._output_path(seed), None
+        preview = Preview(grid(sampling)[0])
+        latents = (1, 16, (s.frames - 1) // 4 + 1, size[1] // 8, size[0] // 8)
+        try:
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+            job.report()
+            pipe.set_loras(**self.lora_files(s))
+            with watch_decode(self._vae().model, latents, job.on_decode):
+                result = pipe(s.prompt, s.negative_prompt, size=size, frames=s.frames, steps=s.steps, seed=seed,
+                              shift=s.shift, guidance_high=s.guidance_high, guidance_low=s.guidance_low,
+                              solver=s.solver, grid=sampling.grid, callback=job.on_step,
+                              preview=lambda x: job.on_preview(preview(x)), out=out, plan=plan,
+                              extra_metadata={"vram_profile": s.vram_profile, "preset": s.preset,
+                                              "exact_attention": s.exact_attention})
+            self.decode_rate = result.timings["decode"] / (size[0] * size[1] * s.frames)
+        except GenerationCancelled as e:
+            error = e
+        except torch.cuda.OutOfMemoryError:
+            error = oom_message(s)
+        except (ValueError, MemoryError, OSError, CheckpointError) as e:  # messages that name the fix
+            error = str(e)
+        except Exception as e:
+            traceback.print_exc()
+            error = f"Generation failed ({type(e).__name__}: {e}). The app is still running; the terminal " \
+                    "has the traceback."
+        finally:  # outside the except blocks: no traceback keeps the run's tensors alive
+            if error is not None:
+                pipe.release()
+            free_memory()
+        return (None, error) if error is not None else (out, None)
+
+    def _vae(self) -> VAE:
+        """The pipeline's VAE, loaded now as T2VPipeline loads it at its first decode (so that the decode can
+        be watched), and left off the GPU until then."""
+        pipe = self.pipe
+        if pipe.vae is None:
+            pipe.vae = VAE.from_pretrained(pipe.model.vae, device=pipe.device, dtype=pipe.vae_dtype)
+            if pipe.device.type == "cuda":
+                pipe.vae.unload()
+        return pipe.vae
+
+    def _decode_estimate(self, size: tuple[int, int], s: Settings) -> float | None:
+        return None if self.decode_rate is None else self.decode_rate * size[0] * size[1] * s.frames
 
     def _finish(self, job: Job, update: Update) -> Update:
         self.last_status[job.session] = update.status
@@ -425,13 +446,22 @@ class App:
         self.sent_status[session] = line
         return line
 
+    def preview(self, session: str = "local") -> np.ndarray | None:
+        """The newest live-preview picture of the session's run, once (None: nothing new)."""
+        job = self.jobs.get(session)
+        return None if job is None else job.take_preview()
+
     def cancel(self, session: str = "local") -> str:
-        """Ask this session's run to stop after its current step. A queued run is dropped by the ui."""
+        """Stop this session's run: out of the queue at once, else after its current step or decoded frame."""
         job = self.jobs.get(session)
         if job is None:
-            return "No run in progress (a request still waiting in the queue is dropped)."
+            return "No run in progress."
         job.cancel.set()
-        return f"Cancelling: stops after the current step ({job.phase()})."
+        if job.ahead:
+            return "Cancelling: leaving the queue."
+        if job.decode_total:
+            return "Cancelling: stops before the next decoded frame; nothing is written."
+        return f"Cancelling: stops after the current step ({job.phase()}); nothing is written."
 
     def _forget(self, job: Job) -> None:
         if self.jobs.get(job.session) is job:
@@ -469,9 +499,9 @@ class App:
         """(mp4 path, parameters) of an earlier output, by file name; refuses anything outside outputs."""
         path = (self.outputs / str(name)).resolve()
         if path.parent != self.outputs or path.suffix.lower() != ".mp4":
-            raise gr.Error("Only videos in the outputs folder can be opened.")
+            raise user_error("Only videos in the outputs folder can be opened.")
         if not path.is_file():
-            raise gr.Error(f"{path.name} is no longer in the outputs folder.")
+            raise user_error(f"{path.name} is no longer in the outputs folder.")
         return str(path), read_sidecar(path)
 
 
@@ -500,6 +530,13 @@ def _is_root(path: Path) -> bool:
     except CheckpointError:
         return False
     return True
+
+
+def _names(x) -> list[str]:
+    """A picker's value as a list of names (gradio gives a list, None, or a single string)."""
+    if x is None:
+        return []
+    return [x] if isinstance(x, str) else [str(n) for n in x]
 
 
 def _is_int(x) -> bool:

@@ -2,7 +2,9 @@
 
 Needs Debian's Chromium (`apt-get install -y chromium`) and `pip install playwright` (Playwright's own
 browser download does not work here; it drives /usr/bin/chromium). Skipped, with that reason, only
-when /usr/bin/chromium is absent. Leaves a screenshot in tests/artifacts/app.png to look at.
+when /usr/bin/chromium is absent. Leaves a screenshot of each state in tests/artifacts/app-*.png to look at:
+a finished run, the live preview, the busy Generate button, a queued second window, cancel while
+denoising and while decoding, and the error states (none of which may leave a red "Error" badge).
 """
 
 from __future__ import annotations
@@ -111,6 +113,16 @@ def wait_status(page, pattern: str, timeout=RUN_TIMEOUT_MS) -> str:
     return status(page)
 
 
+def shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"app-{name}.png"), full_page=True)
+
+
+def error_badges(page) -> int:
+    """gradio's red "Error" badge on a component (its status tracker's span.error)."""
+    return page.locator("span.error:visible").count()
+
+
 def frame_count(path) -> int:
     with av.open(str(path)) as container:
         return sum(1 for _ in container.decode(video=0))
@@ -121,23 +133,39 @@ def test_generate_shows_the_video(server, browser):
     page = open_page(browser, url)
     assert "Demo model" in page.locator("#banner").inner_text()
     page.locator("#prompt textarea").fill("a small dog runs in the snow")
-    set_number(page, "frames", 13)
-    set_number(page, "steps", 6)
+    set_number(page, "frames", 41)
+    set_number(page, "steps", 60)
     page.locator("#generate").click()
+    # a second click in this window is not dropped silently: the button says why it is disabled
+    button = page.locator("#generate")
+    page.wait_for_function("() => document.querySelector('#generate').disabled", timeout=30_000)
+    assert "one video per window at a time" in button.inner_text()
+    # the live preview changes from step to step
+    seen = set()
+    end = time.monotonic() + RUN_TIMEOUT_MS / 1000
+    while not status(page).startswith("Done") and time.monotonic() < end:
+        src = page.locator("#preview img").first.get_attribute("src") if page.locator("#preview img").count() else None
+        if src and src not in seen:
+            seen.add(src)
+            if len(seen) == 2:
+                shot(page, "preview")
+        time.sleep(0.2)
+    assert len(seen) >= 2, f"the preview showed {len(seen)} picture(s); status {status(page)!r}"
     done = wait_status(page, "^Done")
     page.wait_for_selector("#video video", timeout=RUN_TIMEOUT_MS)
     name = re.search(r"(\S+\.mp4)$", done).group(1)
     seed = int(re.search(r"seed (\d+)", done).group(1))
     mp4 = outputs / name
-    assert frame_count(mp4) == 13
+    assert frame_count(mp4) == 41
     sidecar = json.loads(mp4.with_suffix(".json").read_text())
     assert sidecar["prompt"] == "a small dog runs in the snow" and sidecar["seed"] == seed
     assert page.locator("#seed input").input_value() == str(seed)  # the seed used is shown
     assert f'"seed":{seed},' in re.sub(r"\s", "", page.locator("#params").inner_text())
     page.wait_for_selector("#gallery .thumbnail-item")
     assert "a small dog runs in the snow" in page.locator("#gallery").inner_text()
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / "app.png"), full_page=True)
+    page.wait_for_function("() => !document.querySelector('#generate').disabled", timeout=30_000)
+    assert button.inner_text() == "Generate" and error_badges(page) == 0
+    shot(page, "done")
     # an earlier output opens from the gallery with its parameters
     page.locator("#status textarea").evaluate("e => e.value = ''")
     page.locator("#gallery .thumbnail-item").first.click()
@@ -154,7 +182,8 @@ def test_second_request_waits_in_the_queue(server, browser):
     first.locator("#generate").click()
     wait_status(first, r"step \d+/40")  # running
     second.locator("#generate").click()
-    second.wait_for_function("/queue: \\d+\\/\\d+/.test(document.body.innerText)", timeout=30_000)  # its position
+    wait_status(second, r"^queued: position 1 ", timeout=30_000)  # its position, in its status line
+    shot(second, "queued")
     done_first = wait_status(first, "^Done")
     assert not status(second).startswith("Done")
     done_second = wait_status(second, "^Done")
@@ -175,6 +204,9 @@ def test_cancel_stops_the_run(server, browser):
     cancelled = wait_status(page, "^Cancelled after step")
     assert int(re.search(r"step (\d+)/100", cancelled).group(1)) < 100
     assert set(outputs.glob("*.mp4")) == before
+    assert error_badges(page) == 0  # a normal Cancel is no error
+    page.wait_for_function("() => !document.querySelector('#generate').disabled", timeout=30_000)
+    shot(page, "cancelled")
     # the app takes the next run
     set_number(page, "steps", 2)
     set_number(page, "frames", 5)
@@ -190,13 +222,53 @@ def test_errors_are_shown_and_the_app_keeps_running(server, browser):
     model.press("Enter")
     page.locator("#load").click()
     page.wait_for_selector(".toast-body:has-text('No folder /nonexistent/Wan2.2-T2V-A14B')")
+    assert wait_status(page, "^Model not loaded: No folder", timeout=30_000)
     assert "Demo model" in page.locator("#banner").inner_text()  # the loaded model stays
+    assert model.input_value() == "/nonexistent/Wan2.2-T2V-A14B" and error_badges(page) == 0  # the typed path shows
+    shot(page, "load-error")
     page.locator("#prompt textarea").fill("  ")
     page.locator("#generate").click()
     page.wait_for_selector(".toast-body:has-text('The prompt is empty')")
     assert wait_status(page, "^Not started: The prompt is empty", timeout=30_000)
+    page.wait_for_function("() => !document.querySelector('#generate').disabled", timeout=30_000)
+    assert error_badges(page) == 0
+    shot(page, "input-error")
     page.locator("#prompt textarea").fill("a blue cat")
     set_number(page, "steps", 2)
     set_number(page, "frames", 5)
     page.locator("#generate").click()
     wait_status(page, "^Done")
+
+
+def test_cancel_during_the_decode(server, browser):
+    """161 frames on the demo: 41 latent frames to decode, several seconds; Cancel in the middle writes nothing."""
+    url, outputs = server
+    page = open_page(browser, url)
+    before = set(outputs.iterdir())
+    set_number(page, "steps", 2)
+    set_number(page, "frames", 161)
+    page.locator("#generate").click()
+    line = wait_status(page, r"^decoding the video \(VAE\) frame \d+/41 · ")
+    assert "ETA" in line
+    shot(page, "decoding")
+    page.locator("#cancel").click()
+    cancelled = wait_status(page, "^Cancelled during the VAE decode")
+    assert "nothing written" in cancelled
+    assert set(outputs.iterdir()) == before and error_badges(page) == 0
+    assert page.locator("#video video").count() == 0  # no half-way state: no video and no file
+    shot(page, "cancelled-in-decode")
+
+
+def test_lightning_preset_fills_the_sampler(server, browser):
+    url, _ = server
+    page = open_page(browser, url)
+    page.locator("#preset label:has-text('Lightning')").click()
+    page.wait_for_function("() => document.querySelector('#steps input[type=number]').value === '4'",
+                           timeout=30_000)
+    page.wait_for_function("() => document.querySelector('#plan textarea').value.includes("
+                           "'lightning preset, lightning grid · 4 steps euler · shift 5.0 · guidance 1.0 / 1.0')",
+                           timeout=30_000)
+    page.locator("#exact_attention input").check()
+    page.wait_for_function("() => document.querySelector('#plan textarea').value.includes('Attention: exact')",
+                           timeout=30_000)
+    shot(page, "lightning")

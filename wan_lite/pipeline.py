@@ -220,12 +220,14 @@ def needs_negative_prompt(sampling: SamplingConfig) -> bool:
 
 
 def sample(high, low, noise: torch.Tensor, context: torch.Tensor, context_null: torch.Tensor | None,
-           sampling: SamplingConfig, callback: Callback | None = None, stats: dict | None = None) -> torch.Tensor:
+           sampling: SamplingConfig, callback: Callback | None = None, stats: dict | None = None,
+           preview: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """Denoise `noise` (B, 16, F, H, W) into latents with the high- then low-noise expert.
 
     `context` / `context_null` are (B, L, text_dim) prompt and negative-prompt embeddings; context_null
     may be None when `needs_negative_prompt(sampling)` is False. Returns float32 latents of noise's shape.
     A `stats` dict gets the steps and model passes each expert computed (`Reuse.stats`).
+    `preview(x)` gets the current latents (B, 16, F, H, W) float32 after each step (the app's live preview).
     """
     sigmas, timesteps = grid(sampling)
     unipc = UniPC(sigmas) if sampling.solver == "unipc" else None
@@ -245,6 +247,8 @@ def sample(high, low, noise: torch.Tensor, context: torch.Tensor, context_null: 
         x = unipc.step(i, x, v) if unipc else euler_step(x, v, float(sigmas[i]), float(sigmas[i + 1]))
         if callback is not None:
             callback(i, sampling.steps, t, expert)
+        if preview is not None:
+            preview(x)
     if stats is not None:
         stats.update(reuse.stats(sampling))
     return x

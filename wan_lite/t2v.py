@@ -21,7 +21,7 @@ import dataclasses
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -265,6 +265,7 @@ class T2VPipeline:
         grid: str = "official",
         cache: StepCache | None = None,
         callback: Callback | None = None,
+        preview: Callable[[torch.Tensor], None] | None = None,
         out: str | os.PathLike | None = None,
         extra_metadata: dict | None = None,
         vae_tile: int | None | str = "auto",
@@ -277,7 +278,8 @@ class T2VPipeline:
         `vram_gb`, or for the free memory; a plan given on the CPU runs the same path there); the plan
         goes into the metadata.
 
-        callback(step, total, t, expert) runs after each denoising step (expert is "high" or "low").
+        callback(step, total, t, expert) runs after each denoising step (expert is "high" or "low");
+        preview(latents) then gets the current latents (1, 16, F', H/8, W/8) float32 on the device.
         Over several GPUs (`parallel`) every rank calls it; only rank 0 decodes, writes and gets a result.
         """
         # 1. everything that can be wrong with the request fails here, before any weights load
@@ -324,7 +326,7 @@ class T2VPipeline:
         try:
             experts.prepare(sampling)
             latents = sample(experts.high, experts.low, noise, context, context_null, sampling,
-                             callback=callback, stats=stats).cpu()
+                             callback=callback, stats=stats, preview=preview).cpu()
         finally:  # also after a cancel or an error: the VAE (or the next run) gets the VRAM
             experts.release()
             self._running = None
