@@ -38,40 +38,23 @@ from .checkpoint import (
     open_root,
     resolve_root,
 )
+from .checks import resolve_seed, validate, validate_sampling
 from .config import ModelConfig, SamplingConfig, StepCache
 from .lora import read_lora
 from .parallel import ParallelContext, load_parallel_experts
 from .pipeline import Callback, computed_steps, needs_negative_prompt, sample
 from .planner import Plan, budget_scheme, make_plan
 from .residency import Experts, LoadedExperts, ModuleSwap, Residency, host_experts
-from .text import DEFAULT_NEGATIVE_PROMPT, TextEncoder, clean_text, text_layout
+from .text import DEFAULT_NEGATIVE_PROMPT, TextEncoder, text_layout
 from .vae import STRIDE, VAE
 from .video import check_writable, write_mp4
 
-__all__ = ["BOUNDARY", "CheckpointError", "T2VPipeline", "T2VResult", "check_root", "resolve_root", "validate"]
+__all__ = ["BOUNDARY", "CheckpointError", "T2VPipeline", "T2VResult", "check_root", "resolve_root", "validate",
+           "validate_sampling"]
 
 
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Validation
-
-
-def validate(prompt: str, size: tuple[int, int], frames: int) -> None:
-    """Raise ValueError naming the fix for an empty prompt, a size not a multiple of 16, frames not 4n+1."""
-    if not isinstance(prompt, str) or not clean_text(prompt):
-        raise ValueError("the prompt is empty: describe the video to generate")
-    if len(size) != 2:
-        raise ValueError(f"size must be (width, height), got {size!r}")
-    for name, value in zip(("width", "height"), size):
-        if not isinstance(value, int) or value <= 0 or value % 16:
-            lo, hi = max(16, value // 16 * 16), (value // 16 + 1) * 16
-            raise ValueError(f"{name} {value} is not a positive multiple of 16: use {lo} or {hi}")
-    if not isinstance(frames, int) or frames < 1 or (frames - 1) % 4:
-        lo, hi = max(1, (frames - 1) // 4 * 4 + 1), ((frames - 1) // 4 + 1) * 4 + 1
-        raise ValueError(f"frames {frames} is not of the form 4n+1: use {lo} or {hi} (81 is the official length)")
 
 
 # ---------------------------------------------------------------------------------------------------
