@@ -88,18 +88,20 @@ def latents_path(out: str | os.PathLike) -> Path:
     return out.with_name(f"{out.stem}.latents.safetensors")
 
 
-LATENTS_KEY, PARAMS_KEY = "latents", "wan_lite_params"
+LATENTS_KEY, PARAMS_KEY, SOURCE_KEY = "latents", "wan_lite_params", "wan_lite_source"
 
 
-def save_latents(path: str | os.PathLike, latents: torch.Tensor, params: dict) -> Path:
-    """Write latents (1, 16, F', H/8, W/8) fp32 with `params` (JSON) in the safetensors header, atomically."""
+def save_latents(path: str | os.PathLike, latents: torch.Tensor, params: dict, source: dict | None = None) -> Path:
+    """Write latents (1, 16, F', H/8, W/8) fp32 with `params` (what the mp4's metadata will hold) and `source`
+    (where the VAE is, the model) as JSON in the safetensors header, atomically."""
     from safetensors.torch import save_file
 
     path = Path(path)
     tmp = path.with_name(f"{path.name}.part")
     try:
         save_file({LATENTS_KEY: latents.detach().float().cpu().contiguous()}, tmp,
-                  metadata={PARAMS_KEY: json.dumps(params, ensure_ascii=False, sort_keys=True, default=str)})
+                  metadata={PARAMS_KEY: json.dumps(params, ensure_ascii=False, sort_keys=True, default=str),
+                            SOURCE_KEY: json.dumps(source or {}, ensure_ascii=False)})
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -107,8 +109,8 @@ def save_latents(path: str | os.PathLike, latents: torch.Tensor, params: dict) -
     return path
 
 
-def read_latents(path: str | os.PathLike) -> tuple[torch.Tensor, dict]:
-    """(latents (1, 16, F', H/8, W/8) fp32, params) from a `save_latents` file; ValueError naming the file."""
+def read_latents(path: str | os.PathLike) -> tuple[torch.Tensor, dict, dict]:
+    """(latents (1, 16, F', H/8, W/8) fp32, params, source) from a `save_latents` file; ValueError naming it."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path).expanduser()
@@ -121,12 +123,13 @@ def read_latents(path: str | os.PathLike) -> tuple[torch.Tensor, dict]:
                 raise ValueError(f"{path} holds no wan-lite latents (a '{LATENTS_KEY}' tensor and "
                                  f"'{PARAMS_KEY}' metadata): pass the .latents.safetensors file a run left")
             latents, params = f.get_tensor(LATENTS_KEY), json.loads(meta[PARAMS_KEY])
+            source = json.loads(meta.get(SOURCE_KEY, "{}"))
     except SafetensorError as e:
         raise ValueError(f"{path} is not a safetensors file ({e}): pass the .latents.safetensors file a run "
                          "left") from e
     if latents.ndim != 5 or latents.shape[:2] != (1, 16):
         raise ValueError(f"{path}: latents of shape {tuple(latents.shape)}, expected (1, 16, F', H/8, W/8)")
-    return latents, params
+    return latents, params, source
 
 
 def to_uint8_frames(video: torch.Tensor) -> torch.Tensor:
