@@ -203,9 +203,8 @@ def check_args(args: argparse.Namespace) -> SamplingConfig:
     sampling = sampling_from_args(args)  # raises on an unknown solver, steps < 1
     validate_sampling(steps=sampling.steps, shift=sampling.shift, guidance_high=sampling.guidance_high,
                       guidance_low=sampling.guidance_low, solver=sampling.solver, seed=args.seed)
-    if args.seed is None or args.seed < 0:
-        args.seed = resolve_seed(args.seed)
-        print(f"seed {args.seed} (random)", file=sys.stderr)
+    args.random_seed = args.seed is None or args.seed < 0
+    args.seed = resolve_seed(args.seed)  # drawn here when random: printed when the run starts
     return sampling
 
 
@@ -250,6 +249,8 @@ def run(args: argparse.Namespace, progress: dict | None = None) -> int:
         print(f"warning: {pipe.prompt_warning(tokens)}", file=sys.stderr)
     if pipe.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(pipe.device)
+    if main and args.random_seed:
+        print(f"seed {args.seed} (random)", file=sys.stderr)
     if main:
         print(f"{pipe.layout} checkpoint {pipe.root} on {pipe.device}; encoding the prompt and loading the experts",
               file=sys.stderr)
