@@ -1,11 +1,23 @@
-"""wan-lite: Wan2.2-T2V-A14B on one consumer GPU."""
+"""wan-lite: Wan2.2-T2V-A14B on one consumer GPU.
 
-from .checkpoint import CheckpointError, find_experts, load_expert
-from .config import ModelConfig, SamplingConfig
-from .model import WanModel
-from .pipeline import sample
+The names below load on first use (PEP 562), so `python -m wan_lite.generate` checks its arguments
+before torch is imported.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
 
+_LAZY = {"CheckpointError": ".checkpoint", "find_experts": ".checkpoint", "load_expert": ".checkpoint",
+         "ModelConfig": ".config", "SamplingConfig": ".config", "WanModel": ".model", "sample": ".pipeline"}
+
 __all__ = ["CheckpointError", "ModelConfig", "SamplingConfig", "WanModel", "find_experts", "load_expert",
            "sample", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

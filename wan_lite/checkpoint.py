@@ -24,6 +24,7 @@ so peak host RAM stays about one copy of the expert in the target dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -136,7 +137,15 @@ def weight_files(path: Path) -> dict[str, Path]:
         return {name: path / f for name, f in weight_map.items()}
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise CheckpointError(f"{path} has no .safetensors files: download the expert's weights into it")
+        gguf = sorted(path.glob("*.gguf"))
+        if gguf:
+            raise CheckpointError(f"{path} holds {gguf[0].name}, a GGUF file, not an expert folder's safetensors: "
+                                  f"pass the file itself (--high {gguf[0]} --low ...low-noise .gguf, with "
+                                  "--text-encoder and --vae)")
+        others = sorted(p.name for p in path.iterdir() if p.is_file() and p.name != "config.json")
+        raise CheckpointError(f"{path} has no .safetensors files"
+                              + (f" (only {_clip(others, 4)}, which wan-lite does not read)" if others else "")
+                              + ": download the expert's weights (*.safetensors) into it")
     names = {}
     for f in files:
         with _open(f) as sf:
@@ -399,6 +408,27 @@ def _read_quanto_folder(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor
     return cfg, state, qmap
 
 
+IN_DIMS = {36: "an image-to-video expert (in_dim 36: Wan2.2-I2V-A14B, or Wan2.1 I2V/FLF2V)",
+           48: "the Wan2.2 TI2V-5B model (in_dim 48, for the Wan2.2 VAE)"}
+
+
+def check_pair(high_config: ModelConfig, low_config: ModelConfig, high, low) -> ModelConfig:
+    """The experts' shared config, checked up front (before any weight loads): text-to-video (16 latent
+    channels in and out, what the Wan2.1 VAE makes) and both of one size. CheckpointError naming the path."""
+    for config, path in ((high_config, high), (low_config, low)):
+        if config.in_dim != 16 or config.out_dim != 16:
+            what = IN_DIMS.get(config.in_dim, f"a model with {config.in_dim} input / {config.out_dim} output channels")
+            raise CheckpointError(f"{path} is {what}, not a text-to-video expert (16 latent channels): wan-lite runs "
+                                  "Wan2.2-T2V-A14B; use its high_noise_model/ and low_noise_model/")
+    if high_config != low_config:
+        diff = ", ".join(f"{f.name} {getattr(high_config, f.name)} vs {getattr(low_config, f.name)}"
+                         for f in dataclasses.fields(ModelConfig)
+                         if getattr(high_config, f.name) != getattr(low_config, f.name))
+        raise CheckpointError(f"the experts {high} and {low} are different models ({diff}): use the two experts "
+                              "of one Wan2.2-T2V-A14B release")
+    return high_config
+
+
 def expert_config(path) -> ModelConfig:
     """Model dimensions of an expert folder of any layout, from metadata and shapes (no data read)."""
     path = Path(path)
@@ -464,6 +494,14 @@ def check_root(root: str | os.PathLike) -> str:
     root = Path(root)
     if not root.is_dir():
         raise CheckpointError(f"model root {root} is not a folder")
+    if root.name in ("high_noise_model", "low_noise_model", "transformer", "transformer_2") and (
+            (root.parent / "high_noise_model").is_dir() or (root.parent / "transformer_2").is_dir()):
+        raise CheckpointError(f"{root} is one expert of a model root: pass its parent folder {root.parent}")
+    other = _other_wan_model(root)
+    if other:
+        raise CheckpointError(f"{root} holds {other}, not Wan2.2-T2V-A14B (two experts, high_noise_model/ + "
+                              f"low_noise_model/): wan-lite runs Wan2.2-T2V-A14B only; use {HUB_IDS['official']} "
+                              f"or {HUB_IDS['diffusers']}")
     found = {layout: [e for e in files if _present(root, e)] for layout, files in LAYOUT_FILES.items()}
     layout = max(found, key=lambda k: len(found[k]))
     if not found[layout]:
@@ -478,6 +516,38 @@ def check_root(root: str | os.PathLike) -> str:
             f"{HUB_IDS[layout]} into {root}"
         )
     return layout
+
+
+OTHER_MODELS = {("t2v", 1536): "Wan2.1-T2V-1.3B", ("t2v", 5120): "Wan2.1-T2V-14B",
+                ("i2v", 5120): "Wan2.1-I2V-14B", ("flf2v", 5120): "Wan2.1-FLF2V-14B", ("ti2v", 3072): "Wan2.2-TI2V-5B",
+                ("vace", 5120): "Wan2.1-VACE-14B", ("vace", 1536): "Wan2.1-VACE-1.3B"}
+
+
+def _other_wan_model(root: Path) -> str | None:
+    """The name of another Wan release at `root` (one transformer, no expert pair), from its config.json,
+    the diffusers transformer's config or the Wan2.2 VAE (z_dim 48, TI2V-5B's); None for anything else."""
+    if any((root / d).is_dir() for d in ("high_noise_model", "low_noise_model", "transformer_2")):
+        return None  # an expert pair: checked as Wan2.2-T2V-A14B (an I2V pair is refused by its in_dim)
+    index = root / "model_index.json"
+    if index.is_file() and "transformer_2" in json.loads(index.read_text()):
+        return None  # a diffusers A14B root with an expert not downloaded yet: listed as missing
+    config = {}
+    for file in (root / "config.json", root / "transformer" / "config.json"):
+        if file.is_file():
+            try:
+                config = json.loads(file.read_text())
+            except json.JSONDecodeError:
+                continue
+            break
+    dim = config.get("dim") or (config.get("num_attention_heads", 0) * config.get("attention_head_dim", 0))
+    in_dim = config.get("in_dim") or config.get("in_channels")
+    kind = config.get("model_type") or {48: "ti2v", 36: "i2v", 16: "t2v"}.get(in_dim)
+    if (root / "Wan2.2_VAE.pth").is_file() or in_dim == 48:
+        kind, dim = "ti2v", dim or 3072
+    if not kind and not dim:
+        return None
+    name = OTHER_MODELS.get((kind, dim), f"a single-transformer Wan model (model_type {kind}, dim {dim})")
+    return f"{name} (one transformer{', in_dim ' + str(in_dim) if in_dim else ''})"
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -553,8 +623,9 @@ def open_root(path_or_hub_id: str | os.PathLike) -> ModelRoot:
         boundary = float(json.loads((path / "model_index.json").read_text()).get("boundary_ratio", BOUNDARY))
     _, text_encoder, tokenizer = find_text_encoder(path)
     _, vae = find_vae(path)
+    config = check_pair(expert_config(high), expert_config(low), high, low)
     return ModelRoot(path=path, name=str(path_or_hub_id), layout=layout, high=high, low=low,
-                     scheme=schemes["high"], config=expert_config(high), boundary=boundary,
+                     scheme=schemes["high"], config=config, boundary=boundary,
                      text_encoder=text_encoder, tokenizer=tokenizer, vae=vae)
 
 
@@ -587,7 +658,8 @@ def open_components(high, low, *, text_encoder, vae, tokenizer=None, name: str |
     if schemes["high"] != schemes["low"]:
         raise CheckpointError(f"the experts are stored in different formats (high {paths['high'].name}: "
                               f"{schemes['high']}, low {paths['low'].name}: {schemes['low']}): use a matching pair")
-    config = open_expert(paths["high"]).config if paths["high"].is_file() else expert_config(paths["high"])
+    configs = [open_expert(p).config if p.is_file() else expert_config(p) for p in (paths["high"], paths["low"])]
+    config = check_pair(*configs, paths["high"], paths["low"])
     if tokenizer is not None and not Path(tokenizer).is_dir():
         raise FileNotFoundError(f"tokenizer folder {tokenizer} does not exist")
     if tokenizer is None and paths["text encoder"].is_dir() and (paths["text encoder"].parent / "tokenizer").is_dir():

@@ -2,24 +2,31 @@
 
     python -m wan_lite.generate --ckpt Wan2.2-T2V-A14B --prompt "a red fox in snow" --out fox.mp4
 
-User errors (bad size or frame count, empty prompt, unknown solver, missing checkpoint files, an
-output that cannot be written) end with one line on stderr and exit code 2, before any heavy work
-where they can be known up front. A failed run leaves no partial mp4.
+User errors (bad size or frame count, empty prompt, a setting out of range, missing or wrong
+checkpoint files, an output that cannot be created) end with one line on stderr and exit code 2,
+before any model loads: the arguments and the output path are checked before torch is even imported
+(an answer in well under a second), the model's configs and headers before any weight is read. A
+failed run leaves no partial mp4; an existing mp4 is not replaced (a new name is printed) unless
+--overwrite. The denoised latents are written beside the output before the VAE decode (removed once
+the mp4 is written, unless --keep-latents): when the decode fails, `--decode FILE` finishes the job
+later (a smaller --vae-tile, or --device cpu). Ctrl-C ends with one line and exit code 130.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import sys
 import time
 
-import torch
+_STARTED = time.perf_counter()  # the summary's time includes start-up (imports, model loading)
 
-from .config import SamplingConfig, StepCache, size_arg
-from .hostmem import PeakSampler
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+from .checks import resolve_seed, validate, validate_sampling  # noqa: E402  (torch-free)
+from .config import SamplingConfig, StepCache, size_arg  # noqa: E402
+
+DTYPES = ("bf16", "fp32")  # torch.bfloat16, torch.float32
 PRESETS = {"official": SamplingConfig(), "lightning": SamplingConfig.lightning()}
 SWAP_STALL_MS = 50  # a visible stall at the boundary above this is reported as such
 
@@ -55,8 +62,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows '(default: X)' where a flag has a default of its own (not None / off / a list)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, []) or "(default" in text or "default:" in text:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m wan_lite.generate", description="Wan2.2-T2V-A14B text to video.")
+    p = _Parser(prog="python -m wan_lite.generate", description="Wan2.2-T2V-A14B text to video.",
+                formatter_class=_Defaults)
     p.add_argument("--ckpt", help="model root (official, diffusers or quantized by wan_lite.quantize), a Hugging "
                    "Face id, or a ComfyUI models/ folder (with --high/--low naming the expert files there)")
     p.add_argument("--high", help="the high-noise expert: one .safetensors (fp16/bf16/fp32, fp8 scaled) or .gguf file")
@@ -67,20 +85,24 @@ def build_parser() -> argparse.ArgumentParser:
                    "ComfyUI --ckpt: found in vae/)")
     p.add_argument("--tokenizer", help="the google/umt5-xxl tokenizer folder for a single-file text encoder "
                    "(default: the hub id, cached or downloaded)")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", help="what the video shows (required, except with --decode); at most 512 tokens are "
+                   "read (a longer prompt is cut, with a warning)")
     p.add_argument("--negative-prompt", default=None, help="default: the official Chinese negative prompt")
-    p.add_argument("--size", type=size_arg, default=(1280, 720), help="WIDTHxHEIGHT, multiples of 16 (1280x720)")
-    p.add_argument("--frames", type=int, default=81, help="4n+1 frames at 16 fps (81)")
+    p.add_argument("--size", type=size_arg, default=(1280, 720), help="WIDTHxHEIGHT, multiples of 16 "
+                   "(default: 1280x720)")
+    p.add_argument("--frames", type=int, default=81, help="4n+1 frames at 16 fps")
     p.add_argument("--preset", choices=PRESETS, default="official",
                    help="sampling defaults: official (40 UniPC steps, shift 12, guidance 4/3) or lightning (4 Euler "
                    "steps on the float grid, shift 5, guidance 1/1: one pass per step; use the Lightning LoRAs)")
-    p.add_argument("--steps", type=int, default=None, help="default: the preset's (40 official, 4 lightning)")
-    p.add_argument("--seed", type=int, default=None, help="default: random (printed and stored in the mp4)")
-    p.add_argument("--shift", type=float, default=None, help="default: the preset's (12 official, 5 lightning)")
-    p.add_argument("--guidance-high", type=float, default=None,
-                   help="CFG scale with the high-noise expert (default: the preset's, 4.0 official, 1.0 lightning)")
-    p.add_argument("--guidance-low", type=float, default=None,
-                   help="CFG scale with the low-noise expert (default: the preset's, 3.0 official, 1.0 lightning)")
+    p.add_argument("--steps", type=int, default=None, help="1 to 200 (default: the preset's, 40 official, 4 lightning)")
+    p.add_argument("--seed", type=int, default=None, help="0 to 2**64-1; negative or left out: random (default: "
+                   "random; the seed used is printed and stored in the mp4)")
+    p.add_argument("--shift", type=float, default=None, help="above 0, at most 100 (default: the preset's, 12 "
+                   "official, 5 lightning)")
+    p.add_argument("--guidance-high", type=float, default=None, help="CFG scale with the high-noise expert, 0 to 20 "
+                   "(default: the preset's, 4.0 official, 1.0 lightning)")
+    p.add_argument("--guidance-low", type=float, default=None, help="CFG scale with the low-noise expert, 0 to 20 "
+                   "(default: the preset's, 3.0 official, 1.0 lightning)")
     p.add_argument("--solver", default=None, help="unipc or euler (default: the preset's, unipc official)")
     p.add_argument("--step-cache", type=cache_arg, default=StepCache(), metavar="off|N%|easycache|T",
                    help="step caching (default off): N%% computes a fixed N%% of each expert's steps (benchmarks); "
@@ -94,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a LoRA for the low-noise expert only (e.g. Lightning's LOW file); repeatable")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--text-device", default=None, help="where the umt5 encoder runs (default: --device)")
-    p.add_argument("--dtype", default="bf16", help="bf16 or fp32, for the experts and the text encoder")
+    p.add_argument("--dtype", default="bf16", choices=DTYPES, help="for the experts and the text encoder")
     p.add_argument("--vae-tile", type=int, default=None,
                    help="VAE tile side in pixels, a multiple of 32; 0 decodes untiled (default: from free memory)")
     p.add_argument("--vram-gb", type=float, default=None,
@@ -110,7 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "pass, as with --preset lightning), or Ulysses sequence parallel")
     p.add_argument("--no-fsdp", action="store_true", help="under torchrun: replicate the experts, don't shard them")
     p.add_argument("--cache-dir", default=None, help="prompt-embedding cache (default ~/.cache/wan-lite/text)")
-    p.add_argument("--out", required=True, help="output .mp4 (a <name>.json sidecar is written beside it)")
+    p.add_argument("--out", required=True, help="output .mp4 (a <name>.json sidecar is written beside it); an "
+                   "existing file is kept and a free name (<name>-1.mp4) used instead, unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (and its .json)")
+    p.add_argument("--keep-latents", action="store_true", help="keep <name>.latents.safetensors (the denoised "
+                   "latents, written before the VAE decode) after the mp4 is written")
+    p.add_argument("--decode", metavar="LATENTS", help="decode the latents a run left (<name>.latents.safetensors, "
+                   "e.g. after a failed VAE decode) into --out and stop; the VAE is the run's (recorded in the "
+                   "file), --vae FILE or --ckpt ROOT's; with --vae-tile and --device")
     return p
 
 
@@ -145,21 +174,66 @@ def model_from_args(args: argparse.Namespace):
                            tokenizer=args.tokenizer)
 
 
-def run(args: argparse.Namespace) -> int:
+def check_args(args: argparse.Namespace) -> SamplingConfig:
+    """Everything the arguments alone decide, before torch is imported: the output (a free name unless
+    --overwrite, and creatable), prompt, size, frames, the sampling ranges, the seed, the VAE tile.
+    Sets args.out (maybe renamed) and args.seed (drawn when random). Raises ValueError / OSError."""
+    from .video import check_writable, free_name
+
+    out = Path(args.out).expanduser()
+    if not args.overwrite and free_name(out) != out:
+        print(f"{out} exists: writing {free_name(out)} instead (--overwrite replaces it)", file=sys.stderr)
+        out = free_name(out)
+    check_writable(out)
+    args.out = str(out)
+    if args.vae_tile is not None and (args.vae_tile < 0 or args.vae_tile % 32):
+        raise ValueError(f"--vae-tile {args.vae_tile} is not a multiple of 32: use {max(32, args.vae_tile // 32 * 32)}"
+                         " (or 0 for an untiled decode)")
+    if args.decode:
+        return PRESETS[args.preset]
+    if args.prompt is None:
+        raise ValueError("give --prompt (what the video shows), or --decode LATENTS to decode a run's latents")
+    validate(args.prompt, args.size, args.frames)
+    sampling = sampling_from_args(args)  # raises on an unknown solver, steps < 1
+    validate_sampling(steps=sampling.steps, shift=sampling.shift, guidance_high=sampling.guidance_high,
+                      guidance_low=sampling.guidance_low, solver=sampling.solver, seed=args.seed)
+    args.random_seed = args.seed is None or args.seed < 0
+    args.seed = resolve_seed(args.seed)  # drawn here when random: printed when the run starts
+    return sampling
+
+
+def decode(args: argparse.Namespace) -> int:
+    """--decode LATENTS: the VAE decode of a run's saved latents into --out, and nothing else."""
+    from .t2v import decode_latents
+
+    vae = args.vae
+    if vae is None and args.ckpt is not None:
+        from .checkpoint import open_root
+
+        vae = open_root(args.ckpt).vae
+    out = decode_latents(args.decode, args.out, vae=vae, device=args.device,
+                         vae_tile="auto" if args.vae_tile is None else (args.vae_tile or None))
+    print(f"wrote {out} (decoded from {args.decode}); time {time.perf_counter() - _STARTED:.1f}s")
+    return 0
+
+
+def run(args: argparse.Namespace, progress: dict | None = None) -> int:
+    progress = {} if progress is None else progress  # step / total / latents: what a cancel reports
+    sampling = check_args(args)  # before torch is imported: an argument error answers at once
+    if args.decode:
+        return decode(args)
+
+    import torch
     from tqdm import tqdm
 
+    from .hostmem import PeakSampler
     from .parallel import setup_from_env
     from .pipeline import needs_negative_prompt
-    from .t2v import T2VPipeline, validate
-    from .video import check_writable
+    from .t2v import T2VPipeline
+    from .video import latents_path
 
-    # Everything knowable up front fails before a weight is read.
-    check_writable(args.out)
-    validate(args.prompt, args.size, args.frames)
-    if args.dtype not in DTYPES:
-        raise ValueError(f"unknown --dtype {args.dtype!r}: choose bf16 or fp32")
-    sampling = sampling_from_args(args)  # raises on an unknown solver, steps < 1
-    dtype = DTYPES[args.dtype]
+    memory = PeakSampler().start()  # peak private and file-backed host RAM of the whole run (wan_lite.hostmem)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     mode = args.parallel
     if mode == "auto" and not needs_negative_prompt(sampling):  # no uncond pass (Lightning): CFG halves would idle
         mode = "ulysses"
@@ -168,10 +242,15 @@ def run(args: argparse.Namespace) -> int:
 
     pipe = T2VPipeline.from_pretrained(model_from_args(args), device=args.device, dtype=dtype,
                                        text_device=args.text_device, text_dtype=dtype, cache_dir=args.cache_dir,
-                                       parallel=ctx)
+                                       parallel=ctx)  # every config and header checked, no weight read
     pipe.set_loras(high=args.lora + args.lora_high, low=args.lora + args.lora_low)  # checked before weights load
+    tokens = pipe.text.tokens_if_cut(args.prompt)
+    if tokens and main:
+        print(f"warning: {pipe.prompt_warning(tokens)}", file=sys.stderr)
     if pipe.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(pipe.device)
+    if main and args.random_seed:
+        print(f"seed {args.seed} (random)", file=sys.stderr)
     if main:
         print(f"{pipe.layout} checkpoint {pipe.root} on {pipe.device}; encoding the prompt and loading the experts",
               file=sys.stderr)
@@ -181,33 +260,35 @@ def run(args: argparse.Namespace) -> int:
                               attention_8bit=False if args.exact_attention else None)
         print(plan.describe(), file=sys.stderr)
     bar = tqdm(total=sampling.steps, desc="denoise", unit="step", file=sys.stderr, disable=not main)
+    progress.update(step=0, total=sampling.steps, latents=latents_path(args.out))
 
     def on_step(step: int, total: int, t: int, expert: str) -> None:
+        progress["step"] = step + 1
         bar.set_description(f"denoise [{expert}-noise expert]")
         bar.set_postfix(t=int(t))
         bar.update(1)
 
-    start = time.perf_counter()
-    memory = PeakSampler().start()  # peak private and file-backed host RAM (wan_lite.hostmem)
     try:
         result = pipe(args.prompt, negative_prompt=args.negative_prompt, size=args.size, frames=args.frames,
                       steps=sampling.steps, seed=args.seed, shift=sampling.shift,
                       guidance_high=sampling.guidance_high, guidance_low=sampling.guidance_low,
                       solver=sampling.solver, grid=sampling.grid, cache=args.step_cache, callback=on_step,
-                      out=args.out,
+                      out=args.out, keep_latents=args.keep_latents,
                       vae_tile="auto" if args.vae_tile is None else (args.vae_tile or None), plan=plan)
     finally:
         bar.close()
         peak = memory.stop()
-    total = time.perf_counter() - start
     if not main:
         return 0
 
+    total = time.perf_counter() - _STARTED
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
+    startup = total - sum(result.timings.values())
     vram = (f"peak VRAM {torch.cuda.max_memory_allocated(pipe.device) / 2**30:.2f} GiB, "
             if pipe.device.type == "cuda" else "")
     print(f"wrote {args.out} ({args.frames} frames, {args.size[0]}x{args.size[1]}, seed {result.seed})")
-    print(f"time {total:.1f}s: {phases}; {vram}peak RAM {peak.describe()}{_swap_summary(pipe)}")
+    print(f"time {total:.1f}s: start-up and loading {startup:.1f}s, {phases}; {vram}peak RAM {peak.describe()}"
+          f"{_swap_summary(pipe)}")
     return 0
 
 
@@ -221,16 +302,43 @@ def _swap_summary(pipe) -> str:
     return f"; swap stall {stall:.0f} ms{flag}"
 
 
+def _cancelled(progress: dict) -> str:
+    """The one line a Ctrl-C ends with: how far the run got and what is on disk."""
+    latents = progress.get("latents")
+    if latents is not None and Path(latents).exists():
+        return (f"cancelled during the decode; the denoised latents are kept in {latents}: decode them with "
+                f"python -m wan_lite.generate --decode {latents} --out OUT.mp4")
+    if progress.get("total"):
+        return f"cancelled at step {progress['step']}/{progress['total']}; nothing written"
+    return "cancelled before the denoise; nothing written"
+
+
+def _user_error(e: BaseException) -> bool:
+    """An error to report in one line (bad input, a full disk, out of memory, a failed decode), not a bug."""
+    torch = sys.modules.get("torch")
+    t2v = sys.modules.get("wan_lite.t2v")
+    return isinstance(e, (ValueError, OSError, MemoryError)) or (
+        torch is not None and isinstance(e, torch.cuda.OutOfMemoryError)) or (
+        t2v is not None and isinstance(e, t2v.DecodeError))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    progress = {}
     try:
-        return run(args)
-    except (ValueError, OSError, MemoryError, torch.cuda.OutOfMemoryError) as e:
+        return run(args, progress)
+    except KeyboardInterrupt:
+        print(_cancelled(progress), file=sys.stderr)
+        return 130
+    except Exception as e:
+        if not _user_error(e):
+            raise
         message = " ".join(str(e).split())  # one line
         print(f"error: {message}", file=sys.stderr)
-        return 2
+        return 1 if type(e).__name__ == "DecodeError" else 2
     finally:
-        if torch.distributed.is_initialized():
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -38,40 +37,23 @@ from .checkpoint import (
     open_root,
     resolve_root,
 )
+from .checks import resolve_seed, validate, validate_sampling
 from .config import ModelConfig, SamplingConfig, StepCache
 from .lora import read_lora
 from .parallel import ParallelContext, load_parallel_experts
 from .pipeline import Callback, computed_steps, needs_negative_prompt, sample
 from .planner import TEXT_HOST, Plan, budget_scheme, make_plan
 from .residency import Experts, LoadedExperts, ModuleSwap, Residency, host_experts
-from .text import DEFAULT_NEGATIVE_PROMPT, TextEncoder, clean_text, text_layout
-from .vae import STRIDE, VAE
-from .video import check_writable, write_mp4
+from .text import DEFAULT_NEGATIVE_PROMPT, TEXT_LEN, TextEncoder, text_layout
+from .vae import STRIDE, VAE, check_vae
+from .video import check_writable, latents_path, read_latents, save_latents, write_mp4
 
-__all__ = ["BOUNDARY", "CheckpointError", "T2VPipeline", "T2VResult", "check_root", "resolve_root", "validate"]
+__all__ = ["BOUNDARY", "CheckpointError", "DecodeError", "T2VPipeline", "T2VResult", "check_root", "decode_latents",
+           "resolve_root", "validate", "validate_sampling"]
 
 
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Validation
-
-
-def validate(prompt: str, size: tuple[int, int], frames: int) -> None:
-    """Raise ValueError naming the fix for an empty prompt, a size not a multiple of 16, frames not 4n+1."""
-    if not isinstance(prompt, str) or not clean_text(prompt):
-        raise ValueError("the prompt is empty: describe the video to generate")
-    if len(size) != 2:
-        raise ValueError(f"size must be (width, height), got {size!r}")
-    for name, value in zip(("width", "height"), size):
-        if not isinstance(value, int) or value <= 0 or value % 16:
-            lo, hi = max(16, value // 16 * 16), (value // 16 + 1) * 16
-            raise ValueError(f"{name} {value} is not a positive multiple of 16: use {lo} or {hi}")
-    if not isinstance(frames, int) or frames < 1 or (frames - 1) % 4:
-        lo, hi = max(1, (frames - 1) // 4 * 4 + 1), ((frames - 1) // 4 + 1) * 4 + 1
-        raise ValueError(f"frames {frames} is not of the form 4n+1: use {lo} or {hi} (81 is the official length)")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -85,6 +67,7 @@ class T2VResult:
     seed: int
     params: dict  # everything that determines the video; written into the mp4 and its sidecar
     timings: dict = field(default_factory=dict)  # seconds per phase: text, denoise, decode, write
+    warnings: list[str] = field(default_factory=list)  # one line each, for the CLI and the app to show
 
     def save(self, path: str | os.PathLike, extra: dict | None = None) -> Path:
         """Write the mp4 (and `<name>.json`) with the parameters plus `extra` (e.g. a memory plan)."""
@@ -92,6 +75,18 @@ class T2VResult:
         out = write_mp4(path, self.video, {**self.params, **(extra or {})})
         self.timings["write"] = time.perf_counter() - start
         return out
+
+
+class DecodeError(RuntimeError):
+    """The VAE decode (or the mp4 after it) failed after the denoise; the latents are kept in `latents_file`."""
+
+    def __init__(self, latents_file: Path, out: Path, cause: BaseException):
+        self.latents_file, self.out = latents_file, out
+        cause_text = " ".join(f"{type(cause).__name__}: {cause}".split())[:300]
+        super().__init__(
+            f"the VAE decode failed after the denoise ({cause_text}); the denoised latents are kept in "
+            f"{latents_file}: decode them later with `python -m wan_lite.generate --decode {latents_file} --out "
+            f"{out}` and a smaller --vae-tile (e.g. 256) or --device cpu")
 
 
 class T2VPipeline:
@@ -106,6 +101,8 @@ class T2VPipeline:
         self.text = TextEncoder(text_layout(model.text_encoder), model.text_encoder, model.tokenizer,
                                 device=text_device, dtype=text_dtype, cache_dir=cache_dir, use_cache=True,
                                 width=model.config.text_dim)
+        self.text.check()  # width and every tensor name, from headers: before any model loads
+        check_vae(model.vae)
         self.text_device_from_plan = False  # from_pretrained sets it when no text_device was asked for
         self.experts: tuple[torch.nn.Module, torch.nn.Module] | None = None  # loaded modules (CPU, GPUs, libraries)
         self.hosts: tuple | None = None  # one GPU: (template, high, low) in host RAM for the residency
@@ -271,8 +268,15 @@ class T2VPipeline:
         vae_tile: int | None | str = "auto",
         plan: Plan | None = None,
         vram_gb: float | None = None,
+        keep_latents: bool = False,
     ) -> T2VResult | None:
-        """Generate one video. size is (width, height); seed None draws one; `out` also writes the mp4.
+        """Generate one video. size is (width, height); seed None (or negative) draws one (0 .. 2**64-1
+        are taken as given); `out` also writes the mp4.
+
+        With `out`, the denoised latents are written to `<stem>.latents.safetensors` beside it (the run's
+        parameters in the header) before the VAE decode, and removed once the mp4 is written unless
+        `keep_latents`: a failed decode raises DecodeError naming that file (`decode_latents` decodes it).
+        A prompt over 512 tokens is cut: `result.warnings` says so and the metadata records the count.
 
         On one GPU the experts run through the residency as `plan` says (default: `make_plan` for
         `vram_gb`, or for the free memory; a plan given on the CPU runs the same path there); the plan
@@ -287,6 +291,8 @@ class T2VPipeline:
         validate(prompt, size, frames)
         sampling = SamplingConfig(steps=steps, shift=shift, boundary=self.boundary, guidance_high=guidance_high,
                                   guidance_low=guidance_low, solver=solver, grid=grid, cache=cache or StepCache())
+        validate_sampling(steps=steps, shift=shift, guidance_high=guidance_high, guidance_low=guidance_low,
+                          solver=solver, seed=seed)  # the ranges the CLI and the app accept
         if sampling.cache.mode == "pattern":
             computed_steps(sampling)  # a malformed pattern fails here, before any weights load
         if out is not None:
@@ -298,9 +304,11 @@ class T2VPipeline:
         if vae_tile not in ("auto", None) and (not isinstance(vae_tile, int) or vae_tile <= 0 or vae_tile % 32):
             raise ValueError(f"vae_tile must be 'auto', None (untiled) or a positive multiple of 32, got {vae_tile!r}")
         negative_prompt = DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
-        seed = random.randint(0, 2**31 - 1) if seed is None else int(seed)
+        seed = resolve_seed(seed)  # None or negative: drawn here, printed and stored
         main = self.parallel is None or self.parallel.is_main
         timings = {}
+        prompt_tokens = self.text.tokens_if_cut(prompt)  # tokenizer only, and only for a long prompt
+        warnings = [self.prompt_warning(prompt_tokens)] if prompt_tokens else []
 
         # 2. text: both prompts in one pass (or from the cache), then the encoder leaves the GPU; with
         #    guidance 1.0 on both experts (Lightning) no step runs an uncond pass: the prompt alone
@@ -334,20 +342,7 @@ class T2VPipeline:
         if not main:
             return None  # rank 0 decodes and writes
 
-        # 5. decode
-        start = time.perf_counter()
-        if self.vae is None:
-            self.vae = VAE.from_pretrained(self.model.vae, device=self.device, dtype=self.vae_dtype)
-        self.vae.model.to(self.device)
-        if vae_tile == "auto" and plan is not None:  # the plan's tile fits its budget, not the card's
-            vae_tile = plan.vae_tile
-        try:
-            video = self.vae.decode(latents, tile=vae_tile)[0].cpu()  # (3, F, H, W)
-        finally:
-            if self.device.type == "cuda":
-                self.vae.unload()
-        timings["decode"] = time.perf_counter() - start
-
+        # 5. decode: the latents are on disk first, so a failed decode loses no denoising
         params = {
             "prompt": prompt, "negative_prompt": negative_prompt if context_null is not None else None,
             "seed": seed, "width": size[0],
@@ -360,7 +355,64 @@ class T2VPipeline:
             "model": self.model_name, "layout": self.layout, "wan_lite_version": __version__,
             "plan": plan.to_dict() if plan is not None else None,
         }  # fmt: skip
-        result = T2VResult(video=video, latents=latents, seed=seed, params=params, timings=timings)
+        if prompt_tokens:
+            params |= {"prompt_tokens": prompt_tokens, "prompt_cut_to": TEXT_LEN}
+        kept = None
         if out is not None:
-            result.save(out, extra=extra_metadata)
+            kept = save_latents(latents_path(out), latents, {**params, **(extra_metadata or {})},
+                                source={"vae": str(self.model.vae), "model": self.model_name})
+        if vae_tile == "auto" and plan is not None:  # the plan's tile fits its budget, not the card's
+            vae_tile = plan.vae_tile
+        start = time.perf_counter()
+        try:
+            video = self.decode(latents, vae_tile=vae_tile)  # (3, F, H, W)
+        except Exception as e:
+            if kept is None:
+                raise
+            raise DecodeError(kept, Path(out), e) from e
+        timings["decode"] = time.perf_counter() - start
+        result = T2VResult(video=video, latents=latents, seed=seed, params=params, timings=timings, warnings=warnings)
+        if out is not None:
+            try:
+                result.save(out, extra=extra_metadata)
+            finally:  # written, or the mp4 failed (a full disk): the failure is the error, not the decode
+                if not keep_latents:
+                    kept.unlink(missing_ok=True)
         return result
+
+    def decode(self, latents: torch.Tensor, vae_tile: int | None | str = "auto") -> torch.Tensor:
+        """Latents (1, 16, F', H/8, W/8) -> video (3, F, H, W) fp32 on the CPU with this root's VAE, on the
+        pipeline's device (off the GPU again afterwards)."""
+        if self.vae is None:
+            self.vae = VAE.from_pretrained(self.model.vae, device=self.device, dtype=self.vae_dtype)
+        self.vae.model.to(self.device)
+        try:
+            return self.vae.decode(latents, tile=vae_tile)[0].cpu()  # (3, F, H, W)
+        finally:
+            if self.device.type == "cuda":
+                self.vae.unload()
+
+    @staticmethod
+    def prompt_warning(tokens: int) -> str:
+        """The one line shown for a prompt of `tokens` tokens (over 512): what is cut."""
+        return (f"the prompt is {tokens} tokens; umt5 reads the first {TEXT_LEN} (the official limit), the last "
+                f"{tokens - TEXT_LEN} are cut: shorten it to keep them")
+
+
+def decode_latents(latents_file: str | os.PathLike, out: str | os.PathLike, *, vae: str | os.PathLike | None = None,
+                   device: str | torch.device | None = None, vae_tile: int | None | str = "auto",
+                   vae_dtype: torch.dtype = torch.float32) -> Path:
+    """Decode the latents a run left (`<stem>.latents.safetensors`) into the mp4 `out`, with the run's
+    parameters in its metadata: what a decode that failed after the denoise is finished with, elsewhere
+    or later (a smaller `vae_tile`, or device "cpu"). `vae` (a file or folder; `checkpoint.open_root(root).vae`
+    for a root) defaults to the VAE the run used, as recorded in the file."""
+    latents, params, source = read_latents(latents_file)
+    vae = vae if vae is not None else source.get("vae")
+    if vae is None:
+        raise ValueError(f"{latents_file} does not say which VAE the run used: pass --vae FILE or --ckpt ROOT")
+    check_writable(out)
+    check_vae(vae)
+    model = VAE.from_pretrained(vae, device=torch.device(device) if device is not None else _default_device(),
+                                dtype=vae_dtype)
+    video = model.decode(latents, tile=vae_tile)[0].cpu()  # (3, F, H, W)
+    return write_mp4(out, video, params)

@@ -25,20 +25,26 @@ Deliberately unsupported: 8-bit loading of the encoder (run it on the CPU instea
 from __future__ import annotations
 
 import hashlib
-import html
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import ftfy
 import regex as re
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer, UMT5Config, UMT5EncoderModel
 
 from .checkpoint import TEXT_WEIGHTS as OFFICIAL_WEIGHTS
 from .checkpoint import find_text_encoder
-from .formats import read_text_encoder_file, umt5_config
+from .checks import clean_text
+from .formats import check_keys, read_header, read_text_encoder_file, refuse, umt5_config
+from .formats.components import SKIPPED
+from .formats.expert import _fp8_layers, _is_marker
+from .formats.identify import scan
+from .keys import CheckpointError
+
+if TYPE_CHECKING:  # annotations only: transformers loads when an encoder does
+    from transformers import UMT5Config, UMT5EncoderModel
 
 TEXT_LEN = 512  # prompts are truncated to this many tokens (the official text_len)
 DEFAULT_CACHE_DIR = Path("~/.cache/wan-lite/text")
@@ -50,12 +56,6 @@ DEFAULT_NEGATIVE_PROMPT = (
     "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，"
     "手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
 )
-
-
-def clean_text(text: str) -> str:
-    """The official clean='whitespace': ftfy, HTML unescape (twice), collapse whitespace, strip."""
-    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
-    return re.sub(r"\s+", " ", text).strip()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -95,6 +95,8 @@ def official_to_transformers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 
 def config_from_official(sd: dict[str, torch.Tensor]) -> UMT5Config:
     """Read the encoder's dimensions from the official tensors' shapes (the .pth has no config)."""
+    from transformers import UMT5Config
+
     vocab, dim = sd["token_embedding.weight"].shape
     dim_attn = sd["blocks.0.attn.q.weight"].shape[0]
     dim_ffn = sd["blocks.0.ffn.fc1.weight"].shape[0]
@@ -124,6 +126,8 @@ def config_from_official(sd: dict[str, torch.Tensor]) -> UMT5Config:
 
 def load_official_encoder(path: Path, dtype: torch.dtype) -> UMT5EncoderModel:
     """Build `UMT5EncoderModel` on the meta device and assign the official .pth tensors (mmap, no copy)."""
+    from transformers import UMT5EncoderModel
+
     sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     config = config_from_official(sd)
     with torch.device("meta"):
@@ -164,9 +168,67 @@ def text_layout(weights: Path) -> str:
     return "diffusers" if weights.is_dir() else "official" if weights.suffix == ".pth" else "file"
 
 
+def _expected_keys(config) -> set[str]:
+    """The UMT5EncoderModel state_dict names for `config`, built on the meta device (no memory)."""
+    from transformers import UMT5EncoderModel
+
+    with torch.device("meta"):
+        return set(UMT5EncoderModel(config).state_dict())
+
+
+def _check_width(path: Path, d_model: int, width: int) -> None:
+    if d_model != width:
+        raise CheckpointError(f"{path}: the text encoder is {d_model} wide, the experts read {width}-wide text "
+                              f"(umt5-xxl: 4096): use the umt5-xxl encoder that came with the experts")
+
+
+def check_text_encoder(layout: str, weights: Path, width: int) -> None:
+    """Check the umt5 encoder from its config, header or .pth index only (no weight is read): its width is
+    the experts' text_dim, and its tensor names are exactly a UMT5 encoder's (a plain T5, whose blocks
+    after the first have no relative attention bias, is refused). The pipeline calls this before any model
+    loads. Raises CheckpointError naming the file."""
+    weights = Path(weights)
+    if layout == "official":
+        sd = torch.load(weights, map_location="cpu", mmap=True, weights_only=True)  # names and shapes only
+        try:
+            config = config_from_official(sd)
+            names = official_to_transformers(sd)
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"{weights} is not the official umt5-xxl encoder ({e}): download "
+                                  f"{OFFICIAL_WEIGHTS} again") from e
+        _check_width(weights, config.d_model, width)
+        found = set(names)
+    elif layout == "file":
+        info, header, stored = scan(weights)
+        refuse(info, "text_encoder")  # a T5 that is not UMT5, an expert, a VAE: named
+        fp8 = _fp8_layers(header, stored)
+        shapes = {n: header.tensors[st].shape for n, st in stored.items()
+                  if not _is_marker(n, fp8) and n not in SKIPPED}
+        shapes.setdefault("encoder.embed_tokens.weight", shapes.get("shared.weight"))  # tied to shared
+        _check_width(weights, info.facts.get("d_model", width), width)
+        config, found = umt5_config(shapes), set(shapes)
+    else:  # a diffusers text_encoder/ folder: config.json + safetensors
+        from transformers import UMT5Config
+
+        config_file = weights / "config.json"
+        if not config_file.is_file():
+            raise CheckpointError(f"{weights} has no config.json: download the text_encoder/ folder again")
+        config = UMT5Config.from_dict(json.loads(config_file.read_text()))
+        _check_width(config_file, config.d_model, width)
+        files = sorted(weights.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{weights} has no .safetensors weights: download the text_encoder/ folder again")
+        found = {name for f in files for name in read_header(f).tensors}
+        found.add("encoder.embed_tokens.weight")  # tied to shared.weight: save_pretrained leaves it out
+        weights = files[0] if len(files) == 1 else weights
+    check_keys(_expected_keys(config), found, weights, f"a {config.num_layers}-layer UMT5 encoder (umt5-xxl)")
+
+
 def load_encoder_file(path: Path, dtype: torch.dtype, width: int = 4096) -> UMT5EncoderModel:
     """A UMT5 encoder single file (checked: UMT5, `width` wide (the experts' text_dim), every key) built
     on the meta device."""
+    from transformers import UMT5EncoderModel
+
     sd = read_text_encoder_file(path, width=width)  # CheckpointError naming the file: a T5, another width, bad keys
     config = umt5_config({k: tuple(v.shape) for k, v in sd.items()})
     with torch.device("meta"):
@@ -223,14 +285,9 @@ class TextEncoder:
         """Load tokenizer and weights onto `device` (done on demand by `encode`)."""
         if self.model is not None:
             return
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
-        except OSError as e:  # a hub id offline, or a folder without the files
-            raise FileNotFoundError(
-                f"cannot load the umt5 tokenizer from {self.tokenizer_path} ({' '.join(str(e).split())[:200]}): "
-                "a single-file text encoder holds no tokenizer; pass --tokenizer DIR (a folder with google/umt5-xxl's "
-                "tokenizer files, e.g. `hf download google/umt5-xxl --include '*token*' 'spiece.model' --local-dir "
-                "DIR`), or go online once so google/umt5-xxl is cached") from e
+        from transformers import UMT5EncoderModel
+
+        self._load_tokenizer()
         if self.layout == "official":
             model = load_official_encoder(self.weights, self.dtype)
         elif self.layout == "file":
@@ -238,6 +295,34 @@ class TextEncoder:
         else:
             model = UMT5EncoderModel.from_pretrained(self.weights, dtype=self.dtype)
         self.model = model.to(self.device).eval().requires_grad_(False)
+
+    def _load_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        if self.tokenizer is None:
+            try:
+                self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+            except OSError as e:  # a hub id offline, or a folder without the files
+                raise FileNotFoundError(
+                    f"cannot load the umt5 tokenizer from {self.tokenizer_path} ({' '.join(str(e).split())[:200]}): "
+                    "a single-file text encoder holds no tokenizer; pass --tokenizer DIR (a folder with "
+                    "google/umt5-xxl's tokenizer files, e.g. `hf download google/umt5-xxl --include '*token*' "
+                    "'spiece.model' --local-dir DIR`), or go online once so google/umt5-xxl is cached") from e
+        return self.tokenizer
+
+    def check(self) -> None:
+        """The encoder's width and tensor names, from its config / header only (`check_text_encoder`)."""
+        check_text_encoder(self.layout, self.weights, self.width)
+
+    def tokens_if_cut(self, prompt: str) -> int | None:
+        """The cleaned prompt's token count (the closing </s> included) when it is over TEXT_LEN and will be
+        cut; None when it fits. Loads only the tokenizer, and not even that for a text too short to reach
+        TEXT_LEN (a token covers at least one byte, plus the leading word marker and </s>)."""
+        text = clean_text(prompt)
+        if len(text.encode("utf-8")) + 2 <= TEXT_LEN:
+            return None
+        count = len(self._load_tokenizer()(text, truncation=False).input_ids)
+        return count if count > TEXT_LEN else None
 
     def unload(self) -> None:
         """Free the weights (and their VRAM); the next cache miss loads them again."""

@@ -24,9 +24,10 @@ import re
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKLWan
 
-from .formats import check_keys, read_vae_file
+from .formats import check_keys, read_header, read_vae_file, refuse
+from .formats.expert import _fp8_layers, _is_marker
+from .formats.identify import scan
 from .keys import CheckpointError
 
 STRIDE = (4, 8, 8)  # (t, h, w) compression of the Wan2.1 VAE
@@ -100,7 +101,7 @@ def official_to_diffusers(sd: dict[str, torch.Tensor], num_res_blocks: int = 2) 
     return out
 
 
-def check_vae_keys(sd: dict, model: AutoencoderKLWan, path: Path) -> None:
+def check_vae_keys(sd: dict, model, path: Path) -> None:
     """Every official key maps to the model and every model key is there; CheckpointError naming the file."""
     found = []
     for name in sd:
@@ -109,6 +110,44 @@ def check_vae_keys(sd: dict, model: AutoencoderKLWan, path: Path) -> None:
         except KeyError:
             found.append(name)  # not an official VAE key: reported as unexpected
     check_keys(model.state_dict(), found, path, "the Wan2.1 VAE (names as diffusers' AutoencoderKLWan)")
+
+
+def check_vae(path: str | os.PathLike) -> None:
+    """Check a Wan2.1 VAE (`Wan2.1_VAE.pth`, a diffusers `vae/` folder or a single .safetensors file)
+    from its config and tensor names only, no weight read: the pipeline calls this before any model
+    loads, so a wrong or incomplete VAE is not found after the denoise. Raises CheckpointError naming the
+    file: the Wan2.2 VAE (z_dim 48, TI2V-5B's), another model, a missing or unexpected key."""
+    import json
+
+    from diffusers import AutoencoderKLWan
+
+    path = Path(path)
+    if path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise CheckpointError(f"{path} is not a diffusers vae/ folder (no config.json): download it again")
+        config = json.loads(config_file.read_text())
+        if config.get("z_dim", 16) != 16:
+            raise CheckpointError(f"{config_file}: z_dim {config['z_dim']} is not the Wan2.1 VAE's 16 (z_dim 48 is "
+                                  "the Wan2.2 VAE of TI2V-5B): use the Wan2.1 VAE of Wan2.2-T2V-A14B")
+        with torch.device("meta"):
+            model = AutoencoderKLWan.from_config(config)
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{path} has no .safetensors weights: download the VAE folder again")
+        found = [name for f in files for name in read_header(f).tensors]
+        check_keys(model.state_dict(), found, files[0] if len(files) == 1 else path, "the Wan2.1 VAE")
+        return
+    with torch.device("meta"):
+        model = AutoencoderKLWan()  # the default config is the Wan2.1 VAE
+    if path.suffix == ".safetensors":
+        info, header, stored = scan(path)
+        refuse(info, "vae")  # the Wan2.2 VAE, an expert, a text encoder: named
+        fp8 = _fp8_layers(header, stored)
+        names = [n for n in stored if not _is_marker(n, fp8)]  # as read_vae_file keeps them
+    else:
+        names = torch.load(path, map_location="cpu", mmap=True, weights_only=True)  # keys; data stays on disk
+    check_vae_keys(dict.fromkeys(names), model, path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -144,7 +183,7 @@ def tile_for_memory(height: int, width: int, frames: int, free_bytes: int, eleme
 class VAE:
     """Wan2.1 VAE decoder with latent de-normalization and spatial tiling."""
 
-    def __init__(self, model: AutoencoderKLWan, mean, std, *, device: torch.device, dtype: torch.dtype):
+    def __init__(self, model, mean, std, *, device: torch.device, dtype: torch.dtype):
         self.model = model.to(device).eval().requires_grad_(False)
         self.device, self.dtype = device, dtype
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1, 1)  # (1, 16, 1, 1, 1)
@@ -157,6 +196,8 @@ class VAE:
         """Load the Wan2.1 VAE from `Wan2.1_VAE.pth` (official), a `vae/` folder (diffusers) or a single
         `.safetensors` file with the official key names (ComfyUI's `wan_2.1_vae.safetensors`); a model
         root's VAE is `checkpoint.open_root(root).vae`. fp32 is the official dtype."""
+        from diffusers import AutoencoderKLWan
+
         path = Path(path)
         if path.is_dir():
             if not (path / "config.json").is_file():

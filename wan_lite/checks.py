@@ -1,0 +1,84 @@
+"""Every check of a request that needs no model and no torch: the CLI runs these before the heavy
+imports (an argument error answers in well under a second), the pipeline and the app run the same ones.
+
+- `validate(prompt, size, frames)`: a non-empty prompt, (width, height) multiples of 16, 4n+1 frames;
+- `validate_sampling(steps=, shift=, guidance_high=, guidance_low=, solver=, seed=)`: the ranges the
+  CLI and the app both accept (one function, so the two cannot disagree);
+- `resolve_seed(seed)`: None or a negative seed draws one (as the official generate.py does), anything
+  outside what `torch.Generator.manual_seed` takes (0 .. 2**64-1) is refused up front;
+- `clean_text(text)`: the official prompt cleaning (ftfy, HTML unescape, whitespace).
+"""
+
+from __future__ import annotations
+
+import html
+import numbers
+import random
+
+import ftfy
+import regex as re
+
+SOLVERS = ("unipc", "euler")
+MAX_STEPS = 200  # more is never useful (the official run is 40); a typo like 4000 would run for days
+MAX_GUIDANCE = 20.0  # CFG scales above this only burn the image; 0 .. 20 as the app offers
+MAX_SHIFT = 100.0
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64-1 (a larger int: "Overflow when unpacking")
+RANDOM_SEEDS = 2**31 - 1  # a drawn seed is below this (short enough to type back in)
+
+
+def clean_text(text: str) -> str:
+    """The official clean='whitespace': ftfy, HTML unescape (twice), collapse whitespace, strip."""
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def validate(prompt: str, size: tuple[int, int], frames: int) -> None:
+    """Raise ValueError naming the fix for an empty prompt, a size not a multiple of 16, frames not 4n+1."""
+    if not isinstance(prompt, str) or not clean_text(prompt):
+        raise ValueError("the prompt is empty: describe the video to generate")
+    if len(size) != 2:
+        raise ValueError(f"size must be (width, height), got {size!r}")
+    for name, value in zip(("width", "height"), size):
+        if not isinstance(value, int) or value <= 0 or value % 16:
+            lo, hi = max(16, value // 16 * 16), (value // 16 + 1) * 16
+            raise ValueError(f"{name} {value} is not a positive multiple of 16: use {lo} or {hi}")
+    if not isinstance(frames, int) or frames < 1 or (frames - 1) % 4:
+        lo, hi = max(1, (frames - 1) // 4 * 4 + 1), ((frames - 1) // 4 + 1) * 4 + 1
+        raise ValueError(f"frames {frames} is not of the form 4n+1: use {lo} or {hi} (81 is the official length)")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value  # not NaN
+
+
+def validate_sampling(*, steps: int, shift: float, guidance_high: float, guidance_low: float,
+                      solver: str = "unipc", seed: int | None = None) -> None:
+    """Raise ValueError naming the accepted range for a sampling setting outside it (the CLI and the app
+    both call this): steps 1..200, shift in (0, 100], guidance 0..20 per expert, a known solver, and a
+    seed that `resolve_seed` takes."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps {steps!r} must be a whole number from 1 to {MAX_STEPS} (40 is official)")
+    if not _is_number(shift) or not 0 < shift <= MAX_SHIFT:
+        raise ValueError(f"shift {shift!r} must be above 0 and at most {MAX_SHIFT:g} (12 is official)")
+    for name, value, official in (("guidance_high", guidance_high, 4.0), ("guidance_low", guidance_low, 3.0)):
+        if not _is_number(value) or not 0 <= value <= MAX_GUIDANCE:
+            raise ValueError(f"{name} {value!r} must be from 0 to {MAX_GUIDANCE:g} ({official:g} is official; "
+                             "1 turns classifier-free guidance off)")
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}: choose one of {', '.join(SOLVERS)}")
+    if seed is not None:
+        resolve_seed(seed)
+
+
+def resolve_seed(seed: int | None) -> int:
+    """The seed a run uses: `seed` itself (0 .. 2**64-1), or a random one in 0 .. 2**31-1 for None or a
+    negative seed (the official generate.py's `seed if seed >= 0 else random`). Raises ValueError for a
+    seed the generator cannot take."""
+    if seed is not None and (not isinstance(seed, numbers.Integral) or isinstance(seed, bool)):
+        raise ValueError(f"seed {seed!r} must be a whole number from 0 to {MAX_SEED} (negative: random)")
+    if seed is None or seed < 0:
+        return random.randint(0, RANDOM_SEEDS)
+    if seed > MAX_SEED:
+        raise ValueError(f"seed {seed} is too large: use a whole number from 0 to {MAX_SEED} (2**64-1), "
+                         "or a negative seed for a random one")
+    return int(seed)
