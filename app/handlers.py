@@ -51,6 +51,7 @@ import torch
 
 from wan_lite import planner
 from wan_lite.checkpoint import CheckpointError, check_root
+from wan_lite.checks import validate_sampling
 from wan_lite.config import SOLVERS, SamplingConfig
 from wan_lite.pipeline import grid, high_steps
 from wan_lite.t2v import T2VPipeline
@@ -279,6 +280,11 @@ class App:
         for ok, message in checks:
             if not ok:
                 raise user_error(message)
+        try:  # the CLI's validation too (the same ranges, one function: a value one accepts the other does)
+            validate_sampling(steps=s.steps, shift=s.shift, guidance_high=s.guidance_high,
+                              guidance_low=s.guidance_low, solver=s.solver, seed=None if s.random_seed else s.seed)
+        except ValueError as e:
+            raise user_error(f"{e}.") from None
         if s.quantization not in self.quant_choices():
             stored = self.quant_choices()[1]
             raise user_error(f"This model's experts are stored as {stored}, so it runs them as {stored} ('auto'). "
