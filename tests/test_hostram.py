@@ -336,3 +336,22 @@ def test_fallback_without_proc(monkeypatch, tmp_path):
     monkeypatch.setattr(hostmem, "STATUS", tmp_path / "absent")
     m = host_memory()
     assert m.private > 0 and m.file == 0 and m.hwm >= m.private * 0.5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("mode", ["resident", "streaming"])
+def test_gpu_mapped_low_expert_through_the_prefetch(official_root, in_ram_latents, mode):
+    """On CUDA (pinned ring, copy events, side stream): the low expert served from its file through the
+    prefetch thread gives the in-RAM latents (computed on the CPU: a stated fp32 tolerance), nothing is
+    staged on the calling thread, and the stall is measured."""
+    tmpl, high, low = host_experts(official_root.high, official_root.low, dtype=torch.float32, in_ram=(True, False),
+                                   defer=True)
+    res = Residency(tmpl, high, low, device="cuda", mode=mode)
+    res.prepare(SAMPLING)
+    x, ctx, ctx_null = (t.cuda() for t in denoise_inputs(tmpl.cfg))
+    got = sample(res.high, res.low, x, ctx, ctx_null, SAMPLING).cpu()
+    assert_close_fp32(got, in_ram_latents, rtol=1e-4)  # CUDA vs CPU kernels
+    assert res.stats.staged_inline == 0 and res.stats.staged_ahead > 0
+    assert res.swap_stall_ms() is not None
+    res.release()
