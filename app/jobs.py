@@ -22,10 +22,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from wan_lite.pipeline import Cancelled
+
 POLL_S = 0.25  # how often a waiting run checks for Cancel
 
 
-class GenerationCancelled(Exception):
+class GenerationCancelled(Cancelled):
     """Raised from the run's callbacks when the person pressed Cancel."""
 
     def __init__(self, where: str):

@@ -20,6 +20,12 @@ import torch
 from .config import SamplingConfig, StepCache
 from .scheduler import UniPC, euler_step, lightning_grid, sigma_grid
 
+
+class Cancelled(Exception):
+    """Raise it from a callback (or a decode hook) to stop a run: `T2VPipeline` removes what it wrote for
+    the run (the saved latents too) and re-raises it unchanged, never as a failure."""
+
+
 Callback = Callable[[int, int, float, str], None]  # (step, total, t, expert "high" | "low")
 
 

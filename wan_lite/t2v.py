@@ -41,7 +41,7 @@ from .checks import resolve_seed, validate, validate_sampling
 from .config import ModelConfig, SamplingConfig, StepCache
 from .lora import read_lora
 from .parallel import ParallelContext, load_parallel_experts
-from .pipeline import Callback, computed_steps, needs_negative_prompt, sample
+from .pipeline import Callback, Cancelled, computed_steps, needs_negative_prompt, sample
 from .planner import TEXT_HOST, Plan, budget_scheme, make_plan
 from .residency import Experts, LoadedExperts, ModuleSwap, Residency, host_experts
 from .text import DEFAULT_NEGATIVE_PROMPT, TEXT_LEN, TextEncoder, text_layout
@@ -366,6 +366,10 @@ class T2VPipeline:
         start = time.perf_counter()
         try:
             video = self.decode(latents, vae_tile=vae_tile)  # (3, F, H, W)
+        except Cancelled:  # asked for, not a failure: nothing of this run stays on disk
+            if kept is not None:
+                kept.unlink(missing_ok=True)
+            raise
         except Exception as e:
             if kept is None:
                 raise
