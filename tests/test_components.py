@@ -95,3 +95,17 @@ def test_comfyui_folder_without_a_vae_says_what_to_put_there(roots, tmp_path):
     with pytest.raises(FileNotFoundError, match="wan_2.1_vae.safetensors"):
         open_comfyui(empty, high="wan2.2_t2v_high_noise_14B_fp32.safetensors",
                      low="wan2.2_t2v_low_noise_14B_fp32.safetensors")
+
+
+def test_a_quantized_copy_of_a_diffusers_root_opens(tmp_path_factory):
+    """quantize writes high_noise_model/ + low_noise_model/ beside the diffusers text_encoder/, tokenizer/ and
+    vae/ it links: that root is complete (a new user's first quantize of the demo model hit this)."""
+    from quant.convert import convert_checkpoint
+
+    cfg = ModelConfig.tiny()
+    src = add_t2v_components(make_checkpoint_root(tmp_path_factory.mktemp("diffusers"), cfg, "diffusers").root,
+                             "diffusers", cfg.text_dim)
+    dst = convert_checkpoint(src, tmp_path_factory.mktemp("q") / "int8", "int8", progress=False)
+    model = open_root(dst)
+    assert model.layout == "diffusers" and model.scheme == "int8" and model.high.name == "high_noise_model"
+    assert model.text_encoder == dst / "text_encoder" and model.vae == dst / "vae"

@@ -453,6 +453,8 @@ LAYOUT_FILES = {  # what each layout's root must hold (a trailing / marks a fold
     "official": ["high_noise_model/", "low_noise_model/", TEXT_WEIGHTS, VAE_WEIGHTS, TOKENIZER + "/"],
     "diffusers": ["model_index.json", "transformer/", "transformer_2/", "text_encoder/", "tokenizer/", "vae/"],
 }
+EXPERT_PAIRS = (("high_noise_model", "low_noise_model"), ("transformer", "transformer_2"))
+EXPERT_ENTRIES = {f"{d}/" for pair in EXPERT_PAIRS for d in pair}
 HUB_IDS = {"official": "Wan-AI/Wan2.2-T2V-A14B", "diffusers": "Wan-AI/Wan2.2-T2V-A14B-Diffusers"}
 BOUNDARY = 0.875  # official boundary ratio; a diffusers root's model_index.json boundary_ratio overrides it
 
@@ -502,7 +504,11 @@ def check_root(root: str | os.PathLike) -> str:
         raise CheckpointError(f"{root} holds {other}, not Wan2.2-T2V-A14B (two experts, high_noise_model/ + "
                               f"low_noise_model/): wan-lite runs Wan2.2-T2V-A14B only; use {HUB_IDS['official']} "
                               f"or {HUB_IDS['diffusers']}")
-    found = {layout: [e for e in files if _present(root, e)] for layout, files in LAYOUT_FILES.items()}
+    # the experts may carry either layout's names (a quantized copy of a diffusers root has
+    # high_noise_model/ + low_noise_model/ beside text_encoder/, tokenizer/, vae/): the pair counts for both
+    pair = any(all((root / d).is_dir() for d in names) for names in EXPERT_PAIRS)
+    found = {layout: [e for e in files if _present(root, e) or (pair and e in EXPERT_ENTRIES)]
+             for layout, files in LAYOUT_FILES.items()}
     layout = max(found, key=lambda k: len(found[k]))
     if not found[layout]:
         raise CheckpointError(

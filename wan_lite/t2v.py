@@ -348,8 +348,8 @@ class T2VPipeline:
             "seed": seed, "width": size[0],
             "height": size[1], "frames": frames, "steps": steps, "shift": shift, "guidance_high": guidance_high,
             "guidance_low": guidance_low, "boundary": self.boundary, "solver": solver, "grid": grid,
-            "step_cache": {**dataclasses.asdict(sampling.cache), "computed": stats.get("computed"),
-                           "passes": stats.get("passes")},
+            "step_cache": {"mode": "off"} if sampling.cache.mode == "off" else {
+                **dataclasses.asdict(sampling.cache), "computed": stats.get("computed"), "passes": stats.get("passes")},
             "loras": {name: [[Path(f).name, st] for f, st in loras] for name, loras in self.loras.items()},
             "quantization": self.quantization, "dtype": str(self.dtype).removeprefix("torch."),
             "model": self.model_name, "layout": self.layout, "wan_lite_version": __version__,
