@@ -23,12 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
-from datetime import datetime, timezone
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .bench_linear import environment  # one record of the machine for both kernel benchmarks
 
 LENGTHS = (32760, 75600)
 HEADS, HEAD_DIM = 40, 128
@@ -206,20 +206,6 @@ def format_row(r) -> str:
     if "kernel" in r:
         line += "  " + " ".join(f"{k}={v}" for k, v in r["kernel"].items())
     return line
-
-
-def environment() -> dict:
-    import triton
-
-    return {
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "device": torch.cuda.get_device_name(),
-        "capability": list(torch.cuda.get_device_capability()),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-    }
 
 
 def main(argv=None):
