@@ -60,7 +60,7 @@ from wan_lite.vae import VAE
 
 from . import demo
 from .jobs import GenerationCancelled, GpuLine, Job, clock, peak_vram, watch_decode
-from .options import PRESETS, LoraFolder
+from .options import PRESETS, STEP_CACHES, LoraFolder
 from .preview import Preview
 
 SIZE_PRESETS = {  # label -> (width, height): the official Wan2.2 T2V sizes
@@ -106,6 +106,7 @@ class Settings:
     lora_low_strength: float = 1.0
     quantization: str = "auto"
     exact_attention: bool = False  # True: never the FP8 attention kernel
+    step_cache: str = "off"  # STEP_CACHES key
     vram_profile: str = "auto"
 
     @classmethod
@@ -261,6 +262,8 @@ class App:
             (_is_int(s.frames) and 1 <= s.frames <= MAX_FRAMES and (s.frames - 1) % 4 == 0,
              f"Frames {s.frames} must be 4n+1 (1, 5, 9, ..., {MAX_FRAMES}): 81 frames is 5 s at 16 fps."),
             (s.preset in PRESETS, f"Preset {s.preset!r} is unknown: choose {' or '.join(PRESETS)}."),
+            (s.step_cache in STEP_CACHES, f"Step cache {s.step_cache!r} is unknown: choose one of "
+                                          f"{', '.join(STEP_CACHES)}."),
             (_is_int(s.steps) and 1 <= s.steps <= 200, f"Steps {s.steps} must be between 1 and 200 (40 is official)."),
             (_is_num(s.guidance_high) and 0 <= s.guidance_high <= 20,
              f"High-noise guidance {s.guidance_high} must be between 0 and 20 (4.0 is official)."),
@@ -332,7 +335,8 @@ class App:
                                                          ("low", s.lora_low, s.lora_low_strength)))
         attention = "exact (FP8 attention off)" if s.exact_attention else "FP8 kernel allowed (8-bit models, sm89+)"
         return (f"Sampler: {s.preset} preset, {grid_name} grid · {s.steps} steps {s.solver} · shift {s.shift} · "
-                f"guidance {s.guidance_high} / {s.guidance_low}\nLoRAs: {loras}\nAttention: {attention}")
+                f"guidance {s.guidance_high} / {s.guidance_low} · step cache {s.step_cache}\nLoRAs: {loras}\n"
+                f"Attention: {attention}")
 
     def memory_plan(self, s: Settings) -> str:
         if s.size not in self.size_presets() or not _is_int(s.frames) or (s.frames - 1) % 4 \
@@ -405,7 +409,8 @@ class App:
             with watch_decode(self._vae().model, latents, job.on_decode):
                 result = pipe(s.prompt, s.negative_prompt, size=size, frames=s.frames, steps=s.steps, seed=seed,
                               shift=s.shift, guidance_high=s.guidance_high, guidance_low=s.guidance_low,
-                              solver=s.solver, grid=sampling.grid, callback=job.on_step,
+                              solver=s.solver, grid=sampling.grid, cache=STEP_CACHES[s.step_cache],
+                              callback=job.on_step,
                               preview=lambda x: job.on_preview(preview(x)), out=out, plan=plan,
                               extra_metadata={"vram_profile": s.vram_profile, "preset": s.preset,
                                               "exact_attention": s.exact_attention})

@@ -4,6 +4,8 @@
   "lightning" (`SamplingConfig.lightning()`: the 4-step Wan2.2-Lightning recipe, Euler at shift 5 on the
   Lightning grid without CFG; it needs the Lightning LoRA pair, HIGH on the high-noise expert and LOW
   on the low-noise one). Picking one fills steps, shift, guidance and solver; the grid comes with it.
+- `STEP_CACHES`: step caching off (the default), EasyCache's published Wan2.2 setting, or a fixed half of
+  each expert's steps (`wan_lite.config.StepCache`); quality is not judged here.
 - `LoraFolder`: the `.safetensors` files directly inside `--loras DIR`, offered by file name; a name
   is resolved only inside that folder.
 """
@@ -14,7 +16,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from wan_lite.config import SamplingConfig
+from wan_lite.config import SamplingConfig, StepCache
+
+STEP_CACHES = {"off": StepCache(), "easycache (threshold 0.06)": StepCache.easycache(),
+               "50% of the steps": StepCache.half()}
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,14 @@ import gradio as gr
 from wan_lite.config import SOLVERS
 
 from .handlers import MAX_FRAMES, MAX_LORA_STRENGTH, SETTING_NAMES, VRAM_PROFILES, App, Settings, Update
-from .options import PRESETS
+from .options import PRESETS, STEP_CACHES
 
 CSS = "#status textarea {font-family: ui-monospace, monospace} #plan textarea {font-family: ui-monospace, monospace}"
 BUSY = "Generating: one video per window at a time (Cancel stops it)"
 PRESET_FIELDS = ("steps", "shift", "guidance_high", "guidance_low", "solver")  # what picking a preset fills
 PLAN_INPUTS = ("size", "frames", "preset", "steps", "guidance_high", "guidance_low", "shift", "solver", "lora_high",
-               "lora_high_strength", "lora_low", "lora_low_strength", "quantization", "exact_attention", "vram_profile")
+               "lora_high_strength", "lora_low", "lora_low_strength", "quantization", "exact_attention", "step_cache",
+               "vram_profile")
 
 
 def build_ui(app: App) -> gr.Blocks:
@@ -174,6 +175,9 @@ def _controls(app: App, s: Settings) -> dict:
             c["guidance_low"] = gr.Number(value=s.guidance_low, label="Guidance, low-noise expert")
             c["shift"] = gr.Number(value=s.shift, label="Shift", elem_id="shift")
             c["solver"] = gr.Radio(list(SOLVERS), value=s.solver, label="Solver", elem_id="solver")
+            c["step_cache"] = gr.Dropdown(list(STEP_CACHES), value=s.step_cache, elem_id="step_cache",
+                                          label="Step cache (skips steps whose output changes little; quality not "
+                                          "measured: compare with off)")
     folder = app.loras.folder
     with gr.Accordion(f"LoRAs ({folder})" if folder else "LoRAs (start the app with --loras DIR)", open=bool(folder)):
         with gr.Row():

@@ -574,3 +574,15 @@ def test_help_says_what_ckpt_takes(capsys):
 def test_main_rejects_a_bad_checkpoint(tmp_path, cache, capsys):
     assert main(["--ckpt", str(tmp_path), "--outputs", str(tmp_path / "out"), "--cache-dir", str(cache)]) == 2
     assert "not a Wan2.2-T2V-A14B root" in capsys.readouterr().err
+
+
+def test_step_cache_choice_runs_and_is_stored(demo_app):
+    """The step-cache control: shown in the plan text, passed to the pipeline, the passes in the sidecar."""
+    s = tiny_settings(step_cache="50% of the steps", steps=8)
+    assert "step cache 50% of the steps" in demo_app.plan(s)
+    update = demo_app.generate(s, session="cache")
+    assert update.status.startswith("Done")
+    meta = update.params["step_cache"]
+    assert meta["mode"] == "pattern" and sum(meta["computed"].values()) < 8
+    with pytest.raises(gr.Error, match="Step cache 'sometimes' is unknown"):
+        demo_app.generate(tiny_settings(step_cache="sometimes"), session="cache")
