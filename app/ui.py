@@ -141,8 +141,10 @@ def build_ui(app: App) -> gr.Blocks:
         cancel.click(stop, None, status, concurrency_limit=None, show_progress="hidden")
         timer.tick(poll, None, [status, preview], concurrency_limit=None, show_progress="hidden")
         c["preset"].input(fill_preset, set(controls), [*(c[n] for n in PRESET_FIELDS), plan], concurrency_limit=None)
-        gr.on([c[n].change for n in PLAN_INPUTS], show_plan, set(controls), plan, concurrency_limit=None,
-              show_progress="hidden")
+        # .input (a person's edit), not .change: a preset's or a model load's own update of these fields
+        # already carries its plan, and a .change per filled field would race it with half-updated data
+        gr.on([c[n].input for n in PLAN_INPUTS if n != "preset"], show_plan, set(controls), plan,
+              concurrency_limit=None, show_progress="hidden")
         refresh.click(listing, None, [gallery, shown], concurrency_limit=None)
         gallery.select(open_item, shown, [video, params, status], concurrency_limit=None)
         load.click(load_model, model, [banner, model, c["size"], c["frames"], c["steps"], c["quantization"], plan,
