@@ -270,3 +270,14 @@ def make_checkpoint_root(root, cfg, layout: str = "official", seeds: tuple[int, 
     else:
         raise ValueError(f"unknown layout {layout!r}: choose 'official' or 'diffusers'")
     return CheckpointPaths(root=root, high=high, low=low, layout=layout, seeds=tuple(seeds))
+
+
+def random_expert(cfg, seed: int):
+    """A WanModel of `cfg` with every parameter random at a scale that keeps activations O(1) (fp32, eval)."""
+    from wan_lite.model import WanModel
+
+    g = torch.Generator().manual_seed(seed)
+    model = WanModel(cfg).eval().requires_grad_(False)
+    for p in model.parameters():
+        p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.ndim > 1 else 0.1) / max(1, p.shape[-1]) ** 0.25)
+    return model

@@ -10,9 +10,10 @@ import math
 
 import pytest
 import torch
+from builders import random_expert
 from tolerance import assert_close_fp32, rel_error
 
-from wan_lite import ModelConfig, SamplingConfig, WanModel
+from wan_lite import ModelConfig, SamplingConfig
 from wan_lite.config import StepCache
 from wan_lite.pipeline import computed_steps, expert_ends, grid, guided_velocity, high_steps, sample, step_experts
 from wan_lite.scheduler import UniPC, euler_step
@@ -21,17 +22,9 @@ CFG = ModelConfig.tiny()
 STEPS = 12  # official grid at shift 12: 8 high-noise steps, then 4 low-noise ones
 
 
-def random_expert(seed: int) -> WanModel:
-    g = torch.Generator().manual_seed(seed)
-    model = WanModel(CFG).eval().requires_grad_(False)
-    for p in model.parameters():
-        p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.ndim > 1 else 0.1) / max(1, p.shape[-1]) ** 0.25)
-    return model
-
-
 @pytest.fixture(scope="module")
 def experts():
-    return random_expert(1), random_expert(2)
+    return random_expert(CFG, 1), random_expert(CFG, 2)
 
 
 @pytest.fixture(scope="module")

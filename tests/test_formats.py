@@ -29,7 +29,7 @@ from builders_files import (
 from reference import official
 from tolerance import assert_close_fp32, rel_error
 
-from wan_lite.checkpoint import CheckpointError, param_dtype
+from wan_lite.checkpoint import CheckpointError, load_source
 from wan_lite.config import ModelConfig
 from wan_lite.formats import (
     e5m2_to_e4m3,
@@ -41,7 +41,6 @@ from wan_lite.formats import (
 )
 from wan_lite.formats.expert import config_from_shapes
 from wan_lite.model import WanModel
-from wan_lite.quantized.linear import convert_for_runtime
 
 EIGHT_BIT = (torch.int8, torch.float8_e4m3fn)
 
@@ -57,17 +56,8 @@ def files(tmp_path_factory):
 
 
 def load(source, dtype=torch.float32) -> WanModel:
-    """The generic loader of the expert-source contract (checkpoint.py), in small."""
-    with torch.device("meta"):
-        model = WanModel(source.config)
-    convert_for_runtime(model, source.linears, dtype=dtype)
-    state = {}
-    for name in source.names():
-        t = source.tensor(name)
-        keep = t.dtype in EIGHT_BIT or name.endswith(".weight_scale")
-        state[name] = t if keep else t.to(param_dtype(name, dtype))
-    model.load_state_dict(state, assign=True)
-    return model.eval().requires_grad_(False)
+    """The project's generic loader of an expert source (checkpoint.load_source)."""
+    return load_source(source, dtype=dtype)
 
 
 def assert_official_parity(source, reference_model, intended, cfg):

@@ -20,11 +20,12 @@ from builders import diffusers_forward, official_forward, official_to_diffusers
 from safetensors.torch import load_file, save_file
 from tolerance import assert_close_fp32, rel_error
 
-from wan_lite.checkpoint import CheckpointError, open_expert, param_dtype
+from wan_lite import checkpoint
+from wan_lite.checkpoint import CheckpointError, open_expert
 from wan_lite.config import ModelConfig
 from wan_lite.lora import LoRASource, PartialLoRAWarning, delta, read_lora
 from wan_lite.model import WanModel
-from wan_lite.quantized.linear import convert_for_runtime, quantize_linear_weight
+from wan_lite.quantized.linear import quantize_linear_weight
 
 BLOCK_LINEARS = [f"blocks.{i}.{m}" for i in range(2) for m in
                  ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o",
@@ -36,23 +37,7 @@ OTHER_LINEARS = ["text_embedding.0", "text_embedding.2", "time_embedding.2", "ti
 # expert sources (the contract of wan_lite.checkpoint) and a loader, local to the tests
 
 
-class FloatSource:
-    """open_expert() with the contract's scheme / linears."""
-
-    scheme, linears = "none", {}
-
-    def __init__(self, path):
-        self.inner = open_expert(path)
-        self.path, self.config = self.inner.path, self.inner.config
-
-    def names(self):
-        return self.inner.names()
-
-    def tensor(self, name):
-        return self.inner.tensor(name)
-
-    def fingerprint(self):
-        return self.inner.fingerprint()
+FloatSource = open_expert  # a folder's expert source carries scheme "none" and no 8-bit Linears
 
 
 class EightBitSource:
@@ -65,6 +50,10 @@ class EightBitSource:
 
     def names(self):
         return self.base.names() + [f"{m}.weight_scale" for m in self.linears]
+
+    def shapes(self):
+        out = self.base.shapes()
+        return {**out, **{f"{m}.weight_scale": out[f"{m}.weight"][:1] for m in self.linears}}
 
     def tensor(self, name):
         self.reads.append(name)
@@ -79,17 +68,8 @@ class EightBitSource:
 
 
 def load_source(source, dtype=torch.float32) -> WanModel:
-    """The generic loader of the contract: meta model, QuantLinears, one tensor at a time."""
-    with torch.device("meta"):
-        model = WanModel(source.config)
-    convert_for_runtime(model, source.linears, dtype=dtype)
-    state = {}
-    for name in source.names():
-        module, _, leaf = name.rpartition(".")
-        t = source.tensor(name)
-        state[name] = t if module in source.linears and leaf != "bias" else t.to(param_dtype(name, dtype))
-    model.load_state_dict(state, assign=True)
-    return model.eval().requires_grad_(False)
+    """The project's generic loader of an expert source, in fp32 by default."""
+    return checkpoint.load_source(source, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from builders import random_expert
 from tolerance import assert_close_fp32
 
 from wan_lite.checkpoint import find_experts, load_expert
@@ -29,17 +30,9 @@ BOUNDARY = SamplingConfig().boundary_timestep
 BOUNDARY_RATIO = SamplingConfig().boundary
 
 
-def random_expert(seed: int) -> WanModel:
-    g = torch.Generator().manual_seed(seed)
-    model = WanModel(CFG).eval().requires_grad_(False)
-    for p in model.parameters():
-        p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.ndim > 1 else 0.1) / max(1, p.shape[-1]) ** 0.25)
-    return model
-
-
 @pytest.fixture(scope="module")
 def experts():
-    return random_expert(1), random_expert(2)
+    return random_expert(CFG, 1), random_expert(CFG, 2)
 
 
 def residency(experts, **kw) -> Residency:

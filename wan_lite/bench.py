@@ -44,7 +44,7 @@ from .hostmem import PeakSampler, host_memory
 from .model import WanModel
 from .pipeline import high_steps, sample, timesteps
 from .planner import RESOLUTIONS, PlanError, make_plan
-from .quantized.format import QUANTIZED_LINEAR
+from .quantized.format import quantized_linears
 from .residency import HostExpert, Layout, Residency, layouts_of, template
 from .scheduler import SIGMA_MAX
 
@@ -57,10 +57,7 @@ GB = 1e9
 
 def runtime_template(cfg: ModelConfig, scheme: str) -> torch.nn.Module:
     """The meta-device model the residency copies onto the GPU: bf16 ("none"), or 8-bit block Linears."""
-    with torch.device("meta"):
-        names = [n for n, _ in WanModel(cfg).named_modules() if QUANTIZED_LINEAR.match(n)]
-    linears = {} if scheme == "none" else {n: {"scheme": scheme} for n in names}
-    return template(cfg, torch.bfloat16, linears)
+    return template(cfg, torch.bfloat16, quantized_linears(cfg, scheme))
 
 
 def fill_random(name: str, t: torch.Tensor, g: torch.Generator) -> None:

@@ -193,9 +193,6 @@ class FolderSource:
         return h.hexdigest()[:16]
 
 
-ExpertSource = FolderSource  # the name earlier releases gave it
-
-
 @dataclass
 class QuantizedSource:
     """A wan-lite int8 / fp8 expert folder (`wan_lite_quant.json`) as an expert source: 8-bit block
@@ -384,23 +381,14 @@ def _load_library(path: Path, scheme: str, *, dtype, device) -> torch.nn.Module:
 def _read_quanto_folder(path: Path) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, dict]]:
     """A bare optimum-quanto folder: safetensors (+ index) with *.weight._data/_scale keys and
     quanto_qmap.json, in official or diffusers key names (renamed); dims from the shapes and config.json."""
+    ours, stored, rename = _quanto_names(path)
     qmap = json.loads((path / QUANTO_QMAP).read_text())
-    files = weight_files(path)
-    diffusers = any(k.startswith(("condition_embedder.", "proj_out.")) or ".attn1." in k for k in files)
-    rename = diffusers_to_official if diffusers else (lambda n: n)
     qmap = {rename(name + ".").removesuffix("."): spec for name, spec in qmap.items()}
     for name, spec in qmap.items():
         if spec.get("activations", "none") != "none":
             raise CheckpointError(f"{path / QUANTO_QMAP}: {name} has quanto activation quantization "
                                   f"({spec['activations']}), which wan-lite does not run: quantize weights only")
-    ours, stored = {}, {}
-    for key, file in files.items():
-        name = rename(key)
-        ours[name], stored[name] = file, key
-    # shapes of the quantized weights sit under .weight._data: expose them as .weight to read the config
-    shape_files = {n.removesuffix("._data"): f for n, f in ours.items() if not n.endswith("._scale")}
-    shape_stored = {n.removesuffix("._data"): stored[n] for n in ours if not n.endswith("._scale")}
-    cfg = config_from_shapes(path, shape_files, shape_stored, read_config(path))
+    cfg = _quanto_config(path, ours, stored)
     state = {}
     for file in sorted(set(ours.values())):
         with _open(file) as f:
@@ -429,6 +417,25 @@ def check_pair(high_config: ModelConfig, low_config: ModelConfig, high, low) -> 
     return high_config
 
 
+def _quanto_names(path: Path):
+    """(our name -> file, our name -> stored name, rename) of a bare optimum-quanto folder, whose keys may be
+    official or diffusers names."""
+    files = weight_files(path)
+    diffusers = any(k.startswith(("condition_embedder.", "proj_out.")) or ".attn1." in k for k in files)
+    rename = diffusers_to_official if diffusers else (lambda n: n)
+    ours, stored = {}, {}
+    for key, file in files.items():
+        ours[rename(key)], stored[rename(key)] = file, key
+    return ours, stored, rename
+
+
+def _quanto_config(path: Path, ours: dict, stored: dict) -> ModelConfig:
+    """Dims of a bare quanto folder: its quantized weights' shapes sit under `.weight._data`."""
+    shape_files = {n.removesuffix("._data"): f for n, f in ours.items() if not n.endswith("._scale")}
+    shape_stored = {n.removesuffix("._data"): stored[n] for n in ours if not n.endswith("._scale")}
+    return config_from_shapes(path, shape_files, shape_stored, read_config(path))
+
+
 def expert_config(path) -> ModelConfig:
     """Model dimensions of an expert folder of any layout, from metadata and shapes (no data read)."""
     path = Path(path)
@@ -436,12 +443,7 @@ def expert_config(path) -> ModelConfig:
     if layout == "wan-lite-quant":
         return config_from_dict(read_meta(path)["config"])
     if layout == "quanto":
-        files = weight_files(path)
-        diffusers = any(k.startswith(("condition_embedder.", "proj_out.")) or ".attn1." in k for k in files)
-        rename = diffusers_to_official if diffusers else (lambda n: n)
-        ours = {rename(k).removesuffix("._data"): (f, k) for k, f in files.items() if not k.endswith("._scale")}
-        return config_from_shapes(path, {n: f for n, (f, _) in ours.items()},
-                                  {n: k for n, (_, k) in ours.items()}, read_config(path))
+        return _quanto_config(path, *_quanto_names(path)[:2])
     return open_expert(path).config
 
 

@@ -45,6 +45,7 @@ import torch
 
 from . import attention
 from .config import ModelConfig, VideoSize
+from .quantized.format import quantized_linears
 from .residency import STAGING, layouts_of, template
 
 GB = 1e9
@@ -174,11 +175,7 @@ def unit_bytes(cfg: ModelConfig, scheme: str) -> tuple[int, int, int]:
     """(embed, one block, head) bytes of one expert with this weight format, from the model's layout."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown weight format {scheme!r}: choose one of {', '.join(SCHEMES)}")
-    names = [f"blocks.0.{m}" for m in ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q",
-                                       "cross_attn.k", "cross_attn.v", "cross_attn.o", "ffn.0", "ffn.2")]
-    linears = {} if scheme == "none" else {n.replace("blocks.0.", f"blocks.{i}."): {"scheme": scheme}
-                                           for i in range(cfg.num_layers) for n in names}
-    lay = layouts_of(template(cfg, torch.bfloat16, linears))
+    lay = layouts_of(template(cfg, torch.bfloat16, quantized_linears(cfg, scheme)))
     return lay["embed"].nbytes, lay["blocks.0"].nbytes, lay["head"].nbytes
 
 

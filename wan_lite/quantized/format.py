@@ -57,6 +57,15 @@ def is_quantized_linear(module_name: str) -> bool:
     return QUANTIZED_LINEAR.match(module_name) is not None
 
 
+def quantized_linears(cfg: ModelConfig, scheme: str) -> dict[str, dict]:
+    """The `linears` record of an expert of `cfg` whose block Linears are all `scheme` ({} for "none")."""
+    if scheme == "none":
+        return {}
+    with torch.device("meta"):
+        names = [n for n, _ in WanModel(cfg).named_modules() if QUANTIZED_LINEAR.match(n)]
+    return {n: {"scheme": scheme, "smooth": False} for n in names}
+
+
 def shard_name(i: int, n: int) -> str:
     return f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
