@@ -21,14 +21,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import string
 import tempfile
 from pathlib import Path
 
 import torch
 
 from wan_lite.config import ModelConfig
-from wan_lite.text import DEFAULT_NEGATIVE_PROMPT
+from wan_lite.text import write_small_tokenizer
 
 DEMO_VERSION = 1  # bump when the demo's contents change: a new cache folder is built
 DEMO_MARKER = "wan_lite_demo.json"
@@ -70,7 +69,7 @@ def write_demo_checkpoint(root: Path, seed: int = 0) -> Path:
     cfg = ModelConfig.tiny()
     for folder in ("transformer", "transformer_2"):
         _write_expert(cfg, root / folder)
-    tokenizer = _write_tokenizer(root / "tokenizer")
+    tokenizer = write_small_tokenizer(root / "tokenizer", WORDS)
     _write_text_encoder(len(tokenizer), cfg.text_dim, root / "text_encoder")
     _write_vae(root / "vae")
     index = {"_class_name": "WanPipeline", "boundary_ratio": 0.875,
@@ -94,18 +93,6 @@ def _write_expert(cfg: ModelConfig, folder: Path) -> None:
         ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
         eps=cfg.eps)  # fmt: skip
     model.save_pretrained(folder)
-
-
-def _write_tokenizer(folder: Path):
-    """A small umt5-like Unigram tokenizer (pad 0, </s> 1, <unk> 2), trained on nothing."""
-    from transformers import T5Tokenizer
-
-    chars = sorted(set(string.ascii_letters + string.digits + string.punctuation + DEFAULT_NEGATIVE_PROMPT))
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.5)]
-    pieces += [("▁" + w, -1.0) for w in WORDS] + [("▁" + c, -2.0) for c in chars] + [(c, -3.0) for c in chars]
-    tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0)
-    tokenizer.save_pretrained(folder)
-    return tokenizer
 
 
 def _write_text_encoder(vocab: int, dim: int, folder: Path) -> None:

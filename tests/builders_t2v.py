@@ -24,7 +24,6 @@ import json
 import math
 import os
 import shutil
-import string
 import tempfile
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from reference import official
 
 from wan_lite.checkpoint import TEXT_WEIGHTS as OFFICIAL_WEIGHTS
 from wan_lite.checkpoint import TOKENIZER as OFFICIAL_TOKENIZER
-from wan_lite.text import DEFAULT_NEGATIVE_PROMPT, official_to_transformers
+from wan_lite.text import official_to_transformers, write_small_tokenizer
 
 T5_DIMS = dict(dim_ffn=48, num_heads=4, num_layers=2, num_buckets=32)  # dim = the DiT's text_dim
 WORDS = "a cat dog walks runs on the beach in snow at sunset video of red blue small big".split()
@@ -45,14 +44,7 @@ WORDS = "a cat dog walks runs on the beach in snow at sunset video of red blue s
 
 def make_tokenizer(folder) -> Path:
     """A small umt5-like Unigram tokenizer saved for `AutoTokenizer.from_pretrained(folder)`."""
-    from transformers import T5Tokenizer
-
-    chars = sorted(set(string.ascii_letters + string.digits + string.punctuation + DEFAULT_NEGATIVE_PROMPT))
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.5)]
-    pieces += [("▁" + w, -1.0) for w in WORDS]
-    pieces += [("▁" + c, -2.0) for c in chars] + [(c, -3.0) for c in chars]
-    tok = T5Tokenizer(vocab=pieces, extra_ids=0)
-    tok.save_pretrained(folder)
+    write_small_tokenizer(folder, WORDS)
     return Path(folder)
 
 

@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "pass, as with --preset lightning), or Ulysses sequence parallel")
     p.add_argument("--no-fsdp", action="store_true", help="under torchrun: replicate the experts, don't shard them")
     p.add_argument("--cache-dir", default=None, help="prompt-embedding cache (default ~/.cache/wan-lite/text)")
+    p.add_argument("--stats", metavar="FILE", help="also write the run's timings and memory peaks as JSON here "
+                   "(phases, time of each step's end since start-up, peak VRAM, peak host RAM, swap stall, plan)")
     p.add_argument("--out", required=True, help="output .mp4 (a <name>.json sidecar is written beside it); an "
                    "existing file is kept and a free name (<name>-1.mp4) used instead, unless --overwrite")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (and its .json)")
@@ -264,7 +266,10 @@ def run(args: argparse.Namespace, progress: dict | None = None) -> int:
     bar = tqdm(total=sampling.steps, desc="denoise", unit="step", file=sys.stderr, disable=not main)
     progress.update(step=0, total=sampling.steps, latents=latents_path(args.out))
 
+    step_ends = []  # seconds since start-up at the end of each step (the first includes loading the high expert)
+
     def on_step(step: int, total: int, t: int, expert: str) -> None:
+        step_ends.append(round(time.perf_counter() - _STARTED, 3))
         progress["step"] = step + 1
         bar.set_description(f"denoise [{expert}-noise expert]")
         bar.set_postfix(t=int(t))
@@ -291,7 +296,33 @@ def run(args: argparse.Namespace, progress: dict | None = None) -> int:
     print(f"wrote {args.out} ({args.frames} frames, {args.size[0]}x{args.size[1]}, seed {result.seed})")
     print(f"time {total:.1f}s: start-up and loading {startup:.1f}s, {phases}; {vram}peak RAM {peak.describe()}"
           f"{_swap_summary(pipe)}")
+    if args.stats:
+        write_stats(args.stats, pipe, plan, result, peak, total=total, startup=startup, step_ends=step_ends)
     return 0
+
+
+def write_stats(path, pipe, plan, result, peak, *, total: float, startup: float, step_ends: list[float]) -> None:
+    """--stats FILE: one run's numbers as JSON (seconds; GiB of VRAM as torch counts them; host RAM in GB),
+    written to a temporary name and renamed."""
+    import json
+    import os
+
+    import torch
+
+    cuda = pipe.device.type == "cuda"
+    stats = {
+        "total_s": round(total, 3), "startup_and_loading_s": round(startup, 3),
+        "phases_s": {k: round(v, 3) for k, v in result.timings.items()},
+        "step_ends_s": step_ends, "first_step_done_s": step_ends[0] if step_ends else None,
+        "peak_vram_allocated_gib": torch.cuda.max_memory_allocated(pipe.device) / 2**30 if cuda else None,
+        "peak_vram_reserved_gib": torch.cuda.max_memory_reserved(pipe.device) / 2**30 if cuda else None,
+        "host_peak": peak.to_dict(),
+        "swap_stall_ms": pipe.residency.swap_stall_ms() if pipe.residency is not None else None,
+        "plan": plan.to_dict() if plan is not None else None, "params": result.params,
+    }  # fmt: skip
+    tmp = Path(f"{path}.partial")
+    tmp.write_text(json.dumps(stats, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
 
 
 def _swap_summary(pipe) -> str:

@@ -58,6 +58,22 @@ DEFAULT_NEGATIVE_PROMPT = (
 )
 
 
+def write_small_tokenizer(folder, words: tuple[str, ...] | list[str] = ()):
+    """A small umt5-like Unigram `T5Tokenizer` (pad 0, </s> 1, <unk> 2, as umt5's), trained on nothing, saved
+    in `folder` for `AutoTokenizer.from_pretrained`: for random-weight roots (the app's demo, the benchmarks,
+    the tests). It knows ASCII, the default negative prompt's characters and `words`; returns the tokenizer."""
+    import string
+
+    from transformers import T5Tokenizer
+
+    chars = sorted(set(string.ascii_letters + string.digits + string.punctuation + DEFAULT_NEGATIVE_PROMPT))
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.5)]
+    pieces += [("▁" + w, -1.0) for w in words] + [("▁" + c, -2.0) for c in chars] + [(c, -3.0) for c in chars]
+    tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
 # ---------------------------------------------------------------------------------------------------
 # Official .pth -> transformers UMT5EncoderModel
 

@@ -1,0 +1,51 @@
+"""python -m wan_lite.bench_generate on the CPU with the tiny model: a random root written in the official
+layout, quantized by the real command, generated from disk by the real command, its --stats read back."""
+
+import json
+
+import torch
+
+from wan_lite import bench_generate
+from wan_lite.checkpoint import load_source, open_expert, open_root
+from wan_lite.config import ModelConfig
+from wan_lite.vae import official_to_diffusers
+
+
+def test_vae_renaming_inverts_the_loader_renaming():
+    from diffusers import AutoencoderKLWan
+
+    sd = AutoencoderKLWan(base_dim=16).state_dict()
+    official = bench_generate.diffusers_to_official_vae(sd)
+    back = official_to_diffusers(official)
+    assert set(back) == set(sd)
+    assert all(back[k] is sd[k] for k in sd)  # a renaming: the same tensors
+
+
+def test_random_root_is_a_valid_official_root(tmp_path):
+    cfg = ModelConfig.tiny(text_dim=bench_generate.UMT5_TINY["dim"])
+    root = bench_generate.write_random_root(tmp_path / "root", cfg, t5=bench_generate.UMT5_TINY,
+                                            experts_dir=tmp_path / "shm")
+    model = open_root(root)
+    assert model.layout == "official" and model.config == cfg
+    assert (root / "high_noise_model").is_symlink()
+    high = load_source(open_expert(model.high), dtype=torch.float32)
+    assert all(torch.isfinite(t).all() for t in high.state_dict().values())
+
+
+def test_end_to_end_tiny(tmp_path):
+    out = tmp_path / "e2e.json"
+    rc = bench_generate.main(["--work", str(tmp_path / "work"), "--config", "tiny", "--run", "64x64",
+                              "--frames", "5", "--json", str(out)])
+    assert rc == 0
+    results = json.loads(out.read_text())
+    assert results["quantize"]["rc"] == 0
+    (run,) = results["runs"]
+    assert run["rc"] == 0 and run["cache"] == "cold"
+    assert len(run["step_ends_s"]) == 4  # the lightning preset: 4 steps
+    assert run["first_step_done_s"] == run["step_ends_s"][0] < run["total_s"]
+    assert set(run["phases_s"]) >= {"text", "denoise", "decode"}
+    assert run["host_peak"]["private_gb"] > 0
+    assert run["params"]["quantization"] == "int8"
+    fraction = run["resident_before"]
+    assert fraction is None or 0.0 <= fraction <= 1.0
+    assert not (tmp_path / "work" / "quantized-int8").exists()  # removed without --keep
