@@ -291,7 +291,8 @@ def run(args: argparse.Namespace, progress: dict | None = None) -> int:
     total = time.perf_counter() - _STARTED
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
     startup = total - sum(result.timings.values())
-    vram = (f"peak VRAM {torch.cuda.max_memory_allocated(pipe.device) / 2**30:.2f} GiB, "
+    vram = (f"peak VRAM {max(result.vram_peaks.values()):.2f} GiB ("
+            + ", ".join(f"{k} {v:.1f}" for k, v in result.vram_peaks.items()) + "), "
             if pipe.device.type == "cuda" else "")
     print(f"wrote {args.out} ({args.frames} frames, {args.size[0]}x{args.size[1]}, seed {result.seed})")
     print(f"time {total:.1f}s: start-up and loading {startup:.1f}s, {phases}; {vram}peak RAM {peak.describe()}"
@@ -314,7 +315,8 @@ def write_stats(path, pipe, plan, result, peak, *, total: float, startup: float,
         "total_s": round(total, 3), "startup_and_loading_s": round(startup, 3),
         "phases_s": {k: round(v, 3) for k, v in result.timings.items()},
         "step_ends_s": step_ends, "first_step_done_s": step_ends[0] if step_ends else None,
-        "peak_vram_allocated_gib": torch.cuda.max_memory_allocated(pipe.device) / 2**30 if cuda else None,
+        "peak_vram_allocated_gib": max(result.vram_peaks.values()) if cuda else None,
+        "vram_peaks_gib": result.vram_peaks,  # per phase
         "peak_vram_reserved_gib": torch.cuda.max_memory_reserved(pipe.device) / 2**30 if cuda else None,
         "host_peak": peak.to_dict(),
         "swap_stall_ms": pipe.residency.swap_stall_ms() if pipe.residency is not None else None,

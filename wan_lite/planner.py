@@ -24,8 +24,10 @@ bf16 weights fit (it runs before the expert is loaded), else on the CPU.
 
 Host RAM (`HostPlan`), private (anonymous) memory only: the page cache a memory-mapped checkpoint
 is read through is file-backed and reclaimable, so it is reported, not budgeted. Per expert, from the
-same unit layouts as the VRAM plan: E = embed + blocks + head bytes; an expert served from its file
-passes through `residency.STAGING` pinned staging buffers of the largest unit (U). Choices, fastest
+same unit layouts as the VRAM plan: E = embed + blocks + head bytes, as pinned RAM holds them (packed
+in power-of-two blocks, `residency.pack_pinned`: 1.04x the bytes for int8 A14B); an expert served from its
+file passes through `residency.STAGING` pinned staging buffers of the largest unit (U, rounded up to a
+power of two as PyTorch's pinned allocator does). Choices, fastest
 first, the first whose peak fits: "pinned" (both experts in pinned RAM: 2E), "mapped" (the high-noise
 expert pinned, the low-noise one read from the memory-mapped file by a prefetch thread during the
 high-noise steps: E + STAGING x U), "streamed" (both from the files: STAGING x U; in streaming mode
@@ -46,7 +48,7 @@ import torch
 from . import attention
 from .config import ModelConfig, VideoSize
 from .quantized.format import quantized_linears
-from .residency import STAGING, layouts_of, template
+from .residency import STAGING, layouts_of, pinned_bytes, template
 
 GB = 1e9
 SCHEMES = ("int8", "fp8", "none")  # weight formats budgeted: 8-bit block Linears, or float (held in bf16)
@@ -219,11 +221,13 @@ def host_plan(cfg: ModelConfig, scheme: str, ram_gb: float | None, *, text_devic
     if ram_gb is None:
         ram_gb = psutil.virtual_memory().available / GB
     embed, block, head = unit_bytes(cfg, scheme)
-    expert = embed + head + cfg.num_layers * block  # E
-    ring = STAGING * max(embed, block, head)  # the staging buffers of experts served from files
+    expert = embed + head + cfg.num_layers * block  # E, as stored (what a memory-mapped expert maps)
+    units = {"embed": embed, "head": head} | {f"blocks.{i}": block for i in range(cfg.num_layers)}
+    pinned = pinned_bytes(units)  # E in pinned RAM: packed in power-of-two blocks (residency.pack_pinned)
+    ring = STAGING * pinned_bytes({"unit": max(embed, block, head)})  # the staging buffers (each rounded up)
     text = text_bytes if text_device == "cpu" else 0.0
     other = HOST_FIXED + video_bytes
-    options = {"pinned": ("ram", "ram", 0, 2 * expert), "mapped": ("ram", "file", STAGING, expert + ring),
+    options = {"pinned": ("ram", "ram", 0, 2 * pinned), "mapped": ("ram", "file", STAGING, pinned + ring),
                "streamed": ("file", "file", STAGING, ring)}
     for mode, (high, low, staging, experts) in options.items():
         peak = other + max(text, experts)

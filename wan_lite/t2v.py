@@ -42,7 +42,7 @@ from .config import ModelConfig, SamplingConfig, StepCache
 from .lora import read_lora
 from .parallel import ParallelContext, load_parallel_experts
 from .pipeline import Callback, Cancelled, computed_steps, needs_negative_prompt, sample
-from .planner import TEXT_HOST, Plan, budget_scheme, make_plan
+from .planner import GB, TEXT_HOST, Plan, budget_scheme, make_plan
 from .residency import Experts, LoadedExperts, ModuleSwap, Residency, host_experts
 from .text import DEFAULT_NEGATIVE_PROMPT, TEXT_LEN, TextEncoder, text_layout
 from .vae import STRIDE, VAE, check_vae
@@ -67,6 +67,7 @@ class T2VResult:
     seed: int
     params: dict  # everything that determines the video; written into the mp4 and its sidecar
     timings: dict = field(default_factory=dict)  # seconds per phase: text, denoise, decode, write
+    vram_peaks: dict = field(default_factory=dict)  # GiB allocated at most in each phase (CUDA runs)
     warnings: list[str] = field(default_factory=list)  # one line each, for the CLI and the app to show
 
     def save(self, path: str | os.PathLike, extra: dict | None = None) -> Path:
@@ -206,6 +207,9 @@ class T2VPipeline:
         if plan is None or self.parallel is not None:
             return LoadedExperts(*self.load_experts())
         attention.set_backend(plan.attention, max_block_bytes=(plan.attention_block_mb or 0) * 2**20 or None)
+        if self.device.type == "cuda":  # the budget holds on a larger card too: the allocator is capped to it
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, plan.vram_gb * GB / total), self.device)
         if self.text_device_from_plan:  # umt5-xxl needs 13.5 GB in bf16: the CPU on small cards
             self.text.device = torch.device(plan.text_device)
         if self.model.library_scheme:  # tensor subclasses: whole modules, swapped at the boundary
@@ -238,6 +242,14 @@ class T2VPipeline:
         if self.vae is not None:
             self.vae.unload()
         self.text.unload()
+
+    def _vram_peak(self) -> float | None:
+        """GiB allocated at most since the last call (the peak counter is reset): one phase's peak."""
+        if self.device.type != "cuda":
+            return None
+        peak = torch.cuda.max_memory_allocated(self.device) / 2**30
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return round(peak, 3)
 
     def noise(self, seed: int, size: tuple[int, int], frames: int) -> torch.Tensor:
         """The official initial noise: (1, 16, (F-1)/4+1, H/8, W/8) fp32 from a generator on the device."""
@@ -306,7 +318,7 @@ class T2VPipeline:
         negative_prompt = DEFAULT_NEGATIVE_PROMPT if negative_prompt is None else negative_prompt
         seed = resolve_seed(seed)  # None or negative: drawn here, printed and stored
         main = self.parallel is None or self.parallel.is_main
-        timings = {}
+        timings, peaks = {}, {}
         prompt_tokens = self.text.tokens_if_cut(prompt)  # tokenizer only, and only for a long prompt
         warnings = [self.prompt_warning(prompt_tokens)] if prompt_tokens else []
 
@@ -323,6 +335,7 @@ class T2VPipeline:
             seed, embeddings = self.parallel.from_main((seed, embeddings))
         context, context_null = (*embeddings, None)[:2]  # (L, 4096), (L', 4096) or None
         timings["text"] = time.perf_counter() - start
+        peaks["text"] = self._vram_peak()
 
         # 3-4. noise and denoising
         start = time.perf_counter()
@@ -339,6 +352,7 @@ class T2VPipeline:
             experts.release()
             self._running = None
         timings["denoise"] = time.perf_counter() - start
+        peaks["denoise"] = self._vram_peak()
         if not main:
             return None  # rank 0 decodes and writes
 
@@ -375,7 +389,9 @@ class T2VPipeline:
                 raise
             raise DecodeError(kept, Path(out), e) from e
         timings["decode"] = time.perf_counter() - start
-        result = T2VResult(video=video, latents=latents, seed=seed, params=params, timings=timings, warnings=warnings)
+        peaks["decode"] = self._vram_peak()
+        result = T2VResult(video=video, latents=latents, seed=seed, params=params, timings=timings, warnings=warnings,
+                           vram_peaks=peaks)
         if out is not None:
             try:
                 result.save(out, extra=extra_metadata)
