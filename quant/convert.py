@@ -440,6 +440,21 @@ def convert_checkpoint(src, dst, scheme: str, *, experts=("high", "low"), calib=
     return _publish(partial, dst, experts, scheme)
 
 
+def open_files(experts: dict, scheme: str) -> dict:
+    """{"high": source, "low": source} of experts given one by one (either may be left out), checked from
+    their headers: each exists, is a text-to-video expert (refusals name the file and what to use), and
+    the two are of one size. No weight is read."""
+    _check_request(scheme, tuple(experts))
+    paths = {key: Path(p) for key, p in experts.items()}
+    for key, path in paths.items():
+        if not path.exists():
+            raise FileNotFoundError(f"the {key}-noise expert {path} does not exist")
+    sources = {key: open_source(path, scheme) for key, path in paths.items()}
+    first, last = next(iter(paths)), list(paths)[-1]  # one expert alone is checked against itself
+    check_pair(sources[first].config, sources[last].config, paths[first], paths[last])
+    return sources
+
+
 def convert_files(experts: dict, dst, scheme: str, *, force: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES,
                   on_shard: ShardHook | None = None, progress: bool = True) -> Path:
     """Convert experts given one by one, {"high": FILE, "low": FILE} (single files or expert folders; one
@@ -448,14 +463,8 @@ def convert_files(experts: dict, dst, scheme: str, *, force: bool = False, max_s
     Every source is opened and checked (kind of file, completeness, a text-to-video pair of one size)
     before any weight is read. Returns DST. Raises CheckpointError naming a wrong file, ConversionError.
     """
-    _check_request(scheme, tuple(experts))
     paths = {key: Path(p) for key, p in experts.items()}
-    for key, path in paths.items():
-        if not path.exists():
-            raise FileNotFoundError(f"the {key}-noise expert {path} does not exist")
-    configs = {key: open_source(path, scheme).config for key, path in paths.items()}  # refusals come here
-    high, low = paths.get("high", paths.get("low")), paths.get("low", paths.get("high"))
-    check_pair(configs.get("high", configs.get("low")), configs.get("low", configs.get("high")), high, low)
+    open_files(paths, scheme)
     dst = Path(dst)
     partial = _begin(dst, list(paths.values()), force)
     for key, path in paths.items():

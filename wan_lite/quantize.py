@@ -151,15 +151,15 @@ def expert_files(a: argparse.Namespace):
 def convert_expert_files(a: argparse.Namespace) -> int:
     """Convert --high/--low files into DST/high_noise_model, DST/low_noise_model; print how each file's weights
     are rounded and the generate command that runs the result."""
-    from quant.convert import EXPERT_DIRS, convert_files, open_source, source_notes
+    from quant.convert import EXPERT_DIRS, convert_files, open_files, source_notes
 
     try:
         chosen, model, given = expert_files(a)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for path in chosen.values():  # every file checked (header only) before the first weight is read
-        for note in source_notes(open_source(path, a.scheme), a.scheme):
+    for source in open_files(chosen, a.scheme).values():  # every file checked (headers) before any weight is read
+        for note in source_notes(source, a.scheme):
             print(f"note: {note}", file=sys.stderr)
     dst = convert_files(chosen, a.out, a.scheme, force=a.force, max_shard_bytes=a.shard_mb * 2**20,
                         progress=not a.quiet)
