@@ -279,3 +279,23 @@ def test_meta_is_plain_json(tmp_path, high_state):
     meta = json.loads((dst / "low_noise_model" / META_FILE).read_text())
     assert meta["scheme"] == "fp8" and meta["source"]["path"] == str(path.resolve())
     assert meta["source"]["notes"] == [f"high.safetensors: float weights quantized to fp8 ({meta['weights']})"]
+
+
+def test_one_expert_of_a_pair_runs_beside_the_other_file(roots, tmp_path, reference_experts, high_state,  # noqa: F811
+                                                         capsys):
+    """--experts high converts only the high-noise file; the printed command pairs it with the given low file,
+    which generate accepts (both run as fp8)."""
+    from wan_lite.checkpoint import open_components
+
+    _, models, tok = roots
+    high, _ = write_fp8_legacy(high_state, tmp_path / "high_fp8.safetensors", prefix=PREFIX)
+    low, _ = write_fp8_legacy(official_state(reference_experts[1]), tmp_path / "low_fp8.safetensors", prefix=PREFIX)
+    dst = tmp_path / "q"
+    argv = ["--high", str(high), "--low", str(low), "--experts", "high", "--out", str(dst), "--scheme", "fp8",
+            "--quiet"]
+    assert quantize(argv) == 0
+    assert f"--high {dst / 'high_noise_model'} --low {low} " in capsys.readouterr().out
+    assert sorted(p.name for p in dst.iterdir()) == ["high_noise_model"]
+    model = open_components(dst / "high_noise_model", low, text_encoder=models / "text_encoders" /
+                            "umt5_xxl_fp32.safetensors", vae=models / "vae" / "wan_2.1_vae.safetensors", tokenizer=tok)
+    assert model.scheme == "fp8"

@@ -47,7 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--high", help="the high-noise expert as one file (.safetensors fp32/fp16/bf16 or fp8 scaled, "
                    ".gguf) or folder; with --ckpt COMFYUI/models its name in diffusion_models/")
     p.add_argument("--low", help="the low-noise expert (same kinds as --high)")
-    p.add_argument("--out", help="output model root (convert)")
+    p.add_argument("--out", help="output folder (convert): a complete model root from --ckpt ROOT; the quantized "
+                   "experts (high_noise_model/, low_noise_model/) from --high/--low")
     p.add_argument("--scheme", choices=SCHEMES, help="quantization scheme (convert)")
     p.add_argument("--calib", help="SmoothQuant calibration: a prompts .txt (collected now, both experts are "
                                    "loaded) or a statistics .safetensors from python -m calib.collect")
@@ -70,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
     files = a.high is not None or a.low is not None
+    if a.experts is not None and not set(a.experts.split(",")) <= {"high", "low"}:
+        p.error(f"--experts takes a comma list of high, low; got {a.experts}")
     if a.ckpt is None and not files:
         p.error("give the source: --ckpt ROOT (a model root), or --high FILE --low FILE (expert files)")
     if a.report:
