@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    ".gguf) or folder; with --ckpt COMFYUI/models its name in diffusion_models/")
     p.add_argument("--low", help="the low-noise expert (same kinds as --high)")
     p.add_argument("--out", help="output folder (convert): a complete model root from --ckpt ROOT; the quantized "
-                   "experts (high_noise_model/, low_noise_model/) from --high/--low")
+                   "experts, one folder each, from --high/--low")
     p.add_argument("--scheme", choices=SCHEMES, help="quantization scheme (convert)")
     p.add_argument("--calib", help="SmoothQuant calibration: a prompts .txt (collected now, both experts are "
                                    "loaded) or a statistics .safetensors from python -m calib.collect")
