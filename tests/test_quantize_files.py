@@ -299,3 +299,13 @@ def test_one_expert_of_a_pair_runs_beside_the_other_file(roots, tmp_path, refere
     model = open_components(dst / "high_noise_model", low, text_encoder=models / "text_encoders" /
                             "umt5_xxl_fp32.safetensors", vae=models / "vae" / "wan_2.1_vae.safetensors", tokenizer=tok)
     assert model.scheme == "fp8"
+
+
+def test_library_scheme_from_a_file_reads_it_as_float(tmp_path, high_state, tiny_cfg):
+    """quanto-int8 quantizes float weights itself: a file is read dequantized (here fp16) and converted as a root's
+    expert would be (tolerance as tests/test_quant.py's quanto-int8, < 2%)."""
+    pytest.importorskip("optimum.quanto")
+    path, _ = write_safetensors(high_state, tmp_path / "high.safetensors", dtype=torch.float16, prefix=PREFIX)
+    dst = convert_files({"high": path}, tmp_path / "q", "quanto-int8", progress=False)
+    assert read_meta(dst / "high_noise_model")["scheme"] == "quanto-int8"
+    assert _rel(_forward(dst / "high_noise_model", tiny_cfg), _forward(path, tiny_cfg)) < 2e-2
