@@ -10,6 +10,20 @@ float32, ~57 GB each), converted, and gathered into shards of at most `max_shard
 that are written as soon as they fill. Peak host memory is about two shards plus one source tensor
 (~1.5 GB), whatever the model size.
 
+Single files (`convert_files({"high": FILE, "low": FILE}, dst, scheme)`): the experts people already
+have, opened by `wan_lite.checkpoint.open_expert` (recognised by content; a LoRA, an I2V expert, a text
+encoder or VAE is refused before any weight is read), written as `DST/high_noise_model/` and
+`DST/low_noise_model/` (no text encoder, VAE or tokenizer: `generate --high DST/high_noise_model --low
+DST/low_noise_model --text-encoder FILE --vae FILE` runs them). How each file kind becomes our scheme
+(`source_notes`, also recorded in the metadata):
+- fp32 / fp16 / bf16: quantized per output channel, exactly as a model root's expert.
+- fp8 scaled (legacy `scale_weight` or ComfyUI `weight_scale`) to fp8: the e4m3 bytes are kept bit for
+  bit, the file's scale (a scalar broadcast) becomes our per-output-channel scale; no second rounding.
+  e5m2 weights are moved into e4m3 with a power-of-two rescale per output channel, as the runtime
+  reads them (`wan_lite.formats.e5m2_to_e4m3`): exact within 2^14 of each row's maximum.
+- fp8 scaled to int8, GGUF to int8 / fp8: dequantized, then quantized per output channel: the weights
+  are rounded a second time (said on the console and in the metadata).
+
 Resumable: everything is written under `DST.partial/`. Each shard goes to a temporary name, is
 fsynced and renamed, then its sha256 is recorded in `DST.partial/<expert>/progress.json` together
 with the plan (scheme, format version, source fingerprint, calibration digest, shard layout).
@@ -33,7 +47,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import wan_lite
-from wan_lite.checkpoint import find_experts, open_expert
+from wan_lite.checkpoint import check_pair, find_experts, open_expert
 from wan_lite.model import WanModel
 from wan_lite.quantized import backends
 from wan_lite.quantized.backends import QUANTO_QTYPES
@@ -130,19 +144,78 @@ def plan_shards(cfg, scheme: str, max_shard_bytes: int = MAX_SHARD_BYTES) -> lis
     return shards + ([current] if current else [])
 
 
+def open_source(src, scheme: str, *, smoothing: bool = False):
+    """The expert source `convert_expert` reads (header and metadata only; refusals name the file and the fix).
+
+    A folder (official or diffusers) as stored: float weights, quantized here. A single file
+    (`wan_lite.formats`: safetensors fp32/fp16/bf16, fp8 scaled, GGUF) with its block Linears already in
+    `scheme` when that is int8 / fp8 (an fp8-scaled file's e4m3 weights as stored, any other weight
+    quantized per output channel by the same `quantize_linear_weight`), or all float for the library
+    schemes and for smoothing (which scales float weights before they are quantized).
+    """
+    src = Path(src)
+    if src.is_file():
+        return open_expert(src, scheme=scheme if scheme in ("int8", "fp8") and not smoothing else "none")
+    source = open_expert(src)
+    if source.scheme != "none":
+        raise ConversionError(f"{src} is already quantized ({source.scheme}): convert from the float expert it "
+                              "was made from")
+    return source
+
+
+def source_notes(source, scheme: str) -> list[str]:
+    """How a single file's weights become `scheme`, one line each (printed by the CLI, kept in the metadata);
+    [] for a folder (float weights quantized once)."""
+    info = getattr(source, "info", None)
+    if info is None:
+        return []
+    name, stored = info.path.name, info.scheme  # "none" | "fp8" | "fp8-scaled" | "comfy-quant" | "gguf"
+    if stored == "none":
+        return [f"{name}: float weights quantized to {scheme} ({_scheme_description(scheme)})"]
+    if stored == "gguf":
+        return [f"{name}: GGUF weights dequantized, then quantized to {scheme}: they are rounded a second time "
+                "(int8 adds about 9e-3 relative weight error at A14B width, on top of the file's own)"]
+    if scheme != "fp8":
+        return [f"{name}: fp8 weights dequantized, then quantized to {scheme}: they are rounded twice (fp8, then "
+                f"{scheme}); --scheme fp8 keeps the file's own weights"]
+    kept = len(source.native_fp8)
+    notes = [f"{name}: fp8 {'e5m2' if info.facts.get('weights') == 'F8_E5M2' else 'e4m3'} weights of {kept} "
+             "block Linears kept, their scale (a scalar broadcast) as our per-output-channel scale"]
+    if info.facts.get("weights") == "F8_E5M2":
+        notes.append(f"{name}: e5m2 weights moved into e4m3 with a power-of-two rescale per output channel, as the "
+                     "runtime reads them: exact within 2^14 of each row's maximum, smaller values round to e4m3 "
+                     "subnormals")
+    if kept < len(source.linears):
+        notes.append(f"{name}: {len(source.linears) - kept} block Linears stored as float quantized to fp8")
+    return notes
+
+
+def source_record(src, source, scheme: str) -> dict:
+    """The metadata's `source`: where the weights came from and how they were stored."""
+    path = Path(src).resolve()
+    record = {"path": str(path), "fingerprint": source.fingerprint()}
+    if not path.is_file():
+        return {**record, "layout": source.layout}
+    info = source.info
+    return {**record, "layout": "file", "file": path.name, "container": info.container, "stored": info.scheme,
+            "model": info.model, "notes": source_notes(source, scheme)}
+
+
 def convert_expert(src, out, scheme: str, *, stats: dict[str, torch.Tensor] | None = None, alpha: float = 0.5,
                    force: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES, on_shard: ShardHook | None = None,
                    progress: bool = True) -> dict:
-    """Convert one expert folder into `out` (created; resumed if it holds matching partial work).
+    """Convert one expert (a folder, or a single file: see `open_source`) into `out` (created; resumed if
+    it holds matching partial work).
 
     Returns the metadata written to `out/wan_lite_quant.json`.
     """
-    source = open_expert(src)
+    source = open_source(src, scheme, smoothing=stats is not None)
     cfg, out = source.config, Path(out)
     plan = plan_shards(cfg, scheme, max_shard_bytes)
     planned = {n for group in plan for n in group}
-    if planned != set(source.names()):
-        missing, extra = sorted(planned - set(source.names())), sorted(set(source.names()) - planned)
+    names = set(source.names()) - {f"{m}.weight_scale" for m in source.linears}  # 8-bit: scale beside its weight
+    if planned != names:
+        missing, extra = sorted(planned - names), sorted(names - planned)
         raise ConversionError(f"{src} is not a complete {cfg.num_layers}-layer Wan2.2 expert (missing {missing[:4]}, "
                               f"unexpected {extra[:4]}): download it again")
     linears = sorted({n.rpartition(".")[0] for n in planned if QUANTIZED_LINEAR.match(n.rpartition(".")[0])})
@@ -208,6 +281,11 @@ def convert_expert(src, out, scheme: str, *, stats: dict[str, torch.Tensor] | No
         tensors: dict[str, torch.Tensor] = {}
         for name in group:
             module, _, leaf = name.rpartition(".")
+            if module in source.linears and leaf == "weight":  # already `scheme` (see open_source): as read
+                tensors[name] = source.tensor(name).contiguous()
+                tensors[f"{module}.weight_scale"] = source.tensor(f"{module}.weight_scale").contiguous()
+                bar.update(1)
+                continue
             t, s = source.tensor(name), None
             if smoother is not None:  # W * s, and the 1/s of a following Linear folded into v / norm3
                 t, s = smoother.apply(name, t)
@@ -246,7 +324,7 @@ def convert_expert(src, out, scheme: str, *, stats: dict[str, torch.Tensor] | No
         "linears": linear_specs,
         "kept": kept,
         "smoothing": None if stats is None else {"method": "smoothquant", "alpha": alpha, "calib": calib_digest},
-        "source": {"path": str(Path(src).resolve()), "layout": source.layout, "fingerprint": source.fingerprint()},
+        "source": source_record(src, source, scheme),
         "shards": shards,
     }
     _write_json(out / INDEX_FILE, {"metadata": {"format": FORMAT, "scheme": scheme},
@@ -300,35 +378,29 @@ def _copy(entry: Path, target: Path) -> None:
     shutil.copy2(entry, target)
 
 
-def convert_checkpoint(src, dst, scheme: str, *, experts=("high", "low"), calib=None, alpha: float = 0.5,
-                       force: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES,
-                       on_shard: ShardHook | None = None, progress: bool = True) -> Path:
-    """Convert the experts of a model root into DST (see the module docstring). Returns DST.
-
-    `experts`: which to quantize ("high", "low"); the others are linked unquantized.
-    `calib`: activation statistics {"high": {linear: absmax}, "low": {...}} (calib.collect) for smoothing.
-    """
+def _check_request(scheme: str, experts) -> None:
     if scheme not in SCHEMES:
         raise ValueError(f"unknown scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
     unknown = set(experts) - set(EXPERT_DIRS)
     if unknown or not experts:
         raise ValueError(f"--experts takes a comma list of high, low; got {','.join(experts)}")
-    src, dst = Path(src), Path(dst)
-    sources = dict(zip(("high", "low"), find_experts(src)))
-    if dst.resolve() == src.resolve():
-        raise ConversionError(f"--out {dst} is the source root: write the quantized model somewhere else")
+
+
+def _begin(dst: Path, sources: list[Path], force: bool) -> Path:
+    """DST.partial/, created, after checking DST is free (or `force`) and holds no source."""
+    for src in sources:
+        if dst.resolve() == src.resolve() or dst.resolve() in src.resolve().parents:
+            raise ConversionError(f"--out {dst} is or holds the source {src}: write the quantized model somewhere "
+                                  "else")
     if dst.exists() and not force:
         raise ConversionError(f"{dst} already exists: pass --force to replace it, or choose another --out")
     partial = dst.with_name(dst.name + ".partial")
     partial.mkdir(parents=True, exist_ok=True)
-    link_tree(src, partial, skip={p.name for p in sources.values()})
-    for key, expert_src in sources.items():
-        out = partial / EXPERT_DIRS[key]
-        if key in experts:
-            convert_expert(expert_src, out, scheme, stats=None if calib is None else calib[key], alpha=alpha,
-                           force=force, max_shard_bytes=max_shard_bytes, on_shard=on_shard, progress=progress)
-        else:
-            link_tree(expert_src, out)
+    return partial
+
+
+def _publish(partial: Path, dst: Path, experts, scheme: str) -> Path:
+    """Re-check every shard of the converted experts, then rename DST.partial to DST (replacing an old DST)."""
     for key in experts:  # nothing is published until every shard re-opens with the right header and keys
         out = partial / EXPERT_DIRS[key]
         meta = json.loads((out / META_FILE).read_text())
@@ -343,3 +415,59 @@ def convert_checkpoint(src, dst, scheme: str, *, experts=("high", "low"), calib=
     else:
         os.replace(partial, dst)
     return dst
+
+
+def convert_checkpoint(src, dst, scheme: str, *, experts=("high", "low"), calib=None, alpha: float = 0.5,
+                       force: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES,
+                       on_shard: ShardHook | None = None, progress: bool = True) -> Path:
+    """Convert the experts of a model root into DST (see the module docstring). Returns DST.
+
+    `experts`: which to quantize ("high", "low"); the others are linked unquantized.
+    `calib`: activation statistics {"high": {linear: absmax}, "low": {...}} (calib.collect) for smoothing.
+    """
+    _check_request(scheme, experts)
+    src, dst = Path(src), Path(dst)
+    sources = dict(zip(("high", "low"), find_experts(src)))
+    partial = _begin(dst, [src], force)
+    link_tree(src, partial, skip={p.name for p in sources.values()})
+    for key, expert_src in sources.items():
+        out = partial / EXPERT_DIRS[key]
+        if key in experts:
+            convert_expert(expert_src, out, scheme, stats=None if calib is None else calib[key], alpha=alpha,
+                           force=force, max_shard_bytes=max_shard_bytes, on_shard=on_shard, progress=progress)
+        else:
+            link_tree(expert_src, out)
+    return _publish(partial, dst, experts, scheme)
+
+
+def open_files(experts: dict, scheme: str) -> dict:
+    """{"high": source, "low": source} of experts given one by one (either may be left out), checked from
+    their headers: each exists, is a text-to-video expert (refusals name the file and what to use), and
+    the two are of one size. No weight is read."""
+    _check_request(scheme, tuple(experts))
+    paths = {key: Path(p) for key, p in experts.items()}
+    for key, path in paths.items():
+        if not path.exists():
+            raise FileNotFoundError(f"the {key}-noise expert {path} does not exist")
+    sources = {key: open_source(path, scheme) for key, path in paths.items()}
+    first, last = next(iter(paths)), list(paths)[-1]  # one expert alone is checked against itself
+    check_pair(sources[first].config, sources[last].config, paths[first], paths[last])
+    return sources
+
+
+def convert_files(experts: dict, dst, scheme: str, *, force: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES,
+                  on_shard: ShardHook | None = None, progress: bool = True) -> Path:
+    """Convert experts given one by one, {"high": FILE, "low": FILE} (single files or expert folders; one
+    alone is allowed), into DST/high_noise_model/ and DST/low_noise_model/ (see the module docstring).
+
+    Every source is opened and checked (kind of file, completeness, a text-to-video pair of one size)
+    before any weight is read. Returns DST. Raises CheckpointError naming a wrong file, ConversionError.
+    """
+    paths = {key: Path(p) for key, p in experts.items()}
+    open_files(paths, scheme)
+    dst = Path(dst)
+    partial = _begin(dst, list(paths.values()), force)
+    for key, path in paths.items():
+        convert_expert(path, partial / EXPERT_DIRS[key], scheme, force=force, max_shard_bytes=max_shard_bytes,
+                       on_shard=on_shard, progress=progress)
+    return _publish(partial, dst, tuple(paths), scheme)
