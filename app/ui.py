@@ -160,15 +160,18 @@ def build_ui(app: App) -> gr.Blocks:
         def load_comfyui(folder, high, low, tokenizer):
             return loaded(app.load_files, ModelFiles.of(comfyui=folder, high=high, low=low, tokenizer=tokenizer))
 
-        def list_comfyui(folder):  # the expert dropdowns, filled from the typed folder's diffusion_models/
+        def list_comfyui(folder, listed):  # the expert dropdowns, filled from the typed folder's diffusion_models/
+            folder = str(folder or "").strip()
+            if folder == listed:  # Enter, then leaving the field: listed once, the picks made since stay
+                return gr.skip(), gr.skip(), gr.skip(), gr.skip()
             try:
                 names = app.comfyui_experts(folder)
             except gr.Error as e:
                 gr.Warning(e.message, title="No expert files")
-                return gr.Dropdown(choices=[], value=None), gr.Dropdown(choices=[], value=None), e.message
+                return gr.Dropdown(choices=[], value=None), gr.Dropdown(choices=[], value=None), e.message, None
             high, low = _guess(names, "high"), _guess(names, "low")
             return (gr.Dropdown(choices=names, value=high), gr.Dropdown(choices=names, value=low),
-                    f"{len(names)} expert file(s) in {str(folder).strip()}: pick the high-noise and the low-noise one.")
+                    f"{len(names)} expert file(s) in {folder}: pick the high-noise and the low-noise one.", folder)
 
         def initial():
             s = app.settings()
@@ -197,8 +200,9 @@ def build_ui(app: App) -> gr.Blocks:
         m["load_files"].click(load_files, pieces, after_load, concurrency_limit=None, show_progress="hidden")
         comfyui = [m["comfyui"], m["comfyui_high"], m["comfyui_low"], m["comfyui_tokenizer"]]
         m["load_comfyui"].click(load_comfyui, comfyui, after_load, concurrency_limit=None, show_progress="hidden")
-        gr.on([m["comfyui"].submit, m["comfyui"].blur], list_comfyui, m["comfyui"],
-              [m["comfyui_high"], m["comfyui_low"], status], concurrency_limit=None, show_progress="hidden")
+        gr.on([m["comfyui"].submit, m["comfyui"].blur], list_comfyui, [m["comfyui"], m["comfyui_listed"]],
+              [m["comfyui_high"], m["comfyui_low"], status, m["comfyui_listed"]], concurrency_limit=None,
+              show_progress="hidden")
         blocks.load(initial, None, [*controls, plan, gallery, shown, status], concurrency_limit=None)
     return blocks
 
@@ -233,6 +237,7 @@ def _model_picker(app: App) -> dict:
                                                 label="Tokenizer folder (google/umt5-xxl; empty: the hub id, "
                                                 "downloaded once)")
             m["load_comfyui"] = gr.Button("Load ComfyUI model", elem_id="load_comfyui")
+            m["comfyui_listed"] = gr.State(f.comfyui or None)  # the folder the dropdowns were filled from
     return m
 
 

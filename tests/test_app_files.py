@@ -108,11 +108,12 @@ def test_comfyui_folder_lists_its_experts(comfy, tmp_path):
 def test_the_ui_fills_the_expert_dropdowns(files_app, comfy, tmp_path):
     models, _ = comfy
     fns = {fn.name: fn.fn for fn in build_ui(files_app).fns.values()}
-    high, low, line = fns["list_comfyui"](str(models))
-    assert high.constructor_args["choices"] == comfyui_experts(models)
+    high, low, line, listed = fns["list_comfyui"](f" {models} ", None)
+    assert high.constructor_args["choices"] == comfyui_experts(models) and listed == str(models)
     assert "8 expert file(s)" in line
-    high, low, line = fns["list_comfyui"](str(tmp_path))
-    assert high.constructor_args["choices"] == [] and "no diffusion_models/" in line
+    assert fns["list_comfyui"](str(models), listed) == (gr.skip(),) * 4  # listed already: the picks stay
+    high, low, line, listed = fns["list_comfyui"](str(tmp_path), str(models))
+    assert high.constructor_args["choices"] == [] and "no diffusion_models/" in line and listed is None
 
 
 # ---------------------------------------------------------------------------------------------------
