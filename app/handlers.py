@@ -72,6 +72,7 @@ SIZE_PRESETS = {  # label -> (width, height): the official Wan2.2 T2V sizes
 }
 DEMO_SIZE_PRESETS = {"64x64 (demo)": (64, 64), "96x64 (demo landscape)": (96, 64), "64x96 (demo portrait)": (64, 96)}
 VRAM_PROFILES = {"auto": None, "24 GB": 24.0, "16 GB": 16.0, "12 GB": 12.0, "8 GB": 8.0}  # None: free memory now
+FILE_WEIGHTS = {"none": "float"}  # a stored scheme as the banner and plan text name single files' weights
 SCHEME_LABELS = {"none": "bf16"}  # the menu's name of a stored scheme; others are called as stored (int8, fp8)
 MAX_FRAMES = 161  # the frames slider's end: 10 s at 16 fps
 MAX_LORA_STRENGTH = 4.0
@@ -266,7 +267,7 @@ class App:
         if self.files is not None:
             small = " A test-size model (narrower than any released expert): the demo sizes are offered." \
                 if self.is_small else ""
-            return (f"**Model:** single files, weights {p.quantization}, on {self.device.type}: "
+            return (f"**Model:** single files, {FILE_WEIGHTS.get(p.scheme, p.scheme)} weights, on {self.device.type}: "
                     f"{describe_files(p.model)}.{small}")
         return f"**Model:** `{p.root}` ({p.layout} layout, weights {p.quantization}) on {self.device.type}."
 
@@ -390,7 +391,7 @@ class App:
         """The plan text's line naming what is loaded: the root, or each file of a model given as pieces."""
         p = self.pipe
         if self.files is not None:
-            return f"Model: files ({p.quantization}): {describe_files(p.model)}"
+            return f"Model: files ({FILE_WEIGHTS.get(p.scheme, p.scheme)}): {describe_files(p.model)}"
         return f"Model: {p.root} ({p.layout} layout, {p.quantization})"
 
     def recipe(self, s: Settings) -> str:

@@ -51,7 +51,7 @@ def test_a_comfyui_folder_is_picked_and_generates(server, browser, comfy):  # no
     pick(page, "comfyui_low", LOW)
     page.locator("#load_comfyui").click()
     refused = wait_status(page, "^Model not loaded: ", timeout=60_000)
-    assert "this is a LoRA, not an expert" in refused
+    assert f"{LORA}: this is a LoRA" in refused and "not an expert" in refused
     assert folder.input_value() == str(models) and page.locator("#comfyui_high input").input_value() == LORA
     assert "Demo model" in page.locator("#banner").inner_text() and error_badges(page) == 0
     shot(page, "files-refused")

@@ -144,7 +144,8 @@ def test_four_files_open_as_the_cli_opens_them(tmp_path, cache, comfy, pair, sch
     assert app.pipe.model == expected and expected.scheme == scheme
     assert app.quant_choices() == ["auto", menu]
     plan = app.plan(tiny_settings())
-    assert f"Model: files ({scheme}): high {pair[0]} · low {pair[1]} · text encoder {TEXT} · VAE {VAE_FILE}" in plan
+    weights = "float" if scheme == "none" else scheme
+    assert f"Model: files ({weights}): high {pair[0]} · low {pair[1]} · text encoder {TEXT} · VAE {VAE_FILE}" in plan
     assert app.root_value() is None  # the model-folder field is left empty: no root is loaded
 
 
