@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from wan_lite import planner
-from wan_lite.checkpoint import CheckpointError, check_root
+from wan_lite.checkpoint import CheckpointError, ModelRoot, check_root
 from wan_lite.checks import validate_sampling
 from wan_lite.config import SOLVERS, SamplingConfig
 from wan_lite.pipeline import grid, high_steps
@@ -60,8 +60,9 @@ from wan_lite.vae import VAE
 
 from . import demo
 from .jobs import GenerationCancelled, GpuLine, Job, clock, peak_vram, watch_decode
+from .models import ModelFiles, comfyui_experts, describe_files, model_files, open_files
 from .options import PRESETS, STEP_CACHES, LoraFolder
-from .preview import Preview
+from .preview import Preview, latent_to_rgb, vae_preview
 
 SIZE_PRESETS = {  # label -> (width, height): the official Wan2.2 T2V sizes
     "1280x720 (720p landscape)": (1280, 720),
@@ -71,10 +72,13 @@ SIZE_PRESETS = {  # label -> (width, height): the official Wan2.2 T2V sizes
 }
 DEMO_SIZE_PRESETS = {"64x64 (demo)": (64, 64), "96x64 (demo landscape)": (96, 64), "64x96 (demo portrait)": (64, 96)}
 VRAM_PROFILES = {"auto": None, "24 GB": 24.0, "16 GB": 16.0, "12 GB": 12.0, "8 GB": 8.0}  # None: free memory now
+FILE_WEIGHTS = {"none": "float"}  # a stored scheme as the banner and plan text name single files' weights
 SCHEME_LABELS = {"none": "bf16"}  # the menu's name of a stored scheme; others are called as stored (int8, fp8)
 MAX_FRAMES = 161  # the frames slider's end: 10 s at 16 fps
 MAX_LORA_STRENGTH = 4.0
 MAX_SEED = 2**31 - 1
+MAX_VAE_PREVIEW_EVERY = 50  # the full-VAE preview slider's end (steps)
+SMALLEST_RELEASED_DIM = 1536  # Wan2.1-T2V-1.3B: a narrower expert is a test / demo model (demo sizes offered)
 SETTINGS_FILE = "settings.json"
 GALLERY_LIMIT = 48
 
@@ -108,6 +112,7 @@ class Settings:
     exact_attention: bool = False  # True: never the FP8 attention kernel
     step_cache: str = "off"  # STEP_CACHES key
     vram_profile: str = "auto"
+    vae_preview_every: int = 0  # steps between full-VAE previews of the denoised estimate; 0: off
 
     @classmethod
     def defaults(cls, is_demo: bool) -> Settings:
@@ -146,7 +151,7 @@ class App:
 
     def __init__(self, outputs: str | os.PathLike = "outputs", *, ckpt: str | os.PathLike | None = None,
                  device: str | None = None, cache_dir: str | os.PathLike | None = None, share: bool = False,
-                 loras: str | os.PathLike | None = None):
+                 loras: str | os.PathLike | None = None, files: ModelFiles | None = None):
         self.outputs = Path(outputs).expanduser().resolve()
         self.outputs.mkdir(parents=True, exist_ok=True)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -160,7 +165,12 @@ class App:
         self.decode_rate: float | None = None  # seconds per decoded pixel x frame, from the last run
         self.pipe: T2VPipeline | None = None
         self.is_demo = False
-        self.load_model(ckpt if ckpt is not None else demo.ensure_demo_checkpoint(cache_dir))
+        self.files: ModelFiles | None = None  # the pieces the loaded model was opened from (None: a root)
+        self.start_files = files  # with --share, the only pieces that can be loaded
+        if files is not None:
+            self.load_files(files)
+        else:
+            self.load_model(ckpt if ckpt is not None else demo.ensure_demo_checkpoint(cache_dir))
 
     # --- model -----------------------------------------------------------------------------------
 
@@ -192,17 +202,59 @@ class App:
             raise user_error(f"No folder {path}: give the folder that holds the downloaded Wan2.2-T2V-A14B files.")
         try:
             check_root(path)
-            is_demo = demo.is_demo(path)
-            # the tiny demo in float32 on a CPU; on a GPU bf16, which every fused attention kernel takes
-            dtype = torch.float32 if is_demo and self.device.type == "cpu" else torch.bfloat16
-            pipe = T2VPipeline.from_pretrained(path, device=self.device, dtype=dtype, text_dtype=dtype,
+        except CheckpointError as e:
+            raise user_error(str(e)) from None
+        return self._open(path, None)
+
+    def load_files(self, files: ModelFiles) -> str:
+        """Open a model given as pieces (`app.models.ModelFiles`: two expert files with the text encoder and
+        VAE, or a ComfyUI models/ folder with the experts named), checked from headers before any weight
+        loads. Returns the banner text; gr.Error with wan_lite's message naming the wrong file otherwise."""
+        if self.share and self.pipe is not None and files != self.start_files:
+            raise user_error("With --share only the model the app was started with can be loaded: start it with "
+                             "--high/--low (and --ckpt COMFYUI/models or --text-encoder/--vae) to use other files.")
+        if self.jobs:
+            raise user_error("A video is being generated or queued: wait for it or cancel it, then load the model.")
+        try:
+            model = open_files(files)
+        except (CheckpointError, FileNotFoundError, ValueError) as e:
+            raise user_error(str(e)) from None
+        return self._open(model, files)
+
+    def comfyui_experts(self, folder: str | os.PathLike) -> list[str]:
+        """The expert file names a ComfyUI models/ folder offers (the two dropdowns); gr.Error otherwise."""
+        if self.share and (self.start_files is None or str(folder).strip() != self.start_files.comfyui):
+            raise user_error("With --share only the ComfyUI folder the app was started with (--ckpt) is listed.")
+        try:
+            return comfyui_experts(folder)
+        except (OSError, ValueError) as e:
+            raise user_error(str(e)) from None
+
+    def _open(self, model: Path | ModelRoot, files: ModelFiles | None) -> str:
+        """Make the pipeline of a checked root folder or ModelRoot and make it the loaded model."""
+        is_demo = isinstance(model, Path) and demo.is_demo(model)
+        config = model.config if isinstance(model, ModelRoot) else None
+        small = is_demo or (config is not None and config.dim < SMALLEST_RELEASED_DIM)
+        # a tiny model in float32 on a CPU; on a GPU bf16, which every fused attention kernel takes
+        dtype = torch.float32 if small and self.device.type == "cpu" else torch.bfloat16
+        try:
+            pipe = T2VPipeline.from_pretrained(model, device=self.device, dtype=dtype, text_dtype=dtype,
                                                cache_dir=self.cache_dir / "text" if self.cache_dir else None)
         except (CheckpointError, FileNotFoundError, ValueError) as e:
             raise user_error(str(e)) from None
-        old, self.pipe, self.is_demo, self.decode_rate = self.pipe, pipe, is_demo, None
+        old, self.pipe, self.is_demo, self.files, self.decode_rate = self.pipe, pipe, is_demo, files, None
         del old
         free_memory()
         return self.banner()
+
+    @property
+    def is_small(self) -> bool:
+        """A demo / test-size model (narrower than any released Wan expert): the tiny demo sizes are offered."""
+        return self.is_demo or self.pipe.expert_config().dim < SMALLEST_RELEASED_DIM
+
+    def root_value(self) -> str | None:
+        """The model-folder field's value: the loaded root, or None when the model was opened from files."""
+        return None if self.files is not None else str(self.pipe.root)
 
     def banner(self) -> str:
         if self.is_demo:
@@ -212,11 +264,16 @@ class App:
                     "download Wan2.2-T2V-A14B and run `python -m app --ckpt /path/to/Wan2.2-T2V-A14B`, or pick "
                     "its folder under *Model* below.")
         p = self.pipe
+        if self.files is not None:
+            small = " A test-size model (narrower than any released expert): the demo sizes are offered." \
+                if self.is_small else ""
+            return (f"**Model:** single files, {FILE_WEIGHTS.get(p.scheme, p.scheme)} weights, on {self.device.type}: "
+                    f"{describe_files(p.model)}.{small}")
         return f"**Model:** `{p.root}` ({p.layout} layout, weights {p.quantization}) on {self.device.type}."
 
     def size_presets(self) -> dict[str, tuple[int, int]]:
         """The sizes offered for the loaded model: the tiny demo sizes, or the official ones."""
-        return DEMO_SIZE_PRESETS if self.is_demo else SIZE_PRESETS
+        return DEMO_SIZE_PRESETS if self.is_small else SIZE_PRESETS
 
     def quant_choices(self) -> list[str]:
         """What the loaded model can run: 'auto' (as stored) and the stored scheme by name (bf16 for float
@@ -227,7 +284,7 @@ class App:
 
     def settings(self) -> Settings:
         """The remembered settings (the defaults where none are stored or they do not fit this model)."""
-        defaults = Settings.defaults(self.is_demo)
+        defaults = Settings.defaults(self.is_small)
         try:
             stored = json.loads((self.outputs / SETTINGS_FILE).read_text())
         except (OSError, ValueError):
@@ -279,6 +336,8 @@ class App:
              f"Low-noise LoRA strength {s.lora_low_strength} {strength}."),
             (s.vram_profile in VRAM_PROFILES, f"VRAM profile {s.vram_profile!r} is unknown: choose one of "
                                               f"{', '.join(VRAM_PROFILES)}."),
+            (_is_int(s.vae_preview_every) and 0 <= s.vae_preview_every <= MAX_VAE_PREVIEW_EVERY,
+             f"Full VAE preview every {s.vae_preview_every} steps: give 0 (off) to {MAX_VAE_PREVIEW_EVERY}."),
         ]
         for ok, message in checks:
             if not ok:
@@ -298,6 +357,7 @@ class App:
         except ValueError as e:
             raise user_error(str(e)) from None
         s.frames, s.steps, s.seed = int(s.frames), int(s.steps), int(s.seed) if _is_int(s.seed) else 0
+        s.vae_preview_every = int(s.vae_preview_every)
         return presets[s.size]
 
     def lora_files(self, s: Settings) -> dict[str, list[tuple[Path, float]]]:
@@ -325,7 +385,14 @@ class App:
 
     def plan(self, s: Settings) -> str:
         """What a run with these settings will do, as text: sampler, LoRAs, attention, the memory plan."""
-        return f"{self.recipe(s)}\n{self.memory_plan(s)}"
+        return f"{self.recipe(s)}\n{self.model_line()}\n{self.memory_plan(s)}"
+
+    def model_line(self) -> str:
+        """The plan text's line naming what is loaded: the root, or each file of a model given as pieces."""
+        p = self.pipe
+        if self.files is not None:
+            return f"Model: files ({FILE_WEIGHTS.get(p.scheme, p.scheme)}): {describe_files(p.model)}"
+        return f"Model: {p.root} ({p.layout} layout, {p.quantization})"
 
     def recipe(self, s: Settings) -> str:
         preset = PRESETS.get(s.preset)
@@ -334,9 +401,11 @@ class App:
                            for name, names, strength in (("high", s.lora_high, s.lora_high_strength),
                                                          ("low", s.lora_low, s.lora_low_strength)))
         attention = "exact (FP8 attention off)" if s.exact_attention else "FP8 kernel allowed (8-bit models, sm89+)"
+        every = s.vae_preview_every
+        vae = f"full VAE every {every} steps" if _is_int(every) and every > 0 else "latents as RGB"
         return (f"Sampler: {s.preset} preset, {grid_name} grid · {s.steps} steps {s.solver} · shift {s.shift} · "
                 f"guidance {s.guidance_high} / {s.guidance_low} · step cache {s.step_cache}\nLoRAs: {loras}\n"
-                f"Attention: {attention}")
+                f"Attention: {attention} · preview: {vae}")
 
     def memory_plan(self, s: Settings) -> str:
         if s.size not in self.size_presets() or not _is_int(s.frames) or (s.frames - 1) % 4 \
@@ -406,14 +475,17 @@ class App:
                 torch.cuda.reset_peak_memory_stats()
             job.report()
             pipe.set_loras(**self.lora_files(s))
-            with watch_decode(self._vae().model, latents, job.on_decode):
+            vae = self._vae()
+            with watch_decode(vae.model, latents, job.on_decode) as watch:
                 result = pipe(s.prompt, s.negative_prompt, size=size, frames=s.frames, steps=s.steps, seed=seed,
                               shift=s.shift, guidance_high=s.guidance_high, guidance_low=s.guidance_low,
                               solver=s.solver, grid=sampling.grid, cache=STEP_CACHES[s.step_cache],
-                              callback=job.on_step,
-                              preview=lambda x: job.on_preview(preview(x)), out=out, plan=plan,
+                              callback=job.on_step, preview=self._previewer(job, s, preview, watch, plan),
+                              out=out, plan=plan,
                               extra_metadata={"vram_profile": s.vram_profile, "preset": s.preset,
-                                              "exact_attention": s.exact_attention})
+                                              "exact_attention": s.exact_attention,
+                                              "vae_preview_every": s.vae_preview_every,
+                                              "model_files": model_files(pipe.model)})
             self.decode_rate = result.timings["decode"] / (size[0] * size[1] * s.frames)
         except GenerationCancelled as e:
             error = e
@@ -430,6 +502,33 @@ class App:
                 pipe.release()
             free_memory()
         return (None, error) if error is not None else (out, None)
+
+    def _previewer(self, job: Job, s: Settings, preview: Preview, watch, plan):
+        """The pipeline's preview hook: the latents-as-RGB picture after every step, and every
+        `s.vae_preview_every` steps (not the last: the video's own decode follows) the full-VAE preview of
+        the same estimate, its cost in the status line and the terminal. Out of GPU memory turns the full
+        preview off for the rest of the run instead of failing it."""
+        every, tile = s.vae_preview_every, plan.vae_tile if plan is not None else "auto"
+
+        def on_latents(x: torch.Tensor) -> None:
+            x0 = preview.estimate(x)  # (B, 16, F', h, w) on the CPU
+            job.on_preview(latent_to_rgb(x0))
+            step = job.done_steps
+            if not every or step % every or step >= s.steps or job.vae_note.startswith("full VAE preview off"):
+                return
+            start, picture = time.monotonic(), None
+            try:
+                with watch.paused():
+                    picture = vae_preview(self.pipe.vae, x0, tile=tile)
+            except torch.cuda.OutOfMemoryError:
+                job.vae_note = "full VAE preview off: out of GPU memory at this size"
+            if picture is None:
+                free_memory()
+                return
+            job.on_vae_preview(picture, time.monotonic() - start)
+            print(f"{job.vae_note} (of {s.steps})", flush=True)
+
+        return on_latents
 
     def _vae(self) -> VAE:
         """The pipeline's VAE, loaded now as T2VPipeline loads it at its first decode (so that the decode can
@@ -461,6 +560,11 @@ class App:
         """The newest live-preview picture of the session's run, once (None: nothing new)."""
         job = self.jobs.get(session)
         return None if job is None else job.take_preview()
+
+    def vae_preview(self, session: str = "local") -> np.ndarray | None:
+        """The newest full-VAE preview of the session's run, once (None: nothing new)."""
+        job = self.jobs.get(session)
+        return None if job is None else job.take_vae_preview()
 
     def cancel(self, session: str = "local") -> str:
         """Stop this session's run: out of the queue at once, else after its current step or decoded frame."""

@@ -8,7 +8,8 @@ live preview and Cancel. Plain Python, no gradio (the `progress` callable is a g
   and `take_preview()`. Each of them raises `GenerationCancelled` once Cancel was pressed, so a run
   stops after its current step, or between two decoded frames (then nothing is written).
 - `watch_decode`: counts the VAE decoder's calls (one per latent frame per tile, as diffusers'
-  `AutoencoderKLWan` decodes) for the decode's progress and Cancel.
+  `AutoencoderKLWan` decodes) for the decode's progress and Cancel; a full-VAE preview decodes
+  inside its `paused()` so that it is not counted as the video's decode.
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ class Job:
     preview: np.ndarray | None = None  # (h, w, 3) uint8 of the latest step
     preview_step: int = 0  # the step that picture shows; `take_preview` hands each one out once
     preview_taken: int = 0
+    vae_preview: np.ndarray | None = None  # (h, w, 3) uint8: the latest full-VAE preview (app.preview.vae_preview)
+    vae_preview_step: int = 0
+    vae_preview_taken: int = 0
+    vae_note: str = ""  # "full VAE preview at step 8: 2.3 s" (its cost), or why it was turned off
 
     # --- called from the run's thread ---------------------------------------------------------
 
@@ -81,6 +86,11 @@ class Job:
 
     def on_preview(self, picture: np.ndarray) -> None:
         self.preview, self.preview_step = picture, self.done_steps
+
+    def on_vae_preview(self, picture: np.ndarray, seconds: float) -> None:
+        """A full-VAE preview of the current step, and what it cost (shown in the status line)."""
+        self.vae_preview, self.vae_preview_step = picture, self.done_steps
+        self.vae_note = f"full VAE preview at step {self.done_steps}: {seconds:.1f} s"
 
     def on_decode(self, done: int, total: int) -> None:
         """Before each decoder call: `done` of `total` calls are finished."""
@@ -138,7 +148,8 @@ class Job:
     def status_line(self) -> str:
         if self.ahead:
             return f"{self.phase()} · Cancel leaves the queue"
-        return f"{self.phase()} · step {self.done_steps}/{self.steps} · {self.eta()} · {peak_vram()}"
+        note = f" · {self.vae_note}" if self.vae_note else ""
+        return f"{self.phase()} · step {self.done_steps}/{self.steps} · {self.eta()} · {peak_vram()}{note}"
 
     def take_preview(self) -> np.ndarray | None:
         """The newest preview picture, once; None when there is none newer."""
@@ -146,6 +157,13 @@ class Job:
             return None
         self.preview_taken = self.preview_step
         return self.preview
+
+    def take_vae_preview(self) -> np.ndarray | None:
+        """The newest full-VAE preview, once; None when there is none newer."""
+        if self.vae_preview is None or self.vae_preview_step == self.vae_preview_taken:
+            return None
+        self.vae_preview_taken = self.vae_preview_step
+        return self.vae_preview
 
 
 class GpuLine:
@@ -201,25 +219,46 @@ def decoder_calls(vae_model, latents_shape: tuple[int, ...]) -> int:
     return frames * rows * cols
 
 
+class DecodeWatch:
+    """What `watch_decode` yields: `paused()` is a context in which the decoder's calls are not counted."""
+
+    def __init__(self):
+        self.done, self.total, self.pause = 0, 0, False
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        self.pause = True
+        try:
+            yield
+        finally:
+            self.pause = False
+
+
 @contextmanager
-def watch_decode(vae_model, latents_shape: tuple[int, ...], on_call: Callable[[int, int], None]) -> Iterator[None]:
+def watch_decode(vae_model, latents_shape: tuple[int, ...],
+                 on_call: Callable[[int, int], None]) -> Iterator[DecodeWatch]:
     """While inside: `on_call(done, total)` before and after each of the VAE decoder's calls (it may raise
-    to stop the decode). `vae_model` is a diffusers AutoencoderKLWan about to decode latents of
-    `latents_shape`; the total is read at the first call, when the decode has set its tiling."""
-    state = {"done": 0, "total": 0}
+    to stop the decode), except inside the yielded watch's `paused()`. `vae_model` is a diffusers
+    AutoencoderKLWan about to decode latents of `latents_shape`; the total is read at the first counted
+    call, when the decode has set its tiling."""
+    state = DecodeWatch()
 
     def before(module, args):
-        if not state["total"]:
-            state["total"] = decoder_calls(vae_model, latents_shape)
-        on_call(state["done"], state["total"])
+        if state.pause:
+            return
+        if not state.total:
+            state.total = decoder_calls(vae_model, latents_shape)
+        on_call(state.done, state.total)
 
     def after(module, args, output):
-        state["done"] += 1
-        on_call(state["done"], state["total"])
+        if state.pause:
+            return
+        state.done += 1
+        on_call(state.done, state.total)
 
     hooks = [vae_model.decoder.register_forward_pre_hook(before), vae_model.decoder.register_forward_hook(after)]
     try:
-        yield
+        yield state
     finally:
         for hook in hooks:
             hook.remove()

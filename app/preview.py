@@ -11,6 +11,12 @@ with flow matching x_t = (1 - sigma) x0 + sigma * noise and the step moves along
 v = dx/dsigma, so after the step sigma_i -> sigma_{i+1}, x0 ~ x_{i+1} - sigma_{i+1} * v with
 v ~ (x_{i+1} - x_i) / (sigma_{i+1} - sigma_i) (exactly the model's x0 for the Euler solver; the
 effective one for UniPC). Before the first step there is no x_i: the first picture is the latents.
+
+The optional full-VAE preview (`vae_preview`, every N steps, off by default) decodes that estimate with
+the run's real VAE: up to PREVIEW_FRAMES latent frames, evenly spaced, each decoded alone as the first
+frame of a video (one batched decoder call; a later latent frame out of its causal context is an
+approximation of its first picture, enough to judge content and colour), scaled down to
+VAE_PREVIEW_HEIGHT. It costs about PREVIEW_FRAMES / F' of the final decode each time.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ WAN21_RGB_FACTORS = (
 WAN21_RGB_BIAS = (-0.1835, -0.0868, -0.3360)
 PREVIEW_FRAMES = 4  # latent frames shown side by side (evenly spaced, first and last included)
 PREVIEW_HEIGHT = 96  # pixels: latents smaller than this are enlarged by whole pixels
+VAE_PREVIEW_HEIGHT = 160  # pixels: decoded previews are scaled down to this height (never up)
 
 
 def latent_to_rgb(latents: torch.Tensor, frames: int = PREVIEW_FRAMES) -> np.ndarray:
@@ -80,3 +87,24 @@ class Preview:
 
     def __call__(self, x: torch.Tensor) -> np.ndarray:
         return latent_to_rgb(self.estimate(x))
+
+
+def vae_preview(vae, x0: torch.Tensor, frames: int = PREVIEW_FRAMES, tile: int | None | str = "auto",
+                height: int = VAE_PREVIEW_HEIGHT) -> np.ndarray:
+    """x0 (B, 16, F', h, w), the denoised estimate -> uint8 (H', n*W', 3): up to `frames` latent frames of the
+    first video, evenly spaced, each decoded alone by `vae` (a wan_lite.vae.VAE; module docstring), side by
+    side, scaled down to `height` pixels. On a GPU the VAE is moved there for the decode and off again."""
+    count = x0.shape[2]
+    picks = torch.linspace(0, count - 1, min(frames, count)).round().long().tolist()
+    z = x0[:1, :, picks].permute(2, 1, 0, 3, 4)  # (n, 16, 1, h, w): each picked frame as a one-frame video
+    vae.model.to(vae.device)
+    try:
+        video = vae.decode(z, tile=tile)[:, :, 0].float().cpu()  # (n, 3, H, W) in [-1, 1]
+    finally:
+        if vae.device.type == "cuda":
+            vae.unload()
+    if video.shape[2] > height:
+        width = max(1, round(video.shape[3] * height / video.shape[2]))
+        video = torch.nn.functional.interpolate(video, size=(height, width), mode="bilinear", antialias=True)
+    rgb = ((video + 1) / 2).clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1)  # (n, H', W', 3)
+    return torch.cat(list(rgb), dim=1).numpy()

@@ -9,7 +9,14 @@ window's run is queued or running its Generate button is disabled and says why.
 Errors: `App` raises gr.Error; here they become a notice (gr.Warning) and the status line, never an
 exception out of an event, so no component is left with a red "Error" badge and the terminal shows no
 traceback. The run itself is a plain function with a gr.Progress bar; the status line and the live
-preview beside it come from a 0.5 s timer.
+previews beside it (latents as RGB every step; the full-VAE one every N steps when asked for) come from
+a 0.5 s timer.
+
+The Model accordion opens a model three ways, as the CLI does: a model root folder, two expert files
+with the text encoder and VAE files, or a ComfyUI models/ folder whose diffusion_models/ fill the two
+expert dropdowns once the folder is typed (Enter or leaving the field). Paths are typed, not uploaded:
+the files are many GB and already on this computer. A failed load keeps every typed path and the model
+that was loaded; its message (wan_lite's, naming the wrong file) goes to the status line.
 """
 
 from __future__ import annotations
@@ -21,15 +28,32 @@ import gradio as gr
 
 from wan_lite.config import SOLVERS
 
-from .handlers import MAX_FRAMES, MAX_LORA_STRENGTH, SETTING_NAMES, VRAM_PROFILES, App, Settings, Update
+from .handlers import (
+    MAX_FRAMES,
+    MAX_LORA_STRENGTH,
+    MAX_VAE_PREVIEW_EVERY,
+    SETTING_NAMES,
+    VRAM_PROFILES,
+    App,
+    Settings,
+    Update,
+)
+from .models import ModelFiles
 from .options import PRESETS, STEP_CACHES
 
 CSS = "#status textarea {font-family: ui-monospace, monospace} #plan textarea {font-family: ui-monospace, monospace}"
 BUSY = "Generating: one video per window at a time (Cancel stops it)"
+FILE_FIELDS = {  # ModelFiles field -> the Expert files tab's label
+    "high": "High-noise expert file (.safetensors fp16/bf16/fp32 or fp8 scaled, or .gguf)",
+    "low": "Low-noise expert file (the same kind as the high-noise one)",
+    "text_encoder": "Text encoder file (umt5_xxl_fp16.safetensors, or fp8 scaled)",
+    "vae": "VAE file (wan_2.1_vae.safetensors)",
+    "tokenizer": "Tokenizer folder (google/umt5-xxl; empty: the hub id, downloaded once)",
+}
 PRESET_FIELDS = ("steps", "shift", "guidance_high", "guidance_low", "solver")  # what picking a preset fills
 PLAN_INPUTS = ("size", "frames", "preset", "steps", "guidance_high", "guidance_low", "shift", "solver", "lora_high",
                "lora_high_strength", "lora_low", "lora_low_strength", "quantization", "exact_attention", "step_cache",
-               "vram_profile")
+               "vram_profile", "vae_preview_every")
 
 
 def build_ui(app: App) -> gr.Blocks:
@@ -50,6 +74,8 @@ def build_ui(app: App) -> gr.Blocks:
                 timer = gr.Timer(0.5)  # the status line and preview of this browser's run, while it runs
                 preview = gr.Image(label="Live preview (latents as RGB, every step)", interactive=False,
                                    type="numpy", height=140, elem_id="preview", show_label=True)
+                vae_image = gr.Image(label="Full VAE preview (every N steps when turned on below the prompt)",
+                                     interactive=False, type="numpy", height=160, elem_id="vae_preview")
                 video = gr.Video(label="Video", interactive=False, elem_id="video")
                 params = gr.JSON(label="Parameters used", elem_id="params")
         with gr.Accordion("Earlier outputs", open=True):
@@ -58,12 +84,9 @@ def build_ui(app: App) -> gr.Blocks:
                                  elem_id="gallery")
             refresh = gr.Button("Refresh", size="sm")
             shown = gr.State([])  # file names in the order the gallery shows them
-        with gr.Accordion("Model", open=app.is_demo):
-            with gr.Row():
-                model = gr.Dropdown(app.model_roots(), value=str(app.pipe.root), allow_custom_value=not app.share,
-                                    label="Model folder (Wan2.2-T2V-A14B root: official or diffusers layout, or a "
-                                    "quantized copy)", scale=5, elem_id="model")
-                load = gr.Button("Load", scale=1, elem_id="load")
+        with gr.Accordion("Model", open=app.is_demo or app.files is not None):
+            m = _model_picker(app)
+        model, load = m["model"], m["load"]
 
         controls = [c[name] for name in SETTING_NAMES]
         result = [status, video, params, c["seed"]]
@@ -86,8 +109,9 @@ def build_ui(app: App) -> gr.Blocks:
             return gr.Button("Generate", interactive=True), *listing()
 
         def poll(request: gr.Request):
-            line, picture = app.status(request.session_hash), app.preview(request.session_hash)
-            return (gr.skip() if line is None else line), (gr.skip() if picture is None else picture)
+            session = request.session_hash
+            values = app.status(session), app.preview(session), app.vae_preview(session)
+            return tuple(gr.skip() if v is None else v for v in values)
 
         def stop(request: gr.Request):
             return app.cancel(request.session_hash)
@@ -114,17 +138,40 @@ def build_ui(app: App) -> gr.Blocks:
                 return gr.skip(), gr.skip(), f"Not opened: {e.message}"
             return path, info, f"Showing {Path(path).name}"
 
-        def load_model(root):
+        def loaded(load, *args):  # the typed paths stay in their fields; on failure the loaded model stays
             try:
-                banner_text = app.load_model(root)
-            except gr.Error as e:  # the typed path stays in the field; the loaded model stays
+                banner_text = load(*args)
+            except gr.Error as e:
                 gr.Warning(e.message, title="Model not loaded")
                 return (gr.skip(),) * 7 + (f"Model not loaded: {e.message}",)
             s = app.settings()
-            return (banner_text, gr.Dropdown(choices=app.model_roots(), value=str(app.pipe.root)),
+            return (banner_text, gr.Dropdown(choices=app.model_roots(), value=app.root_value()),
                     gr.Dropdown(choices=list(app.size_presets()), value=s.size), s.frames, s.steps,
                     gr.Dropdown(choices=app.quant_choices(), value=s.quantization), app.plan(s),
-                    f"Loaded {app.pipe.root}.")
+                    f"Loaded {app.pipe.model_name}.")
+
+        def load_model(root):
+            return loaded(app.load_model, root)
+
+        def load_files(high, low, text_encoder, vae, tokenizer):
+            files = ModelFiles.of(high=high, low=low, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer)
+            return loaded(app.load_files, files)
+
+        def load_comfyui(folder, high, low, tokenizer):
+            return loaded(app.load_files, ModelFiles.of(comfyui=folder, high=high, low=low, tokenizer=tokenizer))
+
+        def list_comfyui(folder, listed):  # the expert dropdowns, filled from the typed folder's diffusion_models/
+            folder = str(folder or "").strip()
+            if folder == listed:  # Enter, then leaving the field: listed once, the picks made since stay
+                return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            try:
+                names = app.comfyui_experts(folder)
+            except gr.Error as e:
+                gr.Warning(e.message, title="No expert files")
+                return gr.Dropdown(choices=[], value=None), gr.Dropdown(choices=[], value=None), e.message, None
+            high, low = _guess(names, "high"), _guess(names, "low")
+            return (gr.Dropdown(choices=names, value=high), gr.Dropdown(choices=names, value=low),
+                    f"{len(names)} expert file(s) in {folder}: pick the high-noise and the low-noise one.", folder)
 
         def initial():
             s = app.settings()
@@ -139,7 +186,7 @@ def build_ui(app: App) -> gr.Blocks:
         gen = start.then(run, set(controls), result, concurrency_limit=None, show_progress_on=[video])
         gen.then(after_run, None, [generate, gallery, shown], concurrency_limit=None, show_progress="hidden")
         cancel.click(stop, None, status, concurrency_limit=None, show_progress="hidden")
-        timer.tick(poll, None, [status, preview], concurrency_limit=None, show_progress="hidden")
+        timer.tick(poll, None, [status, preview, vae_image], concurrency_limit=None, show_progress="hidden")
         c["preset"].input(fill_preset, set(controls), [*(c[n] for n in PRESET_FIELDS), plan], concurrency_limit=None)
         # .input (a person's edit), not .change: a preset's or a model load's own update of these fields
         # already carries its plan, and a .change per filled field would race it with half-updated data
@@ -147,10 +194,57 @@ def build_ui(app: App) -> gr.Blocks:
               concurrency_limit=None, show_progress="hidden")
         refresh.click(listing, None, [gallery, shown], concurrency_limit=None)
         gallery.select(open_item, shown, [video, params, status], concurrency_limit=None)
-        load.click(load_model, model, [banner, model, c["size"], c["frames"], c["steps"], c["quantization"], plan,
-                                       status], concurrency_limit=None, show_progress="hidden")
+        after_load = [banner, model, c["size"], c["frames"], c["steps"], c["quantization"], plan, status]
+        load.click(load_model, model, after_load, concurrency_limit=None, show_progress="hidden")
+        pieces = [m[f"file_{n}"] for n in FILE_FIELDS]
+        m["load_files"].click(load_files, pieces, after_load, concurrency_limit=None, show_progress="hidden")
+        comfyui = [m["comfyui"], m["comfyui_high"], m["comfyui_low"], m["comfyui_tokenizer"]]
+        m["load_comfyui"].click(load_comfyui, comfyui, after_load, concurrency_limit=None, show_progress="hidden")
+        gr.on([m["comfyui"].submit, m["comfyui"].blur], list_comfyui, [m["comfyui"], m["comfyui_listed"]],
+              [m["comfyui_high"], m["comfyui_low"], status, m["comfyui_listed"]], concurrency_limit=None,
+              show_progress="hidden")
         blocks.load(initial, None, [*controls, plan, gallery, shown, status], concurrency_limit=None)
     return blocks
+
+
+def _model_picker(app: App) -> dict:
+    """The three ways to open a model (module docstring), keyed by name; filled with what the app was started
+    with (`app.files`, from --high/--low ...)."""
+    m, f = {}, app.files or ModelFiles()
+    with gr.Tabs(selected="comfyui" if f.comfyui else "files" if f.high else "root"):
+        with gr.Tab("Model folder", id="root"):
+            with gr.Row():
+                m["model"] = gr.Dropdown(app.model_roots(), value=app.root_value(), allow_custom_value=not app.share,
+                                         label="Model folder (Wan2.2-T2V-A14B root: official or diffusers layout, or a "
+                                         "quantized copy)", scale=5, elem_id="model")
+                m["load"] = gr.Button("Load", scale=1, elem_id="load")
+        with gr.Tab("Expert files", id="files"):
+            given = f if not f.comfyui else ModelFiles()
+            for name, label in FILE_FIELDS.items():
+                m[f"file_{name}"] = gr.Textbox(getattr(given, name), label=label, elem_id=f"file_{name}",
+                                               placeholder="/path/on/this/computer")
+            m["load_files"] = gr.Button("Load files", elem_id="load_files")
+        with gr.Tab("ComfyUI models folder", id="comfyui"):
+            names = app.comfyui_experts(f.comfyui) if f.comfyui else []
+            m["comfyui"] = gr.Textbox(f.comfyui, label="ComfyUI models/ folder (Enter lists its diffusion_models/; "
+                                      "the text encoder and VAE are found in text_encoders/ and vae/)",
+                                      elem_id="comfyui", placeholder="/path/to/ComfyUI/models")
+            with gr.Row():
+                for name, expert in (("high", "High-noise"), ("low", "Low-noise")):
+                    m[f"comfyui_{name}"] = gr.Dropdown(names, value=getattr(f, name) or None, elem_id=f"comfyui_{name}",
+                                                       label=f"{expert} expert (in diffusion_models/ or unet/)")
+            m["comfyui_tokenizer"] = gr.Textbox(f.tokenizer if f.comfyui else "", elem_id="comfyui_tokenizer",
+                                                label="Tokenizer folder (google/umt5-xxl; empty: the hub id, "
+                                                "downloaded once)")
+            m["load_comfyui"] = gr.Button("Load ComfyUI model", elem_id="load_comfyui")
+            m["comfyui_listed"] = gr.State(f.comfyui or None)  # the folder the dropdowns were filled from
+    return m
+
+
+def _guess(names: list[str], word: str) -> str | None:
+    """The one listed name holding `word` ("high" / "low", as Wan2.2's released file names do), else None."""
+    hits = [n for n in names if word in n.lower()]
+    return hits[0] if len(hits) == 1 else None
 
 
 def _controls(app: App, s: Settings) -> dict:
@@ -197,6 +291,9 @@ def _controls(app: App, s: Settings) -> dict:
         c["vram_profile"] = gr.Dropdown(list(VRAM_PROFILES), value=s.vram_profile, label="VRAM profile")
         c["exact_attention"] = gr.Checkbox(value=s.exact_attention, label="Exact attention (FP8 attention off)",
                                            elem_id="exact_attention")
+        c["vae_preview_every"] = gr.Slider(0, MAX_VAE_PREVIEW_EVERY, step=1, value=s.vae_preview_every,
+                                           elem_id="vae_preview_every", label="Full VAE preview every N steps (0: "
+                                           "off; decodes 4 frames of the current estimate, cost shown in the status)")
     return c
 
 
