@@ -434,3 +434,427 @@ def write_expert(kind: str, out, cfg: ModelConfig | None = None, seed: int = 0, 
 def kind_bytes(kind: str, cfg: ModelConfig | None = None) -> int:
     """Bytes of tensor data a file of `kind` holds (its size within headers and padding)."""
     return sum(s.nbytes for s in plan_kind(kind, cfg or ModelConfig.a14b()))
+
+
+# ---------------------------------------------------------------------------------------------
+# the bench over files: open and place the experts as the runtime does, then bench.bench_ours
+
+
+def family(path) -> str:
+    """'ours' (our int8 / fp8 folder), 'gguf', 'fp8-file' (fp8 scaled or ComfyUI quantized single file),
+    'float' (a float single file, an official or diffusers folder), from the content, not the name."""
+    from .formats import identify
+
+    path = Path(path)
+    if path.is_dir():
+        return "ours" if (path / META_FILE).is_file() else "float"
+    scheme = identify(path).scheme
+    return "gguf" if scheme == "gguf" else "float" if scheme == "none" else "fp8-file"
+
+
+def open_as_runtime(path):
+    """The expert source as T2VPipeline opens it: a GGUF file as our int8 (checkpoint.GGUF_AS), else as stored."""
+    from .checkpoint import GGUF_AS, open_expert
+
+    return open_expert(path, scheme=GGUF_AS if family(path) == "gguf" else None)
+
+
+def parse_pairs(specs: list[str]) -> list[tuple[str, Path, Path]]:
+    """'LABEL=HIGH,LOW' -> (label, high, low); both paths must exist. Raises ValueError naming the fix."""
+    pairs = []
+    for spec in specs:
+        label, eq, paths = spec.partition("=")
+        parts = paths.split(",")
+        if not eq or not label or len(parts) != 2 or not all(parts):
+            raise ValueError(f"--pairs {spec!r}: write LABEL=HIGH,LOW (e.g. gguf-q8_0=high.gguf,low.gguf; one file "
+                             "twice for both experts)")
+        for p in parts:
+            if not Path(p).exists():
+                raise ValueError(f"--pairs {spec!r}: {p} does not exist")
+        if label in (lab for lab, _, _ in pairs):
+            raise ValueError(f"--pairs: the label {label!r} is used twice: give each pair its own")
+        pairs.append((label, Path(parts[0]), Path(parts[1])))
+    return pairs
+
+
+def fill_host(host, path, threads: int) -> dict:
+    """Fill `host`'s pinned RAM (nothing for an expert served from its file); returns the timings.
+
+    threads 1: `HostExpert.fill`, as the runtime does. More: embed, head and blocks.0 are packed alone
+    first (timed: the one-thread estimate is their time + blocks.0's x the number of blocks + the
+    allocation), then the other blocks by `threads` threads, each with its own source (`open_as_runtime`).
+    """
+    if not host.in_ram or host.flats is not None:
+        return {}
+    t0 = time.perf_counter()
+    if threads <= 1:
+        host.fill()
+        return {"fill_s": time.perf_counter() - t0, "threads": 1}
+    flats = {u: torch.empty(lay.nbytes, dtype=torch.uint8, pin_memory=host.pin) for u, lay in host.layouts.items()}
+    alloc_s = time.perf_counter() - t0
+    units = list(host.layouts)
+    alone = {}
+    for u in (units[0], units[1], units[-1]):  # embed, blocks.0, head
+        start = time.perf_counter()
+        host.layouts[u].pack(host.read, flats[u])
+        alone[u] = time.perf_counter() - start
+    local = threading.local()
+
+    def pack(u: str) -> None:
+        if not hasattr(local, "source"):
+            local.source = open_as_runtime(path)
+        host.layouts[u].pack(local.source.tensor, flats[u])
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(pack, units[2:-1]))
+    host.flats = flats
+    serial = alloc_s + alone[units[0]] + alone[units[-1]] + alone[units[1]] * (len(units) - 2)
+    return {"fill_s": time.perf_counter() - t0, "threads": threads, "one_thread_estimate_s": serial,
+            "block0_s": alone[units[1]]}
+
+
+def load_pair(high, low, *, in_ram, threads: int = 1):
+    """(template, (high, low) host experts, record): opened as the runtime opens them, placed by `in_ram`
+    ((high, low) booleans, or None: what the RAM holds), filled now and timed. One file given twice,
+    both in RAM: read once, its buffers serve both experts (`shared`)."""
+    from .hostmem import host_memory
+    from .residency import host_experts
+
+    t0 = time.perf_counter()
+    template, h, lo = host_experts(open_as_runtime(high), open_as_runtime(low), dtype=torch.bfloat16,
+                                   in_ram=in_ram, defer=True)
+    shared = Path(high).resolve() == Path(low).resolve() and h.in_ram and lo.in_ram
+    open_s = time.perf_counter() - t0
+    fills = {"high": fill_host(h, high, threads)}
+    if shared:
+        lo = h
+    else:
+        fills["low"] = fill_host(lo, low, threads)
+    record = {"load_s": time.perf_counter() - t0, "open_s": open_s, "fill": fills, "shared": shared,
+              "placement": {"high": "ram" if h.in_ram else "file", "low": "ram" if lo.in_ram else "file"},
+              "experts_gb": h.nbytes / GB, "host_memory_loaded": host_memory().to_dict()}
+    one = [f.get("one_thread_estimate_s", f.get("fill_s")) for f in fills.values() if f]
+    record["load_one_thread_s"] = open_s + sum(one)
+    return template, (h, lo), record
+
+
+def _plan(cfg, scheme: str, res: str, frames: int, vram_gb, mode):
+    """bench.main's plan: (plan or None, mode, cfg_batched, ffn_chunk, attention, note)."""
+    from .planner import RESOLUTIONS, PlanError, budget_scheme, make_plan
+
+    height, width = RESOLUTIONS[res]
+    try:
+        plan = make_plan(vram_gb or 1000.0, height=height, width=width, frames=frames, scheme=budget_scheme(scheme),
+                         cfg=cfg, mode=mode)
+        return plan, plan.mode, plan.cfg_batched, plan.ffn_chunk, plan.attention, None
+    except PlanError as e:  # measure anyway, as bench.main does
+        return None, mode or "streaming", False, None, None, f"planner: {e}"
+
+
+def file_gb(path) -> float:
+    path = Path(path)
+    files = path.rglob("*") if path.is_dir() else [path]
+    return sum(f.stat().st_size for f in files if f.is_file()) / GB
+
+
+def bench_pair(label: str, high, low, *, resolutions: list[str], frames: int = 81, vram_gb: float | None = 24.0,
+               steps: int = 1, mode: str | None = None, compile_blocks: bool = True, load_threads: int = 1,
+               overrides: dict | None = None, record: Callable[[dict], None] = print,
+               deadline: float | None = None, run: Callable | None = None) -> None:
+    """Bench one pair of expert files at each resolution: one "pair" record (load, placement, host RAM
+    peak) and one "run" record per resolution (bench.bench_ours's, or a skip past `deadline`, a
+    time.perf_counter() value). `overrides`: attention / cfg_batched / ffn_chunk as bench.main takes them."""
+    from . import attention
+    from .bench import _empty_host_cache, bench_ours
+    from .hostmem import PeakSampler
+    from .planner import RESOLUTIONS
+
+    run = run or bench_ours
+    overrides = overrides or {}
+    fam = family(high)
+    probe = open_as_runtime(high)
+    plans = {res: _plan(probe.config, probe.scheme, res, frames, vram_gb, mode) for res in resolutions}
+    placed = [plans[r][0] for r in sorted(resolutions, key=lambda r: math.prod(RESOLUTIONS[r])) if plans[r][0]]
+    in_ram = (placed[-1].host.high == "ram", placed[-1].host.low == "ram") if placed else None
+    memory = PeakSampler().start()
+    template, hosts, loaded = load_pair(high, low, in_ram=in_ram, threads=load_threads)
+    pair = {"record": "pair", "pair": label, "family": fam, "scheme": probe.scheme, "high": str(high), "low": str(low),
+            "file_gb": file_gb(high) + (0 if loaded["shared"] else file_gb(low)),
+            "host_plan": placed[-1].host.mode if placed else None, **loaded}
+    del probe
+    how = "one file for both experts, read once" if loaded["shared"] else "each expert from its file"
+    _log(f"{label}: loaded in {loaded['load_s']:.1f} s ({how})")
+    for res in resolutions:
+        plan, run_mode, batched, chunk, attn, note = plans[res]
+        height, width = RESOLUTIONS[res]
+        base = {"record": "run", "pair": label, "family": fam, "scheme": pair["scheme"], "res": res,
+                "shared": loaded["shared"], "planner": note}
+        if deadline is not None and time.perf_counter() + estimate_run(res, steps) > deadline:
+            record({**base, "skipped": "time limit: run it in another call (--kinds / --res)"})
+            continue
+        attn = overrides.get("attention") or attn
+        attention.set_backend(attn)
+        batched = batched if overrides.get("cfg_batched") is None else overrides["cfg_batched"]
+        chunk = chunk if overrides.get("ffn_chunk") is None else (overrides["ffn_chunk"] or None)
+        common = dict(height=height, width=width, frames=frames, mode=run_mode, cfg_batched=batched, vram_gb=vram_gb,
+                      steps=steps, ffn_chunk=chunk)
+        out = run(template, hosts, label=f"{label} {run_mode} attention={attn}", compile_blocks=compile_blocks,
+                  **common)
+        if compile_blocks and "error" in out and not out["error"].startswith("OOM"):  # measure eager instead
+            out = run(template, hosts, label=f"{label} {run_mode} (eager: compile failed)", **common)
+        record({**base, "attention": attn, **out})
+    pair["host_peak"] = memory.stop().to_dict()
+    record(pair)
+    del template, hosts
+    if torch.cuda.is_available():
+        _empty_host_cache()
+
+
+# ---------------------------------------------------------------------------------------------
+# the table: each pair against its baseline
+
+
+def baseline_of(run: dict, runs: list[dict]) -> dict | None:
+    """The first finished run of our own folder with the same run scheme at the same resolution."""
+    return next((r for r in runs if r.get("record") == "run" and r["family"] == "ours" and r["scheme"] == run["scheme"]
+                 and r["res"] == run["res"] and "high_step_s" in r), None)
+
+
+def compare(runs: list[dict]) -> list[dict]:
+    """Each finished run with `vs` = (baseline label, speed ratios high / low / 40-step: baseline time over
+    this time, > 1 faster) and `goal` (GOALS by family; None for the baselines themselves)."""
+    out = []
+    for r in runs:
+        if r.get("record") != "run" or "high_step_s" not in r:
+            continue
+        b = baseline_of(r, runs)
+        vs = None
+        if b is not None:
+            vs = {"baseline": b["pair"], "high": b["high_step_s"] / r["high_step_s"],
+                  "low": b["low_step_s"] / r["low_step_s"], "total": b["denoise_total_s"] / r["denoise_total_s"]}
+        goal = GOALS.get(r["family"])
+        met = None if goal is None or vs is None else vs["total"] >= goal
+        out.append({**r, "vs": vs, "goal": goal, "goal_met": met})
+    return out
+
+
+def table(records: list[dict]) -> str:
+    """The results as a Markdown table, one row per run (a skipped or failed run says so)."""
+    pairs = {r["pair"]: r for r in records if r.get("record") == "pair"}
+    compared = {(r["pair"], r["res"]): r for r in compare(records)}
+    lines = ["| pair | res | file GB | host | load s (1 thread) | s/step high / low "
+             "| vs baseline high / low / 40 steps | goal | stall ms | peak VRAM alloc / reserved GB "
+             "| host RAM private / file / shmem GB |",
+             "|" + "---|" * 11]
+    for r in records:
+        if r.get("record") != "run":
+            continue
+        p = pairs.get(r["pair"], {})
+        load = (f"{p['load_s']:.1f} ({p['load_one_thread_s']:.0f})" if p else "-")
+        where = (f"{p.get('host_plan')}{', shared' if p.get('shared') else ''}" if p else "-")
+        head = f"| {r['pair']} | {r['res']} | {p.get('file_gb', 0):.1f} | {where} | {load} |"
+        if "skipped" in r or "error" in r:
+            lines.append(f"{head} {r.get('skipped') or r.get('error')} |" + " |" * 5)
+            continue
+        c = compared[(r["pair"], r["res"])]
+        vs = (f"{c['vs']['high']:.3f} / {c['vs']['low']:.3f} / **{c['vs']['total']:.3f}** ({c['vs']['baseline']})"
+              if c["vs"] else "-")
+        goal = "-" if c["goal"] is None else f">= {c['goal']}: {'met' if c['goal_met'] else 'MISSED'}"
+        hm = r.get("host_memory", {})
+        lines.append(f"{head} {r['high_step_s']:.3f} / {r['low_step_s']:.3f} | {vs} | {goal} | "
+                     f"{r.get('swap_stall_ms') or 0:.1f} | "
+                     f"{r['peak_allocated_gb']:.2f} / {r['peak_reserved_gb']:.2f} | "
+                     f"{hm.get('private_gb', 0):.1f} / {hm.get('file_gb', 0):.1f} / {hm.get('shmem_gb', 0):.1f} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# the expected time (H200 figures from BENCHMARKS.md; the load rates measured on the CPU)
+
+STEP_S = {"480p": 4.2, "720p": 18.0}  # s per guided step, 8-bit experts, fp8 attention, H200, 81 frames
+COMPILE_S = 45.0  # the first run at a resolution: torch.compile of the blocks, kernel autotuning
+RUN_OVERHEAD_S = 5.0  # per run: the device skeleton, the first load of the slots, the cap
+WRITE_GB_S = 3.0  # writing a file (random draws on the GPU, pwrite from 8 threads into /dev/shm or a disk)
+READ_GB_S = 4.0  # filling pinned RAM from a memory-mapped float / 8-bit file
+GGUF_VALUES_S = 75e6  # values per second and thread: gguf.quants.dequantize + our int8 requantization
+
+
+def estimate_run(res: str, steps: int) -> float:
+    """One bench_ours run: a warm-up pass and 2 x `steps` timed steps (without compilation)."""
+    return (2 * steps + 1) * STEP_S.get(res, STEP_S["720p"]) + RUN_OVERHEAD_S
+
+
+def estimate_kind(kind: str, cfg: ModelConfig, threads: int) -> tuple[float, float]:
+    """(write s, load s) of one file of `kind` serving both experts."""
+    size = kind_bytes(kind, cfg) / GB
+    if kind.startswith("gguf"):
+        params = sum(math.prod(s.shape) for s in plan_kind(kind, cfg) if s.fmt in BLOCK_BYTES)
+        load = params / (GGUF_VALUES_S * max(1, threads)) * (1.5 if threads > 1 else 1.0) + size / READ_GB_S
+    else:
+        load = size / READ_GB_S
+    return size / WRITE_GB_S + 3.0, load
+
+
+def estimate_suite(kinds, cfg: ModelConfig, resolutions, steps: int, threads: int) -> tuple[float, list[str]]:
+    """(seconds, one line per kind) for the whole suite."""
+    lines, total = [], len(resolutions) * COMPILE_S
+    for kind in kinds:
+        write, load = estimate_kind(kind, cfg, threads)
+        runs = sum(estimate_run(r, steps) for r in resolutions)
+        total += write + load + runs
+        lines.append(f"  {kind:12s} write {write:5.0f} s, load {load:5.0f} s, {len(resolutions)} runs {runs:5.0f} s "
+                     f"({kind_bytes(kind, cfg) / GB:.1f} GB, one file for both experts)")
+    lines.append(f"  + compilation at each resolution, about {COMPILE_S:.0f} s each")
+    return total, lines
+
+
+# ---------------------------------------------------------------------------------------------
+# the command lines
+
+
+class Results:
+    """Records printed as they come and the JSON rewritten after each (a killed run keeps what it had)."""
+
+    def __init__(self, path, argv):
+        self.path = path
+        self.data = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                     "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+                     "torch": torch.__version__, "argv": list(argv), "records": []}
+
+    def __call__(self, record: dict) -> None:
+        self.data["records"].append(record)
+        print(json.dumps(record), flush=True)
+        self.save()
+
+    def save(self) -> None:
+        if self.path:
+            tmp = Path(f"{self.path}.tmp")
+            tmp.write_text(json.dumps(self.data, indent=1))
+            os.replace(tmp, self.path)
+
+    def finish(self) -> None:
+        self.data["table"] = table(self.data["records"])
+        print(self.data["table"], flush=True)
+        self.save()
+
+
+def run_pairs(args) -> int:
+    """`python -m wan_lite.bench --high F --low F` / `--pairs L=H,L ...` (bench.main hands over here)."""
+    try:
+        pairs = parse_pairs(list(args.pairs or []))
+        if args.high or args.low:
+            if not (args.high and args.low):
+                raise ValueError("--high and --low go together: name both experts (one file twice is fine)")
+            pairs = parse_pairs([f"{args.label}={args.high},{args.low}"]) + pairs
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
+    results = Results(args.json, sys.argv)
+    overrides = {"attention": args.attention, "ffn_chunk": args.ffn_chunk,
+                 "cfg_batched": None if args.cfg_batched is None else args.cfg_batched == "yes"}
+    for label, high, low in pairs:
+        bench_pair(label, high, low, resolutions=[args.res], frames=args.frames, vram_gb=args.vram_gb or None,
+                   steps=args.steps, mode=args.mode, compile_blocks=args.compile == "yes",
+                   load_threads=args.load_threads, overrides=overrides, record=results)
+    results.finish()
+    return 0
+
+
+def suite(directory, *, kinds=KINDS, resolutions=("480p", "720p"), frames: int = 81, vram_gb: float | None = 24.0,
+          steps: int = 1, seed: int = 0, json_path=None, time_limit: float = 570.0, keep: bool = False,
+          load_threads: int = 1, compile_blocks: bool = True, cfg: ModelConfig | None = None, run=None,
+          argv=()) -> dict:
+    """Write one file per kind into `directory` (it serves as both experts), bench it at each resolution,
+    delete it (unless `keep`), in the order given (KINDS: each baseline before the pairs measured against
+    it). A run that would end past `time_limit` seconds is skipped and recorded so. Returns the results."""
+    cfg = cfg or ModelConfig.a14b()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    expected, lines = estimate_suite(kinds, cfg, resolutions, steps, load_threads)
+    print(f"expected wall time about {expected / 60:.1f} min ({expected:.0f} s; limit {time_limit:.0f} s):",
+          *lines, sep="\n", flush=True)
+    results = Results(json_path, argv)
+    results.data["suite"] = {"kinds": list(kinds), "resolutions": list(resolutions), "frames": frames,
+                             "vram_gb": vram_gb, "steps": steps, "load_threads": load_threads,
+                             "expected_s": expected, "note": "one file per kind serves as both experts: "
+                             "load time and host RAM count one expert"}
+    start = time.perf_counter()
+    deadline = start + time_limit
+    for kind in kinds:
+        write_s, load_s = estimate_kind(kind, cfg, load_threads)
+        if time.perf_counter() + write_s + load_s + estimate_run(resolutions[0], steps) > deadline:
+            results({"record": "run", "pair": kind, "family": None, "scheme": None, "res": ",".join(resolutions),
+                     "skipped": f"time limit: run it in another call (--kinds {kind})"})
+            continue
+        path = directory / (kind + SUFFIX.get(kind, ""))
+        t0 = time.perf_counter()
+        write_expert(kind, path, cfg, seed)
+        wrote = {"record": "write", "kind": kind, "path": str(path), "write_s": time.perf_counter() - t0,
+                 "file_gb": file_gb(path)}
+        results(wrote)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        try:
+            bench_pair(kind, path, path, resolutions=list(resolutions), frames=frames, vram_gb=vram_gb, steps=steps,
+                       compile_blocks=compile_blocks, load_threads=load_threads, record=results, deadline=deadline,
+                       run=run)
+        finally:
+            if not keep:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    results.data["wall_s"] = time.perf_counter() - start
+    results.finish()
+    return results.data
+
+
+def main(argv=None) -> int:
+    from .planner import RESOLUTIONS
+
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="python -m wan_lite.bench_files", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    w = sub.add_parser("write", help="write one random expert file (or our folder) of a kind")
+    w.add_argument("--kind", choices=KINDS, required=True)
+    w.add_argument("--out", required=True, help="the file (a folder for ours-int8 / ours-fp8)")
+    w.add_argument("--layers", type=int, help="fewer blocks than the model's (a smaller file, same widths)")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--config", choices=("a14b", "tiny"), default="a14b", help="tiny: the test model (CPU tests)")
+    s = sub.add_parser("suite", help="write each kind and bench it against its baseline (needs a CUDA GPU)")
+    s.add_argument("--dir", required=True, help="where the files go (e.g. /dev/shm/wan-bench); deleted after use")
+    s.add_argument("--kinds", default=",".join(KINDS), help=f"comma list, in order (default {','.join(KINDS)})")
+    s.add_argument("--res", default="480p,720p", help="comma list of " + ", ".join(sorted(RESOLUTIONS)))
+    s.add_argument("--frames", type=int, default=81)
+    s.add_argument("--vram-gb", type=float, default=24.0, help="cap PyTorch's allocator (GB, 1e9); 0: none")
+    s.add_argument("--steps", type=int, default=1, help="measured steps per expert (after one warm-up pass)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--load-threads", type=int, default=min(16, os.cpu_count() or 1),
+                   help="threads filling the pinned RAM (1: as the runtime does; more: its time is estimated)")
+    s.add_argument("--time-limit", type=float, default=570.0, help="skip the runs that would end later (s)")
+    s.add_argument("--compile", choices=("yes", "no"), default="yes")
+    s.add_argument("--keep", action="store_true", help="keep the files")
+    s.add_argument("--json", help="write the results here (rewritten after each record)")
+    args = p.parse_args(argv)
+    if args.command == "write":
+        cfg = ModelConfig.tiny() if args.config == "tiny" else ModelConfig.a14b()
+        if args.layers:
+            cfg = ModelConfig(**{**cfg.__dict__, "num_layers": args.layers})
+        t0 = time.perf_counter()
+        out = write_expert(args.kind, args.out, cfg, args.seed)
+        print(f"wrote {out}: {file_gb(out):.2f} GB in {time.perf_counter() - t0:.1f} s")
+        return 0
+    kinds, res = args.kinds.split(","), args.res.split(",")
+    bad = sorted(set(kinds) - set(KINDS)) + sorted(set(res) - set(RESOLUTIONS))
+    if bad:
+        p.error(f"unknown {', '.join(bad)}: kinds are {', '.join(KINDS)}; resolutions {', '.join(sorted(RESOLUTIONS))}")
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # as bench.main, before CUDA starts
+    if not torch.cuda.is_available():
+        print("the benchmark needs a CUDA GPU (python -m wan_lite.bench_files write works without one)",
+              file=sys.stderr)
+        return 2
+    suite(args.dir, kinds=kinds, resolutions=res, frames=args.frames, vram_gb=args.vram_gb or None, steps=args.steps,
+          seed=args.seed, json_path=args.json, time_limit=args.time_limit, keep=args.keep,
+          load_threads=args.load_threads, compile_blocks=args.compile == "yes", argv=sys.argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
