@@ -777,6 +777,10 @@ def suite(directory, *, kinds=KINDS, resolutions=("480p", "720p"), frames: int =
     cfg = cfg or ModelConfig.a14b()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if any(k.startswith("gguf") for k in kinds):
+        from .formats.headers import require_gguf
+
+        require_gguf()  # CheckpointError naming the install, before any file is written
     need = max(kind_bytes(k, cfg) for k in kinds) * 1.01  # one file at a time
     free = shutil.disk_usage(directory).free
     if free < need:
