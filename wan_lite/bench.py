@@ -2,6 +2,7 @@
 
     python -m wan_lite.bench --res 720p --frames 81 --scheme int8 --vram-gb 24 [--mode resident|streaming]
                              [--steps N] [--baselines] [--json out.json]
+    python -m wan_lite.bench --high FILE --low FILE [--label NAME] | --pairs LABEL=HIGH,LOW ...  (experts from files)
 
 Both experts get random weights of the real size and format, generated on the GPU and kept in pinned
 host RAM as the residency holds them (no checkpoint on disk). The process is capped with
@@ -19,6 +20,8 @@ the 40-step total, and the time a plain `.to("cuda")` of one expert from pageabl
 `--baselines` adds, in the same process: our bf16 resident path without a cap, and diffusers'
 `WanTransformer3DModel` with block-level group offloading (use_stream=True) under the same cap.
 `--what text,vae` times the umt5 encoder and the VAE decode (random weights, real size).
+`--high`/`--low` or `--pairs` time experts read from files instead (wan_lite.bench_files: opened and
+placed on the host as the runtime does, each pair's speed against a baseline pair of ours).
 Runs with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True unless the variable is set.
 """
 
@@ -404,12 +407,25 @@ def main(argv=None) -> int:
     p.add_argument("--attention", choices=attention.BACKENDS,
                    help="attention kernel for ours (default: the plan's; fp8 with 8-bit experts on sm89+)")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--high", help="time the experts read from files instead of random ones (any expert source: our "
+                   "folder, a safetensors / fp8-scaled / GGUF file), as the runtime opens and places them; with --low")
+    p.add_argument("--low", help="the low-noise expert's file (the same file as --high is fine)")
+    p.add_argument("--label", default="files", help="the name of the --high/--low pair in the table")
+    p.add_argument("--pairs", nargs="+", action="extend", metavar="LABEL=HIGH,LOW",
+                   help="several pairs in one run, each against the first pair of our own folders with the same "
+                   "scheme (wan_lite.bench_files)")
+    p.add_argument("--load-threads", type=int, default=1, help="with files: threads filling the pinned RAM (1: as "
+                   "the runtime does; more: the one-thread time is estimated)")
     args = p.parse_args(argv)
     # as measured (before CUDA starts): less fragmentation, reserved within 1.05x of allocated
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     if not torch.cuda.is_available():
         print("the benchmark needs a CUDA GPU", file=sys.stderr)
         return 2
+    if args.high or args.low or args.pairs:  # experts from files (wan_lite.bench_files)
+        from .bench_files import run_pairs
+
+        return run_pairs(args)
     what = set(args.what.split(",")) | ({"bf16", "diffusers"} if args.baselines else set())
     if what - set(WHAT):
         p.error(f"--what: unknown {', '.join(sorted(what - set(WHAT)))}; choose from {', '.join(WHAT)}")
