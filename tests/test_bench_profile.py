@@ -133,6 +133,19 @@ def test_device_activities_keep_gpu_events_only():
     assert device_activities(TRACE["traceEvents"]) == acts  # a bare event list reads the same
 
 
+def test_event_activities_read_the_profilers_gpu_events():
+    """The second source (a torch whose chrome trace holds no GPU events): FunctionEvents of device CUDA."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    events = [FunctionEvent(0, "aten::mm", 1, 0, 50, device_type=DeviceType.CPU),
+              FunctionEvent(1, "_attn_fwd", 7, 10, 110, device_type=DeviceType.CUDA, device_resource_id=7),
+              FunctionEvent(2, "Memcpy HtoD (Pinned -> Device)", 20, 20, 60, device_type=DeviceType.CUDA,
+                            device_resource_id=20)]
+    assert bench_profile.event_activities(events) == [Activity("_attn_fwd", 100.0, 10.0, 7),
+                                                      Activity("Memcpy HtoD (Pinned -> Device)", 40.0, 20.0, 20)]
+
+
 def test_summary_of_a_synthetic_step():
     s = summarize(device_activities(TRACE), wall_ms=0.3)
     rows = {r["category"]: r for r in s["categories"]}

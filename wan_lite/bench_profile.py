@@ -39,6 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from . import attention
@@ -75,7 +76,7 @@ _RULES = (  # (category, pattern): the first that matches wins, so the order mat
     ("copy other", r"^Memcpy|^Memset|direct_copy_kernel|CatArrayBatchedCopy|FillFunctor"
                    r"|^aten::(copy_|_to_copy|to|clone|contiguous|cat|stack|constant_pad_nd|pad|fill_|zero_)$"),
     # before the GEMMs: flash and memory-efficient SDPA kernels carry cutlass in their template names
-    ("attention", r"^_attn_fwd$|^_kv_stats$|^_quant_q$|^_quant_kv$|attention_fp8|sdpa|flash_fwd|flash_fprop|fmha"
+    ("attention", r"_attn_fwd|_kv_stats|_quant_q|_quant_kv|attention_fp8|sdpa|flash_fwd|flash_fprop|fmha"
                   r"|scaled_dot_product|attention"),
     ("act quant", r"quantize_rows"),
     ("linear 8-bit", rf"_w8a8_matmul|linear_w8a8|^aten::(_int_mm|_scaled_mm)$|(?i:({_GEMM}).*({_EIGHT_BIT}))"),
@@ -123,6 +124,13 @@ def device_activities(trace: dict | list) -> list[Activity]:
             stream = (e.get("args") or {}).get("stream", e.get("tid"))
             out.append(Activity(e["name"], float(e["dur"]), float(e["ts"]), stream))
     return out
+
+
+def event_activities(events) -> list[Activity]:
+    """The GPU activities among torch.profiler's FunctionEvents (`prof.events()`): the second source, in
+    case a torch's chrome trace holds none (time_range in microseconds, device_resource_id the stream)."""
+    return [Activity(e.name, float(e.time_range.elapsed_us()), float(e.time_range.start), e.device_resource_id)
+            for e in events if e.device_type == DeviceType.CUDA]
 
 
 def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -260,11 +268,18 @@ def profile_step(fn: Callable[[], object], device: torch.device, trace: str | Pa
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(path))
-        with open(path) as f:
-            events = json.load(f)
         if trace is not None:
             _replace(path, Path(trace))
-    return wall_ms, device_activities(events)
+        try:
+            acts = device_activities(json.loads(path.read_text()))
+        except ValueError as e:  # a trace this parser cannot read: the profiler's own events below
+            _log(f"the chrome trace did not parse ({e}); reading the profiler's events instead")
+            acts = []
+    acts = acts or event_activities(prof.events())
+    if not acts:
+        raise RuntimeError("torch.profiler recorded no GPU activity (is CUPTI missing? torch.profiler."
+                           "supported_activities() must list CUDA): nothing to classify")
+    return wall_ms, acts
 
 
 def _replace(src: Path, dst: Path) -> None:
@@ -294,9 +309,6 @@ def profile_steps(tmpl, hosts, *, height: int, width: int, frames: int, mode: st
     out = {"settings": {"width": width, "height": height, "frames": frames, "tokens": video.tokens(cfg.patch_size),
                         "mode": mode, "cfg_batched": cfg_batched, "vram_cap_gb": vram_gb, "compile": compile_blocks,
                         "ffn_chunk": ffn_chunk, "device": str(dev)}, "steps": []}
-    _log("warm-up pass")
-    out["warmup_s"] = timed(lambda: res.high.guided(x, torch.tensor([999], device=dev), ctx, ctx_null, 4.0), dev) / 1e3
-    res.prepare(sampling)  # plans the copies: high steps 0-1 keep the high expert, step 2 sends the low one
     ts = grid(sampling)[1]  # int64 timesteps on the CPU, as `sample` passes them
 
     def step(i: int, expert: str):
@@ -304,6 +316,10 @@ def profile_steps(tmpl, hosts, *, height: int, width: int, frames: int, mode: st
         return lambda: getattr(res, expert).guided(x, ts[i : i + 1], ctx, ctx_null, scale)
 
     try:
+        _log("warm-up pass")
+        warm = lambda: res.high.guided(x, torch.tensor([999], device=dev), ctx, ctx_null, 4.0)
+        out["warmup_s"] = timed(warm, dev) / 1e3  # compilation, autotuning, the first load
+        res.prepare(sampling)  # plans the copies: high steps 0-1 keep the high expert, step 2 sends the low one
         out["unprofiled_high_ms"] = timed(step(0, "high"), dev)
         runs = [(1, "high", "high-noise step")]
         if low:
