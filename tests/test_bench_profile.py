@@ -48,6 +48,7 @@ NAMES = {
         "triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_1",
         "triton_per_fused_native_layer_norm_2",
         "triton_poi_fused_clone_3",
+        "## Call CompiledFxGraph fbchbamwktxp2sqrxo2su32ajupmxjztfk7ihatm37pac6a253f5 ##",  # CPU, compiled blocks
         "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctorOnSelf_add<float>, "
         "std::array<char*, 2ul> >(int, at::native::CUDAFunctorOnSelf_add<float>, std::array<char*, 2ul>)",
         "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float, float>(int, float, float "
@@ -94,7 +95,8 @@ NAMES = {
         "aten::copy_",
         "aten::_to_copy",
     ],
-    "other": ["aten::view", "aten::empty_strided", "void some_unknown_kernel<float>(float*)"],
+    "other": ["aten::view", "aten::empty_strided", "TorchDynamo Cache Lookup", "Torch-Compiled Region: 0/2",
+              "void some_unknown_kernel<float>(float*)"],
 }
 
 

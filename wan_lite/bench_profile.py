@@ -59,10 +59,12 @@ CATEGORIES = {
     "attention": "self- and cross-attention: cuDNN / flash / memory-efficient SDPA, the FP8 Triton kernel "
                  "(_attn_fwd) and its pre-pass (_kv_stats, _quant_q, _quant_kv)",
     "elementwise": "norms, modulation, RoPE, gating, GELU, residual adds: Inductor's fused triton_poi / "
-                   "triton_red / triton_per kernels and aten's element-wise, reduction and norm kernels",
+                   "triton_red / triton_per kernels and aten's element-wise, reduction and norm kernels (on the "
+                   "CPU: also the self time of Inductor's compiled graphs, i.e. their fused C++ kernels)",
     "linear float": "float GEMMs and convolutions: the bf16 / fp32 Linears outside the blocks (text and time "
                     "embeddings, head), the patch-embedding Conv3d, the blocks' Linears with --scheme none",
-    "copy HtoD": "host -> device copies: the residency's weight copies on its side stream",
+    "copy HtoD": "host -> device copies: the residency's weight copies on its side stream (and the 8-byte "
+                 "timestep)",
     "copy other": "device -> device and device -> host copies, memsets, aten copy kernels (casts, contiguous, cat)",
     "other": "kernels no rule above names (listed by name)",
 }
@@ -72,7 +74,7 @@ _EIGHT_BIT = r"e4m3|e5m2|f8f8|fp8|float8|s8s8|i8i8|int8|imma"
 _RULES = (  # (category, pattern): the first that matches wins, so the order matters
     ("copy HtoD", r"^Memcpy HtoD"),
     # Inductor's fused kernels: their names list the aten ops they fuse (_to_copy, clone, mul, ...)
-    ("elementwise", r"^triton_(poi|red|per)_"),
+    ("elementwise", r"^triton_(poi|red|per)_|^cpp_fused_|CompiledFxGraph"),
     ("copy other", r"^Memcpy|^Memset|direct_copy_kernel|CatArrayBatchedCopy|FillFunctor"
                    r"|^aten::(copy_|_to_copy|to|clone|contiguous|cat|stack|constant_pad_nd|pad|fill_|zero_)$"),
     # before the GEMMs: flash and memory-efficient SDPA kernels carry cutlass in their template names
