@@ -228,21 +228,20 @@ def test_cpu_run_records_the_swap(cpu_run):
     assert copies[swap["label"]] > copies[steady["label"]]
 
 
-def test_cpu_chrome_trace_has_no_device_activity():
-    """The chrome trace torch writes parses, and a CPU-only profile holds no GPU activity."""
+def test_gpu_activities_of_a_cpu_profile(tmp_path):
+    """The GPU reader on a real (CPU-only) profile: the chrome trace is written, kept and parsed, the
+    FunctionEvents are read too, and finding no GPU activity in either is an error, not an empty table."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
         torch.ones(4, 4) @ torch.ones(4, 4)
-    import tempfile
-    from pathlib import Path
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "t.json"
-        prof.export_chrome_trace(str(path))
-        trace = json.loads(path.read_text())
-    assert any(e.get("cat") == "cpu_op" for e in trace["traceEvents"])
-    assert device_activities(trace) == []
+    kept = tmp_path / "traces" / "step.json"
+    with pytest.raises(RuntimeError, match="no GPU activity"):
+        bench_profile.gpu_activities(prof, kept)
+    trace = json.loads(kept.read_text())
+    assert any(e.get("cat") == "cpu_op" and e["name"] == "aten::mm" for e in trace["traceEvents"])
+    assert device_activities(trace) == [] and bench_profile.event_activities(prof.events()) == []
+    assert not list(kept.parent.glob("*.part"))
 
 
 def test_needs_cuda_without_device_cpu(capsys):

@@ -267,6 +267,12 @@ def profile_step(fn: Callable[[], object], device: torch.device, trace: str | Pa
         acts = [Activity(e.key, e.self_cpu_time_total, count=e.count) for e in prof.key_averages()
                 if e.self_cpu_time_total > 0 and not e.key.startswith(("ProfilerStep", "[memory]"))]
         return wall_ms, acts
+    return wall_ms, gpu_activities(prof, trace)
+
+
+def gpu_activities(prof, trace: str | Path | None = None) -> list[Activity]:
+    """The GPU activities a finished torch.profiler run recorded: from its chrome trace (kept at `trace` if
+    given), else from its FunctionEvents. Raises RuntimeError when neither holds any (CUPTI missing)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "trace.json"
         prof.export_chrome_trace(str(path))
@@ -281,7 +287,7 @@ def profile_step(fn: Callable[[], object], device: torch.device, trace: str | Pa
     if not acts:
         raise RuntimeError("torch.profiler recorded no GPU activity (is CUPTI missing? torch.profiler."
                            "supported_activities() must list CUDA): nothing to classify")
-    return wall_ms, acts
+    return acts
 
 
 def _replace(src: Path, dst: Path) -> None:
