@@ -249,3 +249,29 @@ def test_needs_cuda_without_device_cpu(capsys):
         pytest.skip("a GPU is present")
     assert bench_profile.main(["--res", "720p"]) == 2
     assert "--device cpu --tiny" in capsys.readouterr().err
+
+
+def test_a_failing_step_keeps_the_steps_before_it(monkeypatch, tiny_cfg):
+    """An out-of-memory in the second profiled step: the first step's table is reported and kept, the
+    error recorded, the residency released."""
+    from wan_lite.bench import random_host_expert, runtime_template
+
+    real = bench_profile.profile_step
+    calls = []
+
+    def flaky(fn, device, trace=None):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(fn, device, trace)
+
+    monkeypatch.setattr(bench_profile, "profile_step", flaky)
+    tmpl = runtime_template(tiny_cfg, "int8")
+    hosts = tuple(random_host_expert(tmpl, seed, pin=False, device="cpu") for seed in (1, 2))
+    reported = []
+    run = bench_profile.profile_steps(tmpl, hosts, height=32, width=32, frames=1, mode="resident",
+                                      cfg_batched=False, vram_gb=None, compile_blocks=False, low=True,
+                                      device="cpu", report=reported.append)
+    assert run["error"].startswith("OutOfMemoryError: CUDA out of memory (simulated)")
+    assert [s["label"] for s in run["steps"]] == ["high-noise step"] and reported == run["steps"]
+    assert run["steps"][0]["gpu_sum_ms"] > 0

@@ -33,6 +33,7 @@ import re
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -219,7 +220,8 @@ def table(summary: dict, label: str = "") -> str:
     """The summary as text: one row per category, then the totals."""
     lines = [f"== {label}", f"{'category':<13} {'ms':>10} {'% gpu':>6} {'% step':>6} {'count':>6}  top kernels (ms)"]
     for r in summary["categories"]:
-        tops = "; ".join(f"{_short(n)} ({ms:.1f})" for n, ms, _ in r["top"][:3])
+        shown = r["top"][:3] if r["category"] == "other" else r["top"]  # other: all listed below
+        tops = "; ".join(f"{_short(n)} ({ms:.1f})" for n, ms, _ in shown)
         lines.append(f"{r['category']:<13} {r['ms']:>10.2f} {r['pct_gpu']:>6.1f} {r['pct_step']:>6.1f} "
                      f"{r['count']:>6}  {tops}")
     lines.append(f"{'total':<13} {summary['gpu_sum_ms']:>10.2f} {100.0 if summary['gpu_sum_ms'] else 0.0:>6.1f}")
@@ -300,12 +302,14 @@ def _replace(src: Path, dst: Path) -> None:
 
 def profile_steps(tmpl, hosts, *, height: int, width: int, frames: int, mode: str, cfg_batched: bool,
                   vram_gb: float | None, compile_blocks: bool = True, ffn_chunk: int | None = None,
-                  low: bool = False, device: str = "cuda", top: int = 3, trace_dir: str | Path | None = None
-                  ) -> dict:
+                  low: bool = False, device: str = "cuda", top: int = 3, trace_dir: str | Path | None = None,
+                  report: Callable[[dict], None] | None = None) -> dict:
     """Warm-up pass, then the steps of `bench_sampling(3)`: high step 0 timed without the profiler, high
     step 1 profiled; with `low`, high step 2 (the swap) and low step 3 profiled as well. Guided calls as
-    `pipeline.sample` makes them. Returns {"settings", "unprofiled_high_ms", "steps": [...]}; each step
-    holds `summarize`'s result plus its label, expert, timestep and the residency's copy waits."""
+    `pipeline.sample` makes them. Returns {"settings", "warmup_s", "unprofiled_high_ms", "steps": [...]};
+    each step holds `summarize`'s result plus its label, expert, timestep and the residency's copy waits,
+    and is handed to `report(step)` as soon as it is done. A failure (out of memory, a kernel) ends the run
+    with "error" set and the steps so far kept, as bench does."""
     cfg, dev = tmpl.cfg, torch.device(device)
     video = VideoSize(width, height, frames)
     sampling = bench_sampling(3)
@@ -341,9 +345,14 @@ def profile_steps(tmpl, hosts, *, height: int, width: int, frames: int, mode: st
             summary.update({"label": label, "expert": expert, "t": int(ts[i]), "call": res._call,
                             "copy_wait_ms": res.stats.stall_ms(res._call) if dev.type == "cuda" else 0.0})
             out["steps"].append(summary)
+            if report is not None:
+                report(summary)
+    except Exception as e:  # an OOM or a kernel failure: keep what was measured, as bench does
+        traceback.print_exc()
+        out["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+    finally:
         if dev.type == "cuda":
             out["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
-    finally:
         res.release()
     return out
 
@@ -419,19 +428,30 @@ def main(argv=None) -> int:
     tmpl = runtime_template(cfg, args.scheme)
     pin = args.device == "cuda"
     hosts = (random_host_expert(tmpl, 1, pin, args.device), random_host_expert(tmpl, 2, pin, args.device))
-    run = profile_steps(tmpl, hosts, height=height, width=width, frames=args.frames, mode=mode, cfg_batched=batched,
-                        vram_gb=vram_gb, compile_blocks=compile_blocks, ffn_chunk=chunk, low=args.low,
-                        device=args.device, top=args.top, trace_dir=args.trace_dir)
-    for s in run["steps"]:
-        print(table(s, f"{s['label']} (t={s['t']}), {args.scheme} {mode}, attention={attn or 'default'}"), flush=True)
-    print(f"unprofiled high-noise step: {run['unprofiled_high_ms']:.1f} ms (the profiled one: "
-          f"{run['steps'][0]['wall_ms']:.1f} ms)")
     results = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", "torch": torch.__version__,
                "argv": sys.argv if argv is None else argv, "scheme": args.scheme, "attention": attn,
-               "plan": plan.to_dict() if plan else None, "category_descriptions": CATEGORIES, **run}
+               "plan": plan.to_dict() if plan else None, "category_descriptions": CATEGORIES, "steps": []}
+
+    def report(step: dict) -> None:  # each table as soon as its step is done; the JSON so far
+        print(table(step, f"{step['label']} (t={step['t']}), {args.scheme} {mode}, attention={attn or 'default'}"),
+              flush=True)
+        results["steps"].append(step)
+        if args.json:
+            _write_json(args.json, results)
+
+    run = profile_steps(tmpl, hosts, height=height, width=width, frames=args.frames, mode=mode, cfg_batched=batched,
+                        vram_gb=vram_gb, compile_blocks=compile_blocks, ffn_chunk=chunk, low=args.low,
+                        device=args.device, top=args.top, trace_dir=args.trace_dir, report=report)
+    results.update(run)
+    if "unprofiled_high_ms" in run and run["steps"]:
+        print(f"unprofiled high-noise step: {run['unprofiled_high_ms']:.1f} ms (profiled: "
+              f"{run['steps'][0]['wall_ms']:.1f} ms); warm-up {run['warmup_s']:.1f} s")
     if args.json:
         _write_json(args.json, results)
+    if "error" in run:
+        print(f"stopped: {run['error']}", file=sys.stderr)
+        return 1
     return 0
 
 
