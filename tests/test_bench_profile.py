@@ -158,6 +158,7 @@ def test_summary_of_a_synthetic_step():
     assert rows["linear 8-bit"]["ms"] == pytest.approx(0.1) and rows["attention"]["ms"] == pytest.approx(0.1)
     assert rows["copy HtoD"]["ms"] == pytest.approx(0.15) and rows["copy other"]["ms"] == pytest.approx(0.01)
     assert rows["attention"]["pct_step"] == pytest.approx(100 * 0.1 / 0.3)
+    assert s["kernel_ms"] == pytest.approx(0.2) and s["kernel_busy_ms"] == pytest.approx(0.2)
     assert s["gpu_busy_ms"] == pytest.approx(0.26)  # [0, 250] and [260, 270]
     assert s["idle_ms"] == pytest.approx(0.04)
     assert s["stream_busy_ms"] == {"7": pytest.approx(0.21), "20": pytest.approx(0.15)}

@@ -168,7 +168,7 @@ def _copy_overlap(acts: list[Activity]) -> dict:
     """Host -> device copies against compute kernels: their time, how much of it ran while a kernel ran."""
     timed = [a for a in acts if a.start_us is not None]
     htod = _union([(a.start_us, a.start_us + a.dur_us) for a in timed if classify(a.name) == "copy HtoD"])
-    compute = [a for a in timed if not a.name.startswith(("Memcpy", "Memset"))]
+    compute = [a for a in timed if not _is_copy(a.name)]
     kernels = _union([(a.start_us, a.start_us + a.dur_us) for a in compute])
     copy_ms, under_ms = _length(htod) / 1e3, _overlap(htod, kernels) / 1e3
     return {"htod_ms": copy_ms, "htod_under_kernels_ms": under_ms, "htod_exposed_ms": copy_ms - under_ms,
@@ -177,9 +177,10 @@ def _copy_overlap(acts: list[Activity]) -> dict:
 
 def summarize(acts: list[Activity], wall_ms: float, top: int = 3) -> dict:
     """Per category: ms, % of the summed GPU (or CPU operator) time, % of the step's wall time, launches and
-    the `top` names by time; "other" lists up to 20 names. Totals: summed time (the categories add up to
-    it), busy time (union over time; = summed time when starts are unknown), idle = wall - busy,
-    per-stream busy time, host -> device copy overlap."""
+    the `top` names by time; "other" lists up to 20 names. Totals: summed time of all activities (the
+    categories add up to it) and of the kernels alone (no memcpy / memset), the time they ran (union over
+    time and streams: busy; = the sums when starts are unknown), idle = wall - busy (launch and sync
+    overhead), per-stream busy time, host -> device copy overlap."""
     by_cat: dict[str, dict[str, list[float]]] = {c: {} for c in CATEGORIES}
     for a in acts:
         ms_count = by_cat[classify(a.name)].setdefault(a.name, [0.0, 0])
@@ -193,14 +194,27 @@ def summarize(acts: list[Activity], wall_ms: float, top: int = 3) -> dict:
         rows.append({"category": cat, "ms": ms, "pct_gpu": 100 * ms / total_ms if total_ms else 0.0,
                      "pct_step": 100 * ms / wall_ms if wall_ms else 0.0, "count": sum(v[1] for v in names.values()),
                      "top": [[n, v[0], v[1]] for n, v in ranked[: 20 if cat == "other" else top]]})
-    timed = [a for a in acts if a.start_us is not None]
-    busy_ms = _length(_union([(a.start_us, a.start_us + a.dur_us) for a in timed])) / 1e3 if timed else total_ms
+    kernels = [a for a in acts if not _is_copy(a.name)]
+    timed = all(a.start_us is not None for a in acts) and bool(acts)
     streams: dict = {}
-    for a in timed:
-        streams.setdefault(str(a.stream), []).append((a.start_us, a.start_us + a.dur_us))
-    return {"wall_ms": wall_ms, "gpu_sum_ms": total_ms, "gpu_busy_ms": busy_ms, "idle_ms": max(0.0, wall_ms - busy_ms),
-            "stream_busy_ms": {s: _length(_union(iv)) / 1e3 for s, iv in sorted(streams.items())},
+    for a in acts if timed else []:
+        streams.setdefault(str(a.stream), []).append(a)
+    kernel_ms = sum(a.dur_us for a in kernels) / 1e3
+    busy_ms = _busy_ms(acts) if timed else total_ms
+    return {"wall_ms": wall_ms, "gpu_sum_ms": total_ms, "kernel_ms": kernel_ms,
+            "kernel_busy_ms": _busy_ms(kernels) if timed else kernel_ms, "gpu_busy_ms": busy_ms,
+            "idle_ms": max(0.0, wall_ms - busy_ms),
+            "stream_busy_ms": {s: _busy_ms(v) for s, v in sorted(streams.items())},
             "copies": _copy_overlap(acts) if timed else None, "categories": rows}
+
+
+def _is_copy(name: str) -> bool:
+    return name.startswith(("Memcpy", "Memset"))
+
+
+def _busy_ms(acts: list[Activity]) -> float:
+    """The time at least one of `acts` (with starts) ran, in ms."""
+    return _length(_union([(a.start_us, a.start_us + a.dur_us) for a in acts])) / 1e3
 
 
 def largest_remaining(summary: dict, exclude: tuple[str, ...] = ("attention", "linear 8-bit")) -> dict:
@@ -226,8 +240,9 @@ def table(summary: dict, label: str = "") -> str:
                      f"{r['count']:>6}  {tops}")
     lines.append(f"{'total':<13} {summary['gpu_sum_ms']:>10.2f} {100.0 if summary['gpu_sum_ms'] else 0.0:>6.1f}")
     streams = ", ".join(f"{s}: {ms:.1f}" for s, ms in summary["stream_busy_ms"].items())
-    lines.append(f"step wall {summary['wall_ms']:.1f} ms, GPU busy {summary['gpu_busy_ms']:.1f} ms, idle (launch / "
-                 f"sync gaps) {summary['idle_ms']:.1f} ms" + (f"; busy ms per stream: {streams}" if streams else ""))
+    lines.append(f"step wall {summary['wall_ms']:.1f} ms; kernels {summary['kernel_ms']:.1f} ms summed, running "
+                 f"{summary['kernel_busy_ms']:.1f} ms; GPU busy {summary['gpu_busy_ms']:.1f} ms, idle (launch / sync "
+                 f"gaps) {summary['idle_ms']:.1f} ms" + (f"; busy ms per stream: {streams}" if streams else ""))
     if (c := summary["copies"]) and c["htod_ms"]:
         lines.append(f"host->device copies {c['htod_ms']:.1f} ms, {c['htod_under_kernels_ms']:.1f} ms of it under "
                      f"compute kernels ({100 * c['overlap_fraction']:.0f}%), {c['htod_exposed_ms']:.1f} ms exposed")
