@@ -1,6 +1,6 @@
 """python -m wan_lite.bench_profile: where the time of one denoising step goes, kernel by kernel.
 
-    python -m wan_lite.bench_profile --res 720p --scheme int8 --vram-gb 24 [--attention fp8|sdpa-cudnn]
+    python -m wan_lite.bench_profile --res 720p --scheme int8 --vram-gb 24 [--attention fp8|cudnn]
                                      [--low] [--json out.json] [--trace-dir traces/]
 
 The same random experts, memory cap, inputs and residency as `python -m wan_lite.bench` (bench.py's
@@ -14,11 +14,12 @@ into the slots as each unit finishes) and the first low-noise step.
 Every GPU activity of a profiled step is put in one category by `classify(name)`, a pure function of
 the kernel name (CATEGORIES says what each holds); names it cannot place go to "other", listed. For
 each step: a table (category, ms, % of GPU time, % of the step, launches, top kernels), the step's wall
-time (CUDA synchronized before and after), the GPU time summed over all activities and its union over
-time (busy); wall - busy is the time the GPU sat idle (launch and sync overhead), and host->device
-copies are reported by themselves with the share of their time that ran under compute kernels (they
-run on the residency's side stream). The scheduler's update between steps (a few element-wise ops) is
-not in the step.
+time (CUDA synchronized before and after), the kernel time summed and the time any kernel ran, the GPU
+time summed over all activities and its union over time (busy); wall - busy is the time the GPU sat
+idle (launch and sync overhead). Host->device copies are reported by themselves with the share of
+their time that ran under compute kernels (they run on the residency's side stream). Last, the largest
+category besides attention and the 8-bit GEMMs and whether it is over 10% of the step (issue 18: the
+next cost to attack). The scheduler's update between steps (a few element-wise ops) is not in the step.
 
 On the CPU (`--device cpu --tiny`, the tests) the same path profiles CPU operators: their self times are
 classified by the same function (aten names), and no copy overlap exists.
@@ -246,6 +247,8 @@ def table(summary: dict, label: str = "") -> str:
     if (c := summary["copies"]) and c["htod_ms"]:
         lines.append(f"host->device copies {c['htod_ms']:.1f} ms, {c['htod_under_kernels_ms']:.1f} ms of it under "
                      f"compute kernels ({100 * c['overlap_fraction']:.0f}%), {c['htod_exposed_ms']:.1f} ms exposed")
+    elif c:
+        lines.append("no host->device copies in this step")
     other = next(r for r in summary["categories"] if r["category"] == "other")
     if other["top"]:
         lines.append("other: " + "; ".join(f"{_short(n, 100)} ({ms:.2f} ms x{k})" for n, ms, k in other["top"]))
