@@ -96,14 +96,16 @@ def random_units(model: torch.nn.Module, seed: int, device="cuda") -> Iterator[t
         yield unit, lay, buf
 
 
-def random_host_expert(model: torch.nn.Module, seed: int, pin: bool = True) -> HostExpert:
-    """One expert of `model`'s layout with random weights, generated on the GPU, held in pinned RAM."""
+def random_host_expert(model: torch.nn.Module, seed: int, pin: bool = True, device: str = "cuda") -> HostExpert:
+    """One expert of `model`'s layout with random weights, generated on `device` (the GPU; "cpu" for the
+    CPU tests of bench_profile), held in (pinned) host RAM."""
     layouts = layouts_of(model)
     _log(f"building a random expert: {sum(lay.nbytes for lay in layouts.values()) / GB:.1f} GB, pinned={pin}")
     host = HostExpert.empty(layouts, pin=pin)
-    for unit, _, buf in random_units(model, seed, "cuda"):
+    for unit, _, buf in random_units(model, seed, device):
         host.flats[unit].copy_(buf)
-    torch.cuda.synchronize()
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
     return host
 
 
@@ -130,11 +132,11 @@ def _cap(vram_gb: float | None) -> None:
     torch.cuda.reset_peak_memory_stats()
 
 
-def _inputs(cfg: ModelConfig, video: VideoSize, seed: int = 0):
-    g = torch.Generator("cuda").manual_seed(seed)
-    x = torch.randn(1, *video.latent_shape(cfg.in_dim), generator=g, device="cuda")  # (1, C, F', H/8, W/8)
-    ctx = torch.randn(1, 120, cfg.text_dim, generator=g, device="cuda")  # a prompt of 120 tokens
-    ctx_null = torch.randn(1, 60, cfg.text_dim, generator=g, device="cuda")
+def _inputs(cfg: ModelConfig, video: VideoSize, seed: int = 0, device: str = "cuda"):
+    g = torch.Generator(device).manual_seed(seed)
+    x = torch.randn(1, *video.latent_shape(cfg.in_dim), generator=g, device=device)  # (1, C, F', H/8, W/8)
+    ctx = torch.randn(1, 120, cfg.text_dim, generator=g, device=device)  # a prompt of 120 tokens
+    ctx_null = torch.randn(1, 60, cfg.text_dim, generator=g, device=device)
     return x, ctx, ctx_null
 
 
