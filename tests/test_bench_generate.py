@@ -3,6 +3,7 @@ layout, quantized by the real command, generated from disk by the real command, 
 
 import json
 
+import pytest
 import torch
 
 from wan_lite import bench_generate
@@ -32,13 +33,14 @@ def test_random_root_is_a_valid_official_root(tmp_path):
     assert all(torch.isfinite(t).all() for t in high.state_dict().values())
 
 
-def test_end_to_end_tiny(tmp_path):
+@pytest.mark.parametrize("skip_quantize", [False, True], ids=["quantized-by-the-command", "written-directly"])
+def test_end_to_end_tiny(tmp_path, skip_quantize):
     out = tmp_path / "e2e.json"
     rc = bench_generate.main(["--work", str(tmp_path / "work"), "--config", "tiny", "--run", "64x64",
-                              "--frames", "5", "--json", str(out)])
+                              "--frames", "5", "--json", str(out)] + ["--skip-quantize"] * skip_quantize)
     assert rc == 0
     results = json.loads(out.read_text())
-    assert results["quantize"]["rc"] == 0
+    assert (results["quantize"]["rc"] == 0) if not skip_quantize else ("quantize" not in results)
     (run,) = results["runs"]
     assert run["rc"] == 0 and run["cache"] == "cold"
     assert len(run["step_ends_s"]) == 4  # the lightning preset: 4 steps

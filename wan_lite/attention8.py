@@ -123,6 +123,15 @@ def _kv_stats(K, V, ksum, vmax, H, L, skb, skh, skl, svb, svh, svl,
 
 
 @triton.jit
+def _store_fp8(x, out, scale):
+    """x (ROWS, D) fp32 stored at the pointers `out` as e4m3 scaled to its absmax (448 = e4m3's largest
+    finite value), and its dequantization scale absmax / 448 at `scale`."""
+    amax = tl.maximum(tl.max(tl.abs(x)), 1e-30)
+    tl.store(out, (x * (448.0 / amax)).to(tl.float8e4nv))
+    tl.store(scale, amax / 448.0)
+
+
+@triton.jit
 def _quant_q(Q, q8, qs, H, L, Lp, sqb, sqh, sql, scale, D: tl.constexpr, ROWS: tl.constexpr):
     """q8 = q * scale / sq for ROWS queries of one head, sq = absmax / 448 (padding rows: zeros)."""
     blk = tl.program_id(0)
@@ -133,9 +142,7 @@ def _quant_q(Q, q8, qs, H, L, Lp, sqb, sqh, sql, scale, D: tl.constexpr, ROWS: t
     rows = blk * ROWS + tl.arange(0, ROWS)
     ptr = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh + rows[:, None].to(tl.int64) * sql + d[None, :]
     x = tl.load(ptr, mask=rows[:, None] < L, other=0.0).to(tl.float32) * scale  # (ROWS, D)
-    amax = tl.maximum(tl.max(tl.abs(x)), 1e-30)
-    tl.store(q8 + (bh * Lp + rows[:, None]).to(tl.int64) * D + d[None, :], (x * (448.0 / amax)).to(tl.float8e4nv))
-    tl.store(qs + bh * (Lp // ROWS) + blk, amax / 448.0)
+    _store_fp8(x, q8 + (bh * Lp + rows[:, None]).to(tl.int64) * D + d[None, :], qs + bh * (Lp // ROWS) + blk)
 
 
 @triton.jit
@@ -152,9 +159,7 @@ def _quant_kv(K, V, kmean, vscale, k8, vt8, ks, H, L, Lp, skb, skh, skl, svb, sv
     roff = rows[:, None].to(tl.int64)
     k = tl.load(K + b.to(tl.int64) * skb + h.to(tl.int64) * skh + roff * skl + d[None, :], mask=ok, other=0.0)
     k = tl.where(ok, k.to(tl.float32) - tl.load(kmean + bh * D + d)[None, :], 0.0)  # (ROWS, D) centred
-    amax = tl.maximum(tl.max(tl.abs(k)), 1e-30)
-    tl.store(k8 + (bh * Lp + roff) * D + d[None, :], (k * (448.0 / amax)).to(tl.float8e4nv))
-    tl.store(ks + bh * (Lp // ROWS) + blk, amax / 448.0)
+    _store_fp8(k, k8 + (bh * Lp + roff) * D + d[None, :], ks + bh * (Lp // ROWS) + blk)
     v = tl.load(V + b.to(tl.int64) * svb + h.to(tl.int64) * svh + roff * svl + d[None, :], mask=ok, other=0.0)
     v8 = (v.to(tl.float32) / tl.load(vscale + bh * D + d)[None, :]).to(tl.float8e4nv)  # (ROWS, D)
     tl.store(vt8 + (bh * D + d[None, :]).to(tl.int64) * Lp + roff, v8)  # stored (D, Lp): tokens contiguous

@@ -117,19 +117,32 @@ def umt5_official_shapes(t5: dict) -> dict[str, tuple[int, ...]]:
 
 
 def write_random_root(root: Path, cfg: ModelConfig, *, t5: dict = UMT5_XXL, experts_dir: Path | None = None,
-                      seed: int = 0, device="cpu") -> Path:
+                      seed: int = 0, device="cpu", experts: str = "bf16") -> Path:
     """A Wan2.2-T2V root with random weights (see the module docstring); the experts go to `experts_dir`
-    (linked into the root) when given. Returns the root."""
+    (linked into the root) when given. `experts`: "bf16" (the official release's layout, to be quantized) or
+    a folder kind of `bench_files` ("ours-int8", "ours-fp8": the quantized layout written directly, as
+    `python -m wan_lite.quantize` writes it). Returns the root."""
+    from .bench_files import write_expert
+
     root.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(("high_noise_model", "low_noise_model")):
+        folder = (experts_dir or root) / name
+        if experts == "bf16":
+            write_random_expert(cfg, folder, seed + 1 + i, device)
+        else:
+            write_expert(experts, folder, cfg, seed=seed + 1 + i, device=device)
+        if experts_dir is not None:
+            (root / name).symlink_to(folder, target_is_directory=True)
+    write_components(root, t5, seed, device)
+    return root
+
+
+def write_components(root: Path, t5: dict, seed: int, device) -> None:
+    """The official umt5 .pth, a small tokenizer and the official Wan2.1 VAE .pth, with random weights."""
     from diffusers import AutoencoderKLWan
 
     from .text import write_small_tokenizer
 
-    for i, name in enumerate(("high_noise_model", "low_noise_model")):
-        folder = (experts_dir or root) / name
-        write_random_expert(cfg, folder, seed + 1 + i, device)
-        if experts_dir is not None:
-            (root / name).symlink_to(folder, target_is_directory=True)
     g = torch.Generator(device).manual_seed(seed)
     state = {n: random_tensor(n, s, g, device).cpu() for n, s in umt5_official_shapes(t5).items()}
     torch.save(state, root / f"{TEXT_WEIGHTS}.tmp")
@@ -140,7 +153,6 @@ def write_random_root(root: Path, cfg: ModelConfig, *, t5: dict = UMT5_XXL, expe
     vae = AutoencoderKLWan().state_dict()  # diffusers' own random init
     torch.save(diffusers_to_official_vae(vae), root / f"{VAE_WEIGHTS}.tmp")
     os.replace(root / f"{VAE_WEIGHTS}.tmp", root / VAE_WEIGHTS)
-    return root
 
 
 def diffusers_to_official_vae(sd: dict[str, torch.Tensor], num_res_blocks: int = 2) -> dict[str, torch.Tensor]:
@@ -288,6 +300,8 @@ def main(argv=None) -> int:
     p.add_argument("--work", required=True, type=Path, help="a folder on the local disk for the roots and videos")
     p.add_argument("--source-dir", type=Path, help="where the bf16 source experts go (e.g. /dev/shm/src)")
     p.add_argument("--scheme", default="int8", choices=("int8", "fp8"))
+    p.add_argument("--skip-quantize", action="store_true", help="write the --scheme experts directly in our "
+                   "quantized layout (random 8-bit weights) instead of a bf16 source quantized by the real command")
     p.add_argument("--run", type=parse_run, action="append", help="WxH[:vram=GB][:ram=GB]; repeatable "
                    "(default: 1280x720:vram=24 and 832x480:vram=12:ram=16)")
     p.add_argument("--frames", type=int, default=81)
@@ -307,25 +321,37 @@ def main(argv=None) -> int:
                "cpu", "config": a.config, "scheme": a.scheme, "preset": a.preset, "frames": a.frames, "runs": []}
 
     start = time.perf_counter()
+    if a.skip_quantize:  # our layout written directly: no source, no quantize
+        write_random_root(qroot, cfg, t5=t5, device=device, experts=f"ours-{a.scheme}")
+        results["write_quantized_root_s"] = round(time.perf_counter() - start, 1)
+        print(f"wrote the random {a.scheme} root in {results['write_quantized_root_s']} s", file=sys.stderr)
+        return _runs(a, runs, qroot, results)
     write_random_root(src, cfg, t5=t5, experts_dir=a.source_dir, device=device)
     results["write_source_s"] = round(time.perf_counter() - start, 1)
     print(f"wrote the random source root in {results['write_source_s']} s", file=sys.stderr, flush=True)
     rc, secs = _python("-m", "wan_lite.quantize", "--ckpt", str(src), "--out", str(qroot), "--scheme", a.scheme,
                        "--force", "--quiet", log=a.work / "quantize.log")
-    _write_json(a.json, results)
     results["quantize"] = {"rc": rc, "s": round(secs, 1), "log_tail": (a.work / "quantize.log").read_text()[-800:]}
+    _write_json(a.json, results)
     print(f"quantize rc {rc} in {secs:.1f} s", file=sys.stderr, flush=True)
     if rc:
         print(results["quantize"]["log_tail"], file=sys.stderr)
         return 1
     for name in ("high_noise_model", "low_noise_model"):  # the bf16 experts are not needed any more
         shutil.rmtree((a.source_dir or src) / name, ignore_errors=True)
+    return _runs(a, runs, qroot, results, src)
+
+
+def _runs(a: argparse.Namespace, runs: list[dict], qroot: Path, results: dict, src: Path | None = None) -> int:
+    """Each --run, cold and (--warm) warm, through the real generate command; then the roots are removed.
+    Cold: the quantized experts' pages, and the text encoder / VAE (linked from `src`), evicted first."""
     for run in runs:
         for state in ("cold", "warm") if a.warm else ("cold",):
             label = f"{run['size']}-{state}"
-            if state == "cold":  # the quantized experts, and the text encoder / VAE it links from the source
+            if state == "cold":
                 run_how = drop_page_cache(qroot)
-                drop_page_cache(src)
+                if src is not None:
+                    drop_page_cache(src)
             else:
                 run_how = "warm (right after the previous run)"
             resident = resident_fraction(qroot.resolve())
@@ -335,10 +361,10 @@ def main(argv=None) -> int:
             print(summary_row(r), flush=True)
             _write_json(a.json, results)  # after each run: a later failure or time-out keeps the earlier ones
     if not a.keep:
-        shutil.rmtree(src, ignore_errors=True)
-        shutil.rmtree(qroot, ignore_errors=True)
+        for root in (src, qroot):
+            if root is not None:
+                shutil.rmtree(root, ignore_errors=True)
     return 0 if all(r["rc"] == 0 for r in results["runs"]) else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())
