@@ -338,8 +338,9 @@ def bench_text() -> dict:
     return out
 
 
-def bench_vae(width: int, height: int, frames: int, vram_gb: float | None, dtype=torch.bfloat16) -> dict:
-    """Wan2.1 VAE decode (diffusers AutoencoderKLWan, random weights), tiled as the planner says."""
+def bench_vae(width: int, height: int, frames: int, vram_gb: float | None, dtype=torch.float32) -> dict:
+    """Wan2.1 VAE decode (diffusers AutoencoderKLWan, random weights), tiled as the planner says, in the
+    pipeline's float32 (the official dtype)."""
     from diffusers import AutoencoderKLWan
 
     from .planner import make_plan

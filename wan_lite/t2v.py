@@ -209,7 +209,8 @@ class T2VPipeline:
         attention.set_backend(plan.attention, max_block_bytes=(plan.attention_block_mb or 0) * 2**20 or None)
         if self.device.type == "cuda":  # the budget holds on a larger card too: the allocator is capped to it
             total = torch.cuda.get_device_properties(self.device).total_memory
-            torch.cuda.set_per_process_memory_fraction(min(1.0, plan.vram_gb * GB / total), self.device)
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            torch.cuda.set_per_process_memory_fraction(min(1.0, plan.vram_gb * GB / total), index)
         if self.text_device_from_plan:  # umt5-xxl needs 13.5 GB in bf16: the CPU on small cards
             self.text.device = torch.device(plan.text_device)
         if self.model.library_scheme:  # tensor subclasses: whole modules, swapped at the boundary
