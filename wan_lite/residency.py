@@ -48,6 +48,7 @@ more than two experts.
 from __future__ import annotations
 
 import copy
+import gc
 import queue
 import re
 import threading
@@ -719,6 +720,9 @@ class Residency:
             torch.cuda.synchronize(self.device)
         self._model, self._buffers, self._ready, self._free, self._staging = None, {}, {}, {}, []
         self.placement.content = {}
+        if self._copier.cuda:  # a compiled skeleton can sit in reference cycles: collect them, so its
+            gc.collect()  # weights are freed before the VAE decodes, not at the next automatic collection
+            torch.cuda.empty_cache()
 
     @property
     def device_bytes(self) -> int:

@@ -44,10 +44,12 @@ LATENTS_STD = (
 
 # Decoder memory per pixel of one tile (any frame count: it decodes one latent frame at a time), by
 # element size. Measured on an H100 with the real architecture: 22.7 KB/px allocated in fp32 and
-# 11.3 KB/px in bf16, 1.24-1.37x that reserved by the caching allocator. But a whole 720p run through
-# `generate` under a 24 GB allocator cap (H200, diffusers 0.42, 2026-11-29) ran out of memory decoding
-# 768 px fp32 tiles at 21.3 GiB allocated: at least 33.4 KB/px beyond the videos and weights. 40 KB/px
-# (20 in bf16) keeps a 20% margin over that.
+# 11.3 KB/px in bf16, 1.24-1.37x that reserved by the caching allocator. On an H200 (diffusers 0.42,
+# 2026-11-29) the fp32 decode of 720p x 81 in 672 px tiles peaked at 11.6 GB allocated (18.6 KB/px beyond
+# the videos and weights) and took 11.3 s, as long as 768 px tiles (11.4 s); but a whole 720p run through
+# `generate` under a 24 GB cap ran out of memory decoding 768 px tiles at 21.3 GiB, with about 8 GiB held
+# by something other than the decode (not identified: the device time ran out). 40 KB/px (20 in bf16)
+# leaves that margin at no measured cost in speed.
 BYTES_PER_PIXEL = {4: 40_000, 2: 20_000}
 MARGIN_BYTES = 512 << 20  # cuDNN workspaces and allocator slack beyond the per-pixel figure
 MIN_TILE = 128  # pixels; tiles are square, a multiple of 32, overlapping by a quarter of their side
