@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from wan_lite import bench_generate
-from wan_lite.checkpoint import load_source, open_expert, open_root
+from wan_lite.checkpoint import TEXT_WEIGHTS, load_source, open_expert, open_root
 from wan_lite.config import ModelConfig
+from wan_lite.t2v import T2VPipeline
 from wan_lite.vae import official_to_diffusers
 
 
@@ -31,6 +32,13 @@ def test_random_root_is_a_valid_official_root(tmp_path):
     assert (root / "high_noise_model").is_symlink()
     high = load_source(open_expert(model.high), dtype=torch.float32)
     assert all(torch.isfinite(t).all() for t in high.state_dict().values())
+    # the official bf16 .pth run in bf16 stays file-backed (mmap): no private RAM planned for it on the CPU;
+    # run in fp32 it is converted, a private copy of its stored size
+    pth = root / TEXT_WEIGHTS
+    bf16 = T2VPipeline.from_pretrained(root, device="cpu", dtype=torch.bfloat16, text_dtype=torch.bfloat16)
+    assert bf16._text_bytes() == 0
+    fp32 = T2VPipeline.from_pretrained(root, device="cpu", dtype=torch.float32, text_dtype=torch.float32)
+    assert fp32._text_bytes() == pth.stat().st_size
 
 
 @pytest.mark.parametrize("skip_quantize", [False, True], ids=["quantized-by-the-command", "written-directly"])

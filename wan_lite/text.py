@@ -327,6 +327,14 @@ class TextEncoder:
                     "'spiece.model' --local-dir DIR`), or go online once so google/umt5-xxl is cached") from e
         return self.tokenizer
 
+    def stored_dtype(self) -> torch.dtype | None:
+        """The dtype of the official .pth's embedding (read through mmap, no weights loaded); None for the
+        other layouts."""
+        if self.layout != "official":
+            return None
+        sd = torch.load(self.weights, map_location="cpu", mmap=True, weights_only=True)
+        return sd["token_embedding.weight"].dtype
+
     def check(self) -> None:
         """The encoder's width and tensor names, from its config / header only (`check_text_encoder`)."""
         check_text_encoder(self.layout, self.weights, self.width)
