@@ -42,6 +42,7 @@ import hashlib
 import json
 import math
 import re
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,7 +171,7 @@ class ExpertFile:
     weights: SafetensorsWeights | GGUFWeights = field(repr=False)
     native_fp8: frozenset = field(default=frozenset(), repr=False)  # layers whose stored fp8 weight is used
     _params: list[str] = field(default_factory=list, repr=False)  # the model's parameter names
-    _pair: tuple | None = field(default=None, repr=False)  # (layer, (weight, scale)): one layer cached
+    _cached: threading.local = field(default_factory=threading.local, repr=False)  # .pair per reading thread
 
     def names(self) -> list[str]:
         """The runtime model's state_dict names: an 8-bit Linear X gives X.weight, X.weight_scale, X.bias."""
@@ -198,9 +199,11 @@ class ExpertFile:
         return self.weights.float_tensor(name)
 
     def _eight_bit(self, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
-        pair = self._pair  # the loader asks weight, then weight_scale: one layer cached (a tuple: thread-safe)
+        """The loader asks a layer's weight and its weight_scale: the last layer quantized is kept, one per
+        thread (the residency's prefetch thread reads units while the calling thread may read others)."""
+        pair = getattr(self._cached, "pair", None)  # (layer, (weight, scale))
         if pair is None or pair[0] != layer:
-            pair = self._pair = (layer, self._quantize(layer))
+            pair = self._cached.pair = (layer, self._quantize(layer))
         return pair[1]
 
     def _quantize(self, layer: str) -> tuple[torch.Tensor, torch.Tensor]:
