@@ -39,12 +39,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .checkpoint import TEXT_WEIGHTS, TOKENIZER, VAE_WEIGHTS
+from .checkpoint import EXPERT_PAIRS, TEXT_WEIGHTS, TOKENIZER, VAE_WEIGHTS
 from .config import ModelConfig
 from .residency import template
 from .vae import official_to_diffusers
 
 GB = 1e9
+OFFICIAL_PAIR = EXPERT_PAIRS[0]  # the official layout's expert folders (high, low)
 SHARD_BYTES = 5 * 10**9  # the official release's shards are about 5 GB
 # umt5-xxl encoder (google/umt5-xxl): vocab, width, heads, FFN width, layers, relative-position buckets
 UMT5_XXL = {"vocab": 256384, "dim": 4096, "heads": 64, "ffn": 10240, "layers": 24, "buckets": 32}
@@ -125,7 +126,7 @@ def write_random_root(root: Path, cfg: ModelConfig, *, t5: dict = UMT5_XXL, expe
     from .bench_files import write_expert
 
     root.mkdir(parents=True, exist_ok=True)
-    for i, name in enumerate(("high_noise_model", "low_noise_model")):
+    for i, name in enumerate(OFFICIAL_PAIR):
         folder = (experts_dir or root) / name
         if experts == "bf16":
             write_random_expert(cfg, folder, seed + 1 + i, device)
@@ -337,7 +338,7 @@ def main(argv=None) -> int:
     if rc:
         print(results["quantize"]["log_tail"], file=sys.stderr)
         return 1
-    for name in ("high_noise_model", "low_noise_model"):  # the bf16 experts are not needed any more
+    for name in OFFICIAL_PAIR:  # the bf16 experts are not needed any more
         shutil.rmtree((a.source_dir or src) / name, ignore_errors=True)
     return _runs(a, runs, qroot, results, src)
 
