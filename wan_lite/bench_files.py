@@ -78,6 +78,7 @@ from .quantized.format import (
     shard_header,
     shard_name,
 )
+from .residency import host_buffers
 
 GB = 1e9
 KINDS = ("ours-fp8", "fp8-scaled", "ours-int8", "gguf-q8_0", "gguf-q4_k_m")  # the suite's order: baselines first
@@ -490,7 +491,7 @@ def fill_host(host, path, threads: int) -> dict:
     if threads <= 1:
         host.fill()
         return {"fill_s": time.perf_counter() - t0, "threads": 1}
-    flats = {u: torch.empty(lay.nbytes, dtype=torch.uint8, pin_memory=host.pin) for u, lay in host.layouts.items()}
+    flats = host_buffers({u: lay.nbytes for u, lay in host.layouts.items()}, host.pin)  # as HostExpert.fill
     alloc_s = time.perf_counter() - t0
     units = list(host.layouts)
     alone = {}
