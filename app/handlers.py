@@ -60,7 +60,7 @@ from wan_lite.vae import VAE
 
 from . import demo
 from .jobs import GenerationCancelled, GpuLine, Job, clock, peak_vram, watch_decode
-from .models import ModelFiles, comfyui_experts, describe_files, model_files, open_files
+from .models import ModelFiles, comfyui_experts, describe_files, open_files
 from .options import PRESETS, STEP_CACHES, LoraFolder
 from .preview import Preview, latent_to_rgb, vae_preview
 
@@ -485,7 +485,7 @@ class App:
                               extra_metadata={"vram_profile": s.vram_profile, "preset": s.preset,
                                               "exact_attention": s.exact_attention,
                                               "vae_preview_every": s.vae_preview_every,
-                                              "model_files": model_files(pipe.model)})
+                                              "model_files": pipe.model.files()})
             self.decode_rate = result.timings["decode"] / (size[0] * size[1] * s.frames)
         except GenerationCancelled as e:
             error = e

@@ -13,7 +13,6 @@ refused by name here, with that module's message.
 - `open_files(files) -> ModelRoot`: the checked model; ValueError / CheckpointError / FileNotFoundError
   naming the field to fix.
 - `comfyui_experts(folder) -> list[str]`: the expert files a ComfyUI folder offers (the dropdowns).
-- `model_files(model) -> dict`: which files a model is made of (the plan text and the video's metadata).
 """
 
 from __future__ import annotations
@@ -94,13 +93,6 @@ def comfyui_experts(folder: str | os.PathLike) -> list[str]:
                          "ComfyUI's models/ folder (e.g. ComfyUI/models).")
     names = {p.name for sub in subs for p in sub.iterdir() if p.suffix in EXPERT_SUFFIXES and p.is_file()}
     return sorted(names)
-
-
-def model_files(model: ModelRoot) -> dict[str, str]:
-    """{"high", "low", "text_encoder", "vae", "tokenizer"} -> the path (or tokenizer hub id) each piece is read
-    from: the model's files as stored in a video's metadata."""
-    return {"high": str(model.high), "low": str(model.low), "text_encoder": str(model.text_encoder),
-            "vae": str(model.vae), "tokenizer": str(model.tokenizer)}
 
 
 def describe_files(model: ModelRoot) -> str:

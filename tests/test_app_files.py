@@ -192,7 +192,8 @@ def test_a_wrong_file_is_refused_with_the_formats_message(files_app, comfy, high
     (dict(comfyui="{models}", high=HIGH, low=""), "Choose both experts in"),
     (dict(comfyui="/nowhere/models", high=HIGH, low=LOW), "No folder /nowhere/models"),
     (dict(high="/nowhere/high.safetensors", low="/nowhere/low.safetensors", text_encoder="{models}/text_encoders/"
-          + TEXT, vae="{models}/vae/" + VAE_FILE), "the high /nowhere/high.safetensors does not exist"),
+          + TEXT, vae="{models}/vae/" + VAE_FILE),
+     "the high-noise expert file /nowhere/high.safetensors does not exist"),
     (dict(high="{models}/diffusion_models/" + HIGH, low="{models}/diffusion_models/" + LOW),
      "also give the text encoder and the VAE file"),
     (dict(high="{models}/diffusion_models/" + HIGH, low="{models}/diffusion_models/" + FP8[1],

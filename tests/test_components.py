@@ -4,6 +4,8 @@ name before any weight loads."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from builders import make_checkpoint_root
@@ -109,3 +111,58 @@ def test_a_quantized_copy_of_a_diffusers_root_opens(tmp_path_factory):
     model = open_root(dst)
     assert model.layout == "diffusers" and model.scheme == "int8" and model.high.name == "high_noise_model"
     assert model.text_encoder == dst / "text_encoder" and model.vae == dst / "vae"
+
+
+# ---------------------------------------------------------------------------------------------
+# what a fresh-user trial ran into (2026-11-29)
+
+
+def test_a_comfyui_folder_as_ckpt_says_to_name_the_experts(roots):
+    _, models, _ = roots
+    with pytest.raises(CheckpointError, match=r"ComfyUI models folder: name the two experts.*--high NAME --low NAME"
+                                              r".*wan2\.2_t2v_high_noise_14B_fp32\.safetensors"):
+        open_root(models)
+
+
+def test_cuda_asked_without_cuda_is_one_clear_line(roots, tmp_path, capsys, monkeypatch):
+    root, _, _ = roots
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = ["--ckpt", str(root), "--prompt", "a fox", "--size", "48x32", "--frames", "5", "--device", "cuda",
+            "--out", str(tmp_path / "v.mp4")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "CUDA is not available here" in err and "use --device cpu" in err and "Traceback" not in err
+    assert not (tmp_path / "v.mp4").exists()
+
+
+def test_the_model_files_and_the_run_are_recorded(roots, tmp_path, capsys):
+    """The sidecar names the four files; --stats refuses the sidecar's name; the file names warn when swapped."""
+    _, models, tok = roots
+    high = models / "diffusion_models" / "wan2.2_t2v_high_noise_14B_fp32.safetensors"
+    low = models / "diffusion_models" / "wan2.2_t2v_low_noise_14B_fp32.safetensors"
+    out = tmp_path / "v.mp4"
+    common = ["--text-encoder", str(models / "text_encoders" / "umt5_xxl_fp32.safetensors"),
+              "--vae", str(models / "vae" / "wan_2.1_vae.safetensors"), "--tokenizer", str(tok),
+              "--prompt", "a fox", "--size", "48x32", "--frames", "5", "--steps", "2", "--seed", "1",
+              "--device", "cpu", "--dtype", "fp32", "--vae-tile", "0", "--cache-dir", str(tmp_path / "c")]
+    assert main(["--high", str(low), "--low", str(high), *common, "--out", str(out), "--stats",
+                 str(tmp_path / "v.json")]) == 2
+    assert "would overwrite the video or its .json sidecar" in capsys.readouterr().err
+    assert main(["--high", str(low), "--low", str(high), *common, "--out", str(out), "--stats",
+                 str(tmp_path / "run.stats.json")]) == 0
+    err = capsys.readouterr().err
+    assert "the file names say the experts are swapped" in err
+    meta = read_metadata(out)
+    assert meta["model_files"]["high"] == str(low) and meta["model_files"]["tokenizer"] == str(tok)
+    stats = json.loads((tmp_path / "run.stats.json").read_text())
+    assert len(stats["step_ends_s"]) == 2 and stats["params"]["model_files"] == meta["model_files"]
+
+
+def test_a_lora_strength_that_is_not_a_number_is_named(roots, tmp_path, capsys):
+    root, _, _ = roots
+    lora = tmp_path / "some_lora.safetensors"
+    lora.write_bytes(b"")
+    argv = ["--ckpt", str(root), "--prompt", "a fox", "--lora", f"{lora}:abc", "--out", str(tmp_path / "v.mp4")]
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert "the strength 'abc' is not a number" in capsys.readouterr().err

@@ -459,8 +459,21 @@ def test_dora_and_missing_file_are_refused(tmp_path, tiny_cfg):
     with pytest.raises(CheckpointError, match="does not exist"):
         read_lora(tmp_path / "nope.safetensors", tiny_cfg)
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(CheckpointError, match="damaged"):
+    with pytest.raises(CheckpointError, match="not a safetensors or GGUF file"):
         read_lora(tmp_path / "junk.safetensors", tiny_cfg)
+
+
+def test_an_expert_given_as_a_lora_is_refused_by_name(tmp_path, tiny_cfg):
+    """A trial user passed an expert file as --lora-high: a GGUF one was called damaged, a safetensors one
+    'unknown layer names'. Both are named as experts now, from the header."""
+    from builders import random_expert
+    from builders_files import official_state, write_gguf, write_safetensors
+
+    state = official_state(random_expert(tiny_cfg, 1))
+    for path in (write_safetensors(state, tmp_path / "expert.safetensors", torch.float16)[0],
+                 write_gguf(state, tmp_path / "expert.gguf")[0]):
+        with pytest.raises(CheckpointError, match=r"expert.*not a LoRA: give it as --high / --low"):
+            read_lora(path, tiny_cfg)
 
 
 def test_peft_metadata_alpha_pattern_is_refused_and_rslora_scales_by_sqrt_rank(tmp_path, tiny_cfg):

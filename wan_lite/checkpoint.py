@@ -483,6 +483,12 @@ class ModelRoot:
         """The scheme a GPU reads single-file experts as (GGUF: requantized to int8); None: as stored."""
         return "int8" if self.scheme == "int8" and any(p.suffix == ".gguf" for p in (self.high, self.low)) else None
 
+    def files(self) -> dict[str, str]:
+        """{"high", "low", "text_encoder", "vae", "tokenizer"} -> the path (or tokenizer hub id) each piece is
+        read from: what a video's metadata records."""
+        return {"high": str(self.high), "low": str(self.low), "text_encoder": str(self.text_encoder),
+                "vae": str(self.vae), "tokenizer": str(self.tokenizer)}
+
     @property
     def library_scheme(self) -> bool:
         """optimum-quanto / bitsandbytes experts: swapped as whole modules, not packed."""
@@ -619,6 +625,11 @@ def open_root(path_or_hub_id: str | os.PathLike) -> ModelRoot:
     """Describe a model root (either layout, or a quantized copy; a hub id is downloaded when online).
     Raises CheckpointError / FileNotFoundError naming what is missing or wrong and the fix."""
     path = resolve_root(path_or_hub_id)
+    if any((path / sub).is_dir() for sub in COMFYUI_FOLDERS["experts"]):
+        found = sorted(f.name for sub in COMFYUI_FOLDERS["experts"] if (path / sub).is_dir()
+                       for f in (path / sub).iterdir() if f.suffix in (".safetensors", ".gguf"))
+        raise CheckpointError(f"{path} is a ComfyUI models folder: name the two experts in it with --high NAME "
+                              f"--low NAME (found: {_clip(found) if found else 'no .safetensors / .gguf files'})")
     layout = check_root(path)
     high, low = find_experts(path)
     schemes = {"high": expert_scheme(high), "low": expert_scheme(low)}
@@ -654,9 +665,10 @@ def open_components(high, low, *, text_encoder, vae, tokenizer=None, name: str |
     google/umt5-xxl hub id, cached or downloaded by transformers). Every piece is identified from its
     header and checked before any weight is read; a wrong file is refused by name."""
     paths = {"high": Path(high), "low": Path(low), "text encoder": Path(text_encoder), "VAE": Path(vae)}
+    words = {"high": "high-noise expert", "low": "low-noise expert", "text encoder": "text encoder", "VAE": "VAE"}
     for what, path in paths.items():
         if not path.exists():
-            raise FileNotFoundError(f"the {what} {path} does not exist")
+            raise FileNotFoundError(f"the {words[what]} file {path} does not exist")
     for what, path in (("expert", paths["high"]), ("expert", paths["low"]), ("text_encoder", paths["text encoder"]),
                        ("vae", paths["VAE"])):
         if path.is_file() and path.suffix in (".safetensors", ".gguf"):
@@ -664,8 +676,11 @@ def open_components(high, low, *, text_encoder, vae, tokenizer=None, name: str |
     schemes = {k: _file_scheme(p) if p.is_file() else expert_scheme(p) for k, p in (("high", paths["high"]),
                                                                                       ("low", paths["low"]))}
     if schemes["high"] != schemes["low"]:
+        words = {k: "float (fp32/fp16/bf16)" if v == "none" else v for k, v in schemes.items()}
         raise CheckpointError(f"the experts are stored in different formats (high {paths['high'].name}: "
-                              f"{schemes['high']}, low {paths['low'].name}: {schemes['low']}): use a matching pair")
+                              f"{words['high']}, low {paths['low'].name}: {words['low']}): use a matching pair, or "
+                              "convert one to the other's format (python -m wan_lite.quantize --high FILE --low FILE "
+                              "--out DST --scheme int8|fp8)")
     configs = [open_expert(p).config if p.is_file() else expert_config(p) for p in (paths["high"], paths["low"])]
     config = check_pair(*configs, paths["high"], paths["low"])
     if tokenizer is not None and not Path(tokenizer).is_dir():
@@ -679,6 +694,18 @@ def open_components(high, low, *, text_encoder, vae, tokenizer=None, name: str |
 
 
 COMFYUI_FOLDERS = {"experts": ("diffusion_models", "unet"), "text": ("text_encoders", "clip"), "vae": ("vae",)}
+
+
+def swapped_names(high, low) -> str | None:
+    """A warning when the file names say the experts are given the wrong way round (the files themselves
+    cannot tell: both experts have the same tensors): 'low'-noise in --high and 'high'-noise in --low."""
+    def says(name: str, which: str) -> bool:
+        return re.search(rf"{which}[_\-. ]?noise", Path(name).name, re.IGNORECASE) is not None
+
+    if says(high, "low") and says(low, "high"):
+        return (f"the file names say the experts are swapped: --high {Path(high).name} looks like the low-noise "
+                f"expert and --low {Path(low).name} like the high-noise one; swap them unless the names are wrong")
+    return None
 
 
 def open_comfyui(models, *, high: str, low: str, tokenizer=None) -> ModelRoot:

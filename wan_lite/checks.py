@@ -18,6 +18,8 @@ import random
 import ftfy
 import regex as re
 
+from .config import VideoSize
+
 SOLVERS = ("unipc", "euler")
 MAX_STEPS = 200  # more is never useful (the official run is 40); a typo like 4000 would run for days
 MAX_GUIDANCE = 20.0  # CFG scales above this only burn the image; 0 .. 20 as the app offers
@@ -38,13 +40,7 @@ def validate(prompt: str, size: tuple[int, int], frames: int) -> None:
         raise ValueError("the prompt is empty: describe the video to generate")
     if len(size) != 2:
         raise ValueError(f"size must be (width, height), got {size!r}")
-    for name, value in zip(("width", "height"), size):
-        if not isinstance(value, int) or value <= 0 or value % 16:
-            lo, hi = max(16, value // 16 * 16), (value // 16 + 1) * 16
-            raise ValueError(f"{name} {value} is not a positive multiple of 16: use {lo} or {hi}")
-    if not isinstance(frames, int) or frames < 1 or (frames - 1) % 4:
-        lo, hi = max(1, (frames - 1) // 4 * 4 + 1), ((frames - 1) // 4 + 1) * 4 + 1
-        raise ValueError(f"frames {frames} is not of the form 4n+1: use {lo} or {hi} (81 is the official length)")
+    VideoSize(*size, frames)  # raises naming the nearest valid sides / frame counts
 
 
 def _is_number(value) -> bool:

@@ -185,12 +185,14 @@ class SamplingConfig:
 VAE_STRIDE = (4, 8, 8)  # (t, h, w) compression of the Wan2.1 VAE (DESIGN.md: stride 4x8x8)
 
 
-def _fix(value, step: int, offset: int, least: int) -> str:
+def nearest_valid(value, step: int, offset: int, least: int) -> str:
     """': use A or B', the valid values (offset + k * step, at least `least`) around a wrong `value`."""
     if not isinstance(value, int):
         return ": use a whole number"
     below = (value - offset) // step * step + offset
-    return f": use {max(least, below)} or {below + step}"
+    if below < least:
+        return f": use {least} or more"
+    return f": use {below} or {below + step}"
 
 
 @dataclass(frozen=True)
@@ -209,9 +211,9 @@ class VideoSize:
     def __post_init__(self):
         for name, value in (("width", self.width), ("height", self.height)):
             if not isinstance(value, int) or value <= 0 or value % 16:
-                raise ValueError(f"{name} {value} is not a positive multiple of 16{_fix(value, 16, 0, 16)}")
+                raise ValueError(f"{name} {value} is not a positive multiple of 16{nearest_valid(value, 16, 0, 16)}")
         if not isinstance(self.frames, int) or self.frames < 1 or (self.frames - 1) % 4:
-            raise ValueError(f"frames {self.frames} is not of the form 4n+1{_fix(self.frames, 4, 1, 1)} "
+            raise ValueError(f"frames {self.frames} is not of the form 4n+1{nearest_valid(self.frames, 4, 1, 1)} "
                              "(81 is the official length)")
 
     @classmethod

@@ -20,6 +20,7 @@ _STARTED = time.perf_counter()  # the summary's time includes start-up (imports,
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import re  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -53,8 +54,9 @@ def lora_arg(text: str) -> tuple[str, float]:
         try:
             return file, float(tail)
         except ValueError:
-            pass  # a colon in the path, no strength
-    return text, 1.0
+            if Path(file).is_file() and not Path(text).exists():
+                raise argparse.ArgumentTypeError(f"{text}: the strength {tail!r} is not a number (FILE:0.8)") from None
+    return text, 1.0  # a colon in the path, no strength
 
 
 class _Parser(argparse.ArgumentParser):
@@ -158,7 +160,7 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingConfig:
 def model_from_args(args: argparse.Namespace):
     """--ckpt ROOT (a path or hub id, opened by the pipeline), or the pieces: --high/--low with --text-encoder
     and --vae, or a ComfyUI models/ folder as --ckpt with --high/--low naming files in it."""
-    from .checkpoint import open_comfyui, open_components
+    from .checkpoint import open_comfyui, open_components, swapped_names
 
     if args.high is None and args.low is None:
         if args.ckpt is None:
@@ -172,10 +174,14 @@ def model_from_args(args: argparse.Namespace):
             raise ValueError("with --high/--low also give --text-encoder FILE and --vae FILE, or --ckpt "
                              "COMFYUI/models to find them in text_encoders/ and vae/")
         found = open_comfyui(args.ckpt, high=args.high, low=args.low, tokenizer=args.tokenizer)
-        return open_components(found.high, found.low, text_encoder=args.text_encoder or found.text_encoder,
-                               vae=args.vae or found.vae, tokenizer=args.tokenizer, name=found.name)
-    return open_components(args.high, args.low, text_encoder=args.text_encoder, vae=args.vae,
-                           tokenizer=args.tokenizer)
+        model = open_components(found.high, found.low, text_encoder=args.text_encoder or found.text_encoder,
+                                vae=args.vae or found.vae, tokenizer=args.tokenizer, name=found.name)
+    else:
+        model = open_components(args.high, args.low, text_encoder=args.text_encoder, vae=args.vae,
+                                tokenizer=args.tokenizer)
+    if (swapped := swapped_names(model.high, model.low)) is not None:
+        print(f"warning: {swapped}", file=sys.stderr)
+    return model
 
 
 def check_args(args: argparse.Namespace) -> SamplingConfig:
@@ -185,15 +191,19 @@ def check_args(args: argparse.Namespace) -> SamplingConfig:
     from .video import check_writable, free_name
 
     out = Path(args.out).expanduser()
-    if not args.overwrite and free_name(out) != out:
-        print(f"{out} exists: writing {free_name(out)} instead (--overwrite replaces it)", file=sys.stderr)
+    renamed = not args.overwrite and free_name(out) != out
+    if renamed:
         out = free_name(out)
     check_writable(out)
-    args.out = str(out)
+    if args.stats and Path(args.stats).expanduser().resolve() in (out.resolve(), out.with_suffix(".json").resolve()):
+        raise ValueError(f"--stats {args.stats} would overwrite the video or its .json sidecar: give another name, "
+                         f"e.g. {out.with_suffix('.stats.json')}")
+    check_files(args)
     if args.vae_tile is not None and (args.vae_tile < 0 or args.vae_tile % 32):
         raise ValueError(f"--vae-tile {args.vae_tile} is not a multiple of 32: use {max(32, args.vae_tile // 32 * 32)}"
                          " (or 0 for an untiled decode)")
     if args.decode:
+        args.out = str(out)
         return PRESETS[args.preset]
     if args.prompt is None:
         raise ValueError("give --prompt (what the video shows), or --decode LATENTS to decode a run's latents")
@@ -203,7 +213,25 @@ def check_args(args: argparse.Namespace) -> SamplingConfig:
                       guidance_low=sampling.guidance_low, solver=sampling.solver, seed=args.seed)
     args.random_seed = args.seed is None or args.seed < 0
     args.seed = resolve_seed(args.seed)  # drawn here when random: printed when the run starts
+    if renamed:  # said once every check has passed
+        print(f"{args.out} exists: writing {out} instead (--overwrite replaces it)", file=sys.stderr)
+    args.out = str(out)
     return sampling
+
+
+def check_files(args: argparse.Namespace) -> None:
+    """The files named on the command line exist (torch-free, so a typo answers at once); what they hold is
+    checked when the model is opened. Raises FileNotFoundError."""
+    named = [("LoRA", f) for f, _ in args.lora + args.lora_high + args.lora_low]
+    named += [(what, getattr(args, key)) for what, key in (("text encoder", "text_encoder"), ("VAE", "vae"),
+                                                          ("tokenizer folder", "tokenizer"))]
+    if args.ckpt is None:  # else --high / --low may name files in a ComfyUI folder
+        named += [("high-noise expert", args.high), ("low-noise expert", args.low)]
+    elif not re.fullmatch(r"[\w.-]+/[\w.-]+", args.ckpt):  # not a Hugging Face id: a local folder
+        named.append(("model folder (--ckpt)", args.ckpt))
+    for what, path in named:
+        if path is not None and not Path(path).expanduser().exists():
+            raise FileNotFoundError(f"the {what} {path} does not exist: check the path")
 
 
 def decode(args: argparse.Namespace) -> int:
@@ -224,6 +252,10 @@ def decode(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace, progress: dict | None = None) -> int:
     progress = {} if progress is None else progress  # step / total / latents: what a cancel reports
     sampling = check_args(args)  # before torch is imported: an argument error answers at once
+    if args.preset == "lightning" and not (args.lora or args.lora_high or args.lora_low):
+        print("note: --preset lightning (4 steps, guidance 1) needs step-distilled experts: the Lightning LoRA pair "
+              "(--lora-high FILE --lora-low FILE) or experts with it merged; the base experts give a blurred video "
+              "in 4 steps", file=sys.stderr)
     if args.decode:
         return decode(args)
 
@@ -256,8 +288,8 @@ def run(args: argparse.Namespace, progress: dict | None = None) -> int:
     if main and args.random_seed:
         print(f"seed {args.seed} (random)", file=sys.stderr)
     if main:
-        print(f"{pipe.layout} checkpoint {pipe.root} on {pipe.device}; encoding the prompt and loading the experts",
-              file=sys.stderr)
+        what = f"expert files {pipe.model_name}" if pipe.layout == "files" else f"{pipe.layout} checkpoint {pipe.root}"
+        print(f"{what} on {pipe.device}; encoding the prompt and loading the experts", file=sys.stderr)
     plan = None
     if pipe.device.type == "cuda" and ctx is None:  # one GPU: how the run fits, decided and shown up front
         plan = pipe.make_plan(args.size, args.frames, args.vram_gb, ram_gb=args.ram_gb,
@@ -294,7 +326,8 @@ def run(args: argparse.Namespace, progress: dict | None = None) -> int:
     vram = (f"peak VRAM {max(result.vram_peaks.values()):.2f} GiB ("
             + ", ".join(f"{k} {v:.1f}" for k, v in result.vram_peaks.items()) + "), "
             if pipe.device.type == "cuda" else "")
-    print(f"wrote {args.out} ({args.frames} frames, {args.size[0]}x{args.size[1]}, seed {result.seed})")
+    print(f"wrote {args.out} ({args.frames} frame{'s' * (args.frames != 1)}, {args.size[0]}x{args.size[1]}, "
+          f"seed {result.seed})")
     print(f"time {total:.1f}s: start-up and loading {startup:.1f}s, {phases}; {vram}peak RAM {peak.describe()}"
           f"{_swap_summary(pipe)}")
     if args.stats:

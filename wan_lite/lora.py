@@ -65,6 +65,7 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
+from .formats.identify import identify
 from .keys import CheckpointError, diffusers_to_official
 from .keys import open_safetensors as _safe_open
 from .model import WanModel
@@ -134,6 +135,10 @@ def read_lora(path, config: ModelConfig | None = None) -> LoRA:
     path, config = Path(path), config or ModelConfig.a14b()
     if not path.is_file():
         raise CheckpointError(f"LoRA file {path} does not exist: check the path")
+    info = identify(path)  # a GGUF or an expert / encoder / VAE given as a LoRA: said by name
+    if info.kind in ("expert", "text_encoder", "vae") or info.container == "gguf":
+        raise CheckpointError(f"{path} is {info.describe()}, not a LoRA: give it as --high / --low (an expert) or "
+                              "pass a LoRA file (e.g. Wan2.2-Lightning_T2V-A14B-4steps-lora_HIGH_fp16.safetensors)")
     with _safe_open(path) as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
         alphas = {k: float(f.get_tensor(k).float().item()) for k in shapes if k.endswith(".alpha")}

@@ -168,10 +168,12 @@ def convert_expert_files(a: argparse.Namespace) -> int:
                         progress=not a.quiet)
     experts = {k: dst / EXPERT_DIRS[k] if k in chosen else given.get(k, f"{k.upper()}_NOISE_EXPERT")
                for k in ("high", "low")}
-    text = model.text_encoder if model else "umt5_xxl_fp16.safetensors"
-    vae = model.vae if model else "wan_2.1_vae.safetensors"
-    print(f"wrote {dst} ({a.scheme}); run it with:\n  python -m wan_lite.generate --high {experts['high']} --low "
-          f"{experts['low']} --text-encoder {text} --vae {vae} --prompt \"...\" --out video.mp4")
+    text = model.text_encoder if model else "PATH/TO/umt5_xxl_fp16.safetensors"
+    vae = model.vae if model else "PATH/TO/wan_2.1_vae.safetensors"
+    print(f"wrote {dst} ({a.scheme}); run it with (--tokenizer: a folder of google/umt5-xxl's tokenizer files, "
+          f"or leave it out when online):\n  python -m wan_lite.generate --high {experts['high']} --low "
+          f"{experts['low']} --text-encoder {text} --vae {vae} --tokenizer PATH/TO/umt5-tokenizer "
+          f"--prompt \"...\" --out video.mp4")
     return 0
 
 

@@ -102,7 +102,12 @@ class T2VPipeline:
         self.text = TextEncoder(text_layout(model.text_encoder), model.text_encoder, model.tokenizer,
                                 device=text_device, dtype=text_dtype, cache_dir=cache_dir, use_cache=True,
                                 width=model.config.text_dim)
+        for where in {device, text_device}:
+            if where.type == "cuda" and not torch.cuda.is_available():
+                why = "no GPU found" if torch.version.cuda else "a build without CUDA"
+                raise ValueError(f"CUDA is not available here (torch {torch.__version__}, {why}): use --device cpu")
         self.text.check()  # width and every tensor name, from headers: before any model loads
+        self.text.check_tokenizer()  # a single-file encoder's tokenizer found (or downloaded) before anything loads
         check_vae(model.vae)
         self.text_device_from_plan = False  # from_pretrained sets it when no text_device was asked for
         self.experts: tuple[torch.nn.Module, torch.nn.Module] | None = None  # loaded modules (CPU, GPUs, libraries)
@@ -373,6 +378,7 @@ class T2VPipeline:
             "loras": {name: [[Path(f).name, st] for f, st in loras] for name, loras in self.loras.items()},
             "quantization": self.quantization, "dtype": str(self.dtype).removeprefix("torch."),
             "model": self.model_name, "layout": self.layout, "wan_lite_version": __version__,
+            "model_files": self.model.files(),
             "plan": plan.to_dict() if plan is not None else None,
         }  # fmt: skip
         if prompt_tokens:

@@ -28,6 +28,7 @@ import gc
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -313,15 +314,27 @@ class TextEncoder:
             model = UMT5EncoderModel.from_pretrained(self.weights, dtype=self.dtype)
         self.model = model.to(self.device).eval().requires_grad_(False)
 
+    def check_tokenizer(self) -> None:
+        """Load the tokenizer now (a local folder, or the hub id from the cache, downloading it when not
+        cached), so a missing one is reported before any weights load. Raises FileNotFoundError."""
+        self._load_tokenizer()
+
     def _load_tokenizer(self):
         from transformers import AutoTokenizer
 
+        if self.tokenizer is None and not Path(self.tokenizer_path).is_dir():
+            try:  # a hub id: the local cache first, without network retries
+                self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path, local_files_only=True)
+            except OSError:
+                print(f"the {self.tokenizer_path} tokenizer is not cached: downloading it (offline, pass "
+                      "--tokenizer DIR)", file=sys.stderr)
         if self.tokenizer is None:
             try:
                 self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
             except OSError as e:  # a hub id offline, or a folder without the files
                 raise FileNotFoundError(
-                    f"cannot load the umt5 tokenizer from {self.tokenizer_path} ({' '.join(str(e).split())[:200]}): "
+                    f"cannot load the umt5 tokenizer from {self.tokenizer_path} (not a tokenizer folder, not "
+                    f"cached, and the download failed: {type(e).__name__}): "
                     "a single-file text encoder holds no tokenizer; pass --tokenizer DIR (a folder with "
                     "google/umt5-xxl's tokenizer files, e.g. `hf download google/umt5-xxl --include '*token*' "
                     "'spiece.model' --local-dir DIR`), or go online once so google/umt5-xxl is cached") from e
