@@ -161,6 +161,9 @@ def convert_expert_files(a: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if Path(a.out).exists() and not a.force:  # said before the notes about the sources
+        print(f"error: {a.out} already exists: pass --force to replace it, or choose another --out", file=sys.stderr)
+        return 2
     for source in open_files(chosen, a.scheme).values():  # every file checked (headers) before any weight is read
         for note in source_notes(source, a.scheme):
             print(f"note: {note}", file=sys.stderr)
