@@ -88,6 +88,8 @@ def comfyui_experts(folder: str | os.PathLike) -> list[str]:
     text = str(folder or "").strip()
     root = Path(text).expanduser()
     subs = [root / sub for sub in COMFYUI_FOLDERS["experts"] if (root / sub).is_dir()]
+    if text and not root.is_dir():
+        raise ValueError(f"No folder {root}: check the path (ComfyUI's models/ folder, e.g. ComfyUI/models).")
     if not text or not subs:
         raise ValueError(f"{root if text else 'No folder given'}: no diffusion_models/ or unet/ in it; give "
                          "ComfyUI's models/ folder (e.g. ComfyUI/models).")

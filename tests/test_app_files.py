@@ -363,3 +363,12 @@ def test_out_of_memory_in_the_vae_preview_turns_it_off(demo_app, monkeypatch):
 def test_bad_preview_interval_is_a_clear_message(demo_app):
     with pytest.raises(gr.Error, match="Full VAE preview every 99 steps: give 0"):
         demo_app.generate(tiny_settings(vae_preview_every=99), session="b")
+
+
+def test_a_comfyui_folder_that_does_not_exist_is_named(tmp_path):
+    from app.models import comfyui_experts
+
+    with pytest.raises(ValueError, match=f"^No folder {tmp_path / 'nowhere'}: check the path"):
+        comfyui_experts(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="no diffusion_models/ or unet/ in it"):
+        comfyui_experts(tmp_path)
