@@ -259,7 +259,7 @@ def _python(*args: str, log: Path) -> tuple[int, float]:
 
 
 def run_generate(qroot: Path, work: Path, run: dict, *, label: str, preset: str, frames: int, extra=()) -> dict:
-    stats, log = work / f"{label}.json", work / f"{label}.log"
+    stats, log = work / f"{label}.stats.json", work / f"{label}.log"  # not {label}.json: the sidecar
     args = ["-m", "wan_lite.generate", "--ckpt", str(qroot), "--prompt", PROMPT, "--size", run["size"],
             "--frames", str(frames), "--preset", preset, "--seed", "1", "--out", str(work / f"{label}.mp4"),
             "--overwrite", "--cache-dir", str(work / f"text-cache-{label}"), "--stats", str(stats), *extra]
