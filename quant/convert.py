@@ -386,14 +386,19 @@ def _check_request(scheme: str, experts) -> None:
         raise ValueError(f"--experts takes a comma list of high, low; got {','.join(experts)}")
 
 
-def _begin(dst: Path, sources: list[Path], force: bool) -> Path:
-    """DST.partial/, created, after checking DST is free (or `force`) and holds no source."""
+def check_out(dst: Path, sources: list[Path], force: bool) -> None:
+    """DST is free (or `force`) and is not and holds no source; raises ConversionError naming the fix."""
     for src in sources:
         if dst.resolve() == src.resolve() or dst.resolve() in src.resolve().parents:
             raise ConversionError(f"--out {dst} is or holds the source {src}: write the quantized model somewhere "
                                   "else")
     if dst.exists() and not force:
         raise ConversionError(f"{dst} already exists: pass --force to replace it, or choose another --out")
+
+
+def _begin(dst: Path, sources: list[Path], force: bool) -> Path:
+    """DST.partial/, created, after `check_out`."""
+    check_out(dst, sources, force)
     partial = dst.with_name(dst.name + ".partial")
     partial.mkdir(parents=True, exist_ok=True)
     return partial

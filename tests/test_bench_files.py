@@ -193,7 +193,8 @@ def test_shared_host_serves_both_experts(written):
     high = res.high(x.bfloat16(), t, ctx.bfloat16())
     low = res.low(x.bfloat16(), t, ctx.bfloat16())
     assert res.where()["low"] and not res.where()["high"]  # the low expert's units were copied in
-    assert torch.equal(high, low) and torch.isfinite(high).all()
+    assert_close_fp32(low.float(), high.float())  # the same weights through the same residency slots
+    assert torch.isfinite(high).all()
     with torch.no_grad():
         ref = load_source(bf.open_as_runtime(path), dtype=torch.bfloat16)(x.bfloat16(), t, ctx.bfloat16())
     assert rel_error(high.float(), ref.float()) < 2e-2  # bf16 on both paths, different memory

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import math
 import mmap
 import os
 import re
@@ -39,6 +38,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from .bench import fill_random
 from .checkpoint import EXPERT_PAIRS, TEXT_WEIGHTS, TOKENIZER, VAE_WEIGHTS
 from .config import ModelConfig
 from .residency import template
@@ -58,11 +58,11 @@ PROMPT = "a red fox runs through fresh snow at sunset, cinematic"
 
 
 def random_tensor(name: str, shape: tuple[int, ...], g: torch.Generator, device) -> torch.Tensor:
-    """bf16 random values of a sane scale: gains 1, biases and modulation small, weights 1/sqrt(fan-in)."""
-    if len(shape) == 1 and ("norm" in name or name.endswith("weight")):
-        return torch.ones(shape, dtype=torch.bfloat16, device=device)
-    std = 0.02 if len(shape) == 1 or name.endswith("modulation") else 1.0 / math.sqrt(math.prod(shape[1:]))
-    return (torch.randn(shape, generator=g, device=device) * std).to(torch.bfloat16)
+    """bf16 random values of a sane scale (`bench.fill_random`: gains 1, biases and modulation small,
+    weights 1/sqrt(fan-in)), drawn in float32."""
+    t = torch.empty(shape, device=device)
+    fill_random(name, t, g)
+    return t.to(torch.bfloat16)
 
 
 def _save_shards(tensors, folder: Path, prefix: str, index_name: str) -> None:

@@ -154,15 +154,13 @@ def expert_files(a: argparse.Namespace):
 def convert_expert_files(a: argparse.Namespace) -> int:
     """Convert --high/--low files into DST/high_noise_model, DST/low_noise_model; print how each file's weights
     are rounded and the generate command that runs the result."""
-    from quant.convert import EXPERT_DIRS, convert_files, open_files, source_notes
+    from quant.convert import EXPERT_DIRS, ConversionError, check_out, convert_files, open_files, source_notes
 
     try:
         chosen, model, given = expert_files(a)
-    except ValueError as e:
+        check_out(Path(a.out), list(chosen.values()), a.force)  # said before the notes about the sources
+    except (ValueError, ConversionError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    if Path(a.out).exists() and not a.force:  # said before the notes about the sources
-        print(f"error: {a.out} already exists: pass --force to replace it, or choose another --out", file=sys.stderr)
         return 2
     for source in open_files(chosen, a.scheme).values():  # every file checked (headers) before any weight is read
         for note in source_notes(source, a.scheme):
