@@ -189,7 +189,7 @@ class T2VPipeline:
         into memory), except the official bf16 .pth run in bf16, which `torch.load(mmap=True)` leaves in the
         page cache (file-backed): a whole 480p run with the encoder on the CPU peaked at 2.8 GB private
         (H200 machine, 2026-11-29, BENCHMARKS.md)."""
-        if self.text.layout == "official" and self.text.stored_dtype() == self.text.dtype:
+        if self.text.layout == "official" and self.text.stored_dtype == self.text.dtype:
             return 0
         path = Path(self.model.text_encoder)
         files = path.rglob("*") if path.is_dir() else [path]

@@ -24,6 +24,7 @@ Deliberately unsupported: 8-bit loading of the encoder (run it on the CPU instea
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import json
@@ -340,9 +341,10 @@ class TextEncoder:
                     "'spiece.model' --local-dir DIR`), or go online once so google/umt5-xxl is cached") from e
         return self.tokenizer
 
+    @functools.cached_property
     def stored_dtype(self) -> torch.dtype | None:
-        """The dtype of the official .pth's embedding (read through mmap, no weights loaded); None for the
-        other layouts."""
+        """The dtype of the official .pth's embedding (read once through mmap, no weights loaded); None for
+        the other layouts."""
         if self.layout != "official":
             return None
         sd = torch.load(self.weights, map_location="cpu", mmap=True, weights_only=True)
