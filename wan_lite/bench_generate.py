@@ -16,8 +16,9 @@
    A fresh prompt-embedding cache each time, so the text encoder always runs.
 
 Reported per run: time to the end of the first step (start-up, text encoder, loading the high expert, one
-step), each phase (text, denoise, decode, write), the steps' durations, peak VRAM, peak host RAM private and
-file-backed, the swap stall. The numbers come from generate's --stats JSON; nothing is timed here but the
+step), each phase (text, load: filling the experts held in RAM, denoise, decode, write), the steps'
+durations, peak VRAM, the VRAM still allocated before the decode, peak host RAM private and file-backed,
+the swap stall. The numbers come from generate's --stats JSON; nothing is timed here but the
 quantize subprocess.
 """
 
@@ -290,8 +291,10 @@ def summary_row(r: dict) -> str:
     ph, host = r["phases_s"], r["host_peak"]
     steps = [b - a for a, b in zip(r["step_ends_s"], r["step_ends_s"][1:])]
     return (f"{r['label']:<22} first step done {_n(r['first_step_done_s'], '6.1f')} s | text {ph.get('text', 0):5.1f} "
-            f"denoise {ph.get('denoise', 0):6.1f} decode {ph.get('decode', 0):5.1f} write {ph.get('write', 0):4.1f} | "
-            f"later steps {', '.join(f'{s:.1f}' for s in steps)} s | VRAM {_n(r['peak_vram_allocated_gib'])} GiB | "
+            f"load {ph.get('load', 0):5.1f} denoise {ph.get('denoise', 0):6.1f} decode {ph.get('decode', 0):5.1f} "
+            f"write {ph.get('write', 0):4.1f} | "
+            f"later steps {', '.join(f'{s:.1f}' for s in steps)} s | VRAM {_n(r['peak_vram_allocated_gib'])} GiB "
+            f"(held before decode {_n(r.get('vram_held_before_decode_gib'), '.2f')}) | "
             f"host {host['private_gb']:.1f} GB private + {host['file_gb']:.1f} file | "
             f"stall {_n(r['swap_stall_ms'], '.0f')} ms | total {r['total_s']:.1f} s")
 

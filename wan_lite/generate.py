@@ -350,6 +350,7 @@ def write_stats(path, pipe, plan, result, peak, *, total: float, startup: float,
         "step_ends_s": step_ends, "first_step_done_s": step_ends[0] if step_ends else None,
         "peak_vram_allocated_gib": max(result.vram_peaks.values()) if cuda else None,
         "vram_peaks_gib": result.vram_peaks,  # per phase
+        "vram_held_before_decode_gib": result.vram_held,  # allocated once the experts were released
         "peak_vram_reserved_gib": torch.cuda.max_memory_reserved(pipe.device) / 2**30 if cuda else None,
         "host_peak": peak.to_dict(),
         "swap_stall_ms": pipe.residency.swap_stall_ms() if pipe.residency is not None else None,

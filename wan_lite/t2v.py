@@ -68,6 +68,7 @@ class T2VResult:
     params: dict  # everything that determines the video; written into the mp4 and its sidecar
     timings: dict = field(default_factory=dict)  # seconds per phase: text, denoise, decode, write
     vram_peaks: dict = field(default_factory=dict)  # GiB allocated at most in each phase (CUDA runs)
+    vram_held: float | None = None  # GiB still allocated once the experts are released, before the decode
     warnings: list[str] = field(default_factory=list)  # one line each, for the CLI and the app to show
 
     def save(self, path: str | os.PathLike, extra: dict | None = None) -> Path:
@@ -356,7 +357,9 @@ class T2VPipeline:
         self._running = experts
         stats = {}
         try:
-            experts.prepare(sampling)
+            experts.prepare(sampling)  # the experts held in RAM are filled here
+            timings["load"] = time.perf_counter() - start
+            start = time.perf_counter()
             latents = sample(experts.high, experts.low, noise, context, context_null, sampling,
                              callback=callback, stats=stats, preview=preview).cpu()
         finally:  # also after a cancel or an error: the VAE (or the next run) gets the VRAM
@@ -364,6 +367,7 @@ class T2VPipeline:
             self._running = None
         timings["denoise"] = time.perf_counter() - start
         peaks["denoise"] = self._vram_peak()
+        held = torch.cuda.memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else None
         if not main:
             return None  # rank 0 decodes and writes
 
@@ -403,7 +407,7 @@ class T2VPipeline:
         timings["decode"] = time.perf_counter() - start
         peaks["decode"] = self._vram_peak()
         result = T2VResult(video=video, latents=latents, seed=seed, params=params, timings=timings, warnings=warnings,
-                           vram_peaks=peaks)
+                           vram_peaks=peaks, vram_held=held)
         if out is not None:
             try:
                 result.save(out, extra=extra_metadata)
