@@ -407,8 +407,8 @@ def main(argv=None) -> int:
                    "under the cap; bf16 = our bf16 resident path without a cap; diffusers = WanTransformer3DModel "
                    "with group offloading under the cap; text / vae = the umt5 encoder / the VAE decode")
     p.add_argument("--baselines", action="store_true", help="shorthand: add bf16 and diffusers to --what")
-    p.add_argument("--attention", choices=attention.BACKENDS,
-                   help="attention kernel for ours (default: the plan's; fp8 with 8-bit experts on sm89+)")
+    p.add_argument("--attention", help=f"attention kernel for ours, or a comma list of them, each timed on the same "
+                   f"experts ({', '.join(attention.BACKENDS)}; default: the plan's, fp8 with 8-bit experts on sm89+)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--high", help="time the experts read from files instead of random ones (any expert source: our "
                    "folder, a safetensors / fp8-scaled / GGUF file), as the runtime opens and places them; with --low")
@@ -444,9 +444,10 @@ def main(argv=None) -> int:
     except PlanError as e:  # measure anyway: the planner's estimate is what is being checked
         print(f"planner: {e}")
         plan, mode, batched, chunk = None, args.mode or "streaming", False, None
-    attn = args.attention or (plan.attention if plan else None)
-    attention.set_backend(attn)  # what T2VPipeline._apply does with a plan
-    print(f"attention: {attn or 'device default'}", flush=True)
+    attns = args.attention.split(",") if args.attention else [plan.attention if plan else None]
+    for name in attns:
+        if name is not None and name not in attention.BACKENDS:
+            p.error(f"--attention: unknown {name!r}; choose from {', '.join(attention.BACKENDS)}")
     batched = batched if args.cfg_batched is None else args.cfg_batched == "yes"
     chunk = chunk if args.ffn_chunk is None else (args.ffn_chunk or None)
     results = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -467,13 +468,18 @@ def main(argv=None) -> int:
         tmpl = runtime_template(cfg, args.scheme)
         hosts = (random_host_expert(tmpl, 1), random_host_expert(tmpl, 2))
         record(bench_copy(hosts[0]))
-        run = bench_ours(tmpl, hosts, mode=mode, cfg_batched=batched, vram_gb=vram_gb,
-                         label=f"wan-lite {args.scheme} {mode} attention={attn}", compile_blocks=compile_blocks,
-                         **common)
-        record(run)
-        if compile_blocks and "error" in run and not run["error"].startswith("OOM"):  # measure eager instead
-            record(bench_ours(tmpl, hosts, mode=mode, cfg_batched=batched, vram_gb=vram_gb,
-                              label=f"wan-lite {args.scheme} {mode} (eager: compile failed)", **common))
+        for attn in attns:
+            attention.set_backend(attn)  # what T2VPipeline._apply does with a plan
+            torch._dynamo.reset()  # compiled blocks traced with the last backend must not serve this one
+            print(f"attention: {attn or 'device default'}", flush=True)
+            run = bench_ours(tmpl, hosts, mode=mode, cfg_batched=batched, vram_gb=vram_gb,
+                             label=f"wan-lite {args.scheme} {mode} attention={attn}", compile_blocks=compile_blocks,
+                             **common)
+            record(run)
+            if compile_blocks and "error" in run and not run["error"].startswith("OOM"):  # measure eager instead
+                record(bench_ours(tmpl, hosts, mode=mode, cfg_batched=batched, vram_gb=vram_gb,
+                                  label=f"wan-lite {args.scheme} {mode} attention={attn} (eager: compile failed)",
+                                  **common))
         del hosts
         _empty_host_cache()
     if "bf16" in what:
