@@ -38,8 +38,6 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import attention_cudnn  # torch only (cudnn is imported on first use); registers its op
-
 ENV = "WAN_LITE_ATTENTION"
 SDPA_BACKENDS = {
     "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -49,8 +47,7 @@ SDPA_BACKENDS = {
 }
 FP8 = "fp8"  # wan_lite.attention8, imported only on CUDA (it needs Triton)
 FP8_MIN_CAPABILITY = (8, 9)  # FP8 e4m3 tensor cores: Ada, Hopper
-FP8_CUDNN = "fp8-cudnn"  # wan_lite.attention_cudnn: cuDNN's fused FP8 attention (sm90+, nvidia-cudnn-frontend)
-BACKENDS = (*SDPA_BACKENDS, FP8, FP8_CUDNN, "blockwise")
+BACKENDS = (*SDPA_BACKENDS, FP8, "blockwise")
 DEFAULT_BLOCK_BYTES = 256 * 2**20  # scores one block of the block-wise path may hold
 
 _chosen: str | None = None  # set_backend()
@@ -107,14 +104,6 @@ def attention(
             raise RuntimeError(f"attention backend {FP8!r} cannot run here: {problem}; name another backend "
                                f"(the device default here is {device_default(q.device)!r}) or unset {ENV}")
         name = device_default(q.device)  # the planner's choice falls back
-    if name == FP8_CUDNN:
-        problem = attention_cudnn.unsupported(q, k, v) or attention_cudnn.unavailable(q.device)
-        if problem is None:
-            return torch.ops.wan_lite.attention_fp8_cudnn(q, k, v)
-        if explicit:
-            raise RuntimeError(f"attention backend {FP8_CUDNN!r} cannot run here: {problem}; name another backend "
-                               f"(the device default here is {device_default(q.device)!r}) or unset {ENV}")
-        name = device_default(q.device)
     if name == "blockwise":
         return blockwise_attention(q, k, v, max_block_bytes=_block_bytes)
     first = SDPA_BACKENDS[name]

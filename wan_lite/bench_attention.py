@@ -33,7 +33,6 @@ from .bench_linear import environment  # one record of the machine for both kern
 LENGTHS = (32760, 75600)
 HEADS, HEAD_DIM = 40, 128
 SDPA = {"sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-flash": SDPBackend.FLASH_ATTENTION}
-CUDNN_FP8 = "fp8-cudnn"  # cuDNN's fused FP8 attention (wan_lite.attention_cudnn), pre-pass included
 INPUTS = ("conc", "conc-iid", "uniform")
 REF_ROWS = 1024  # query rows the exact reference is computed for
 
@@ -103,14 +102,7 @@ def variants(configs):
         out[name] = lambda q, k, v, b=backend: _sdpa(q, k, v, b)
     for c in configs:
         out[f"fp8 {c.name}"] = lambda q, k, v, c=c: A8.attention_fp8(q, k, v, config=c)
-    out[CUDNN_FP8] = _cudnn_fp8
     return out
-
-
-def _cudnn_fp8(q, k, v):
-    from wan_lite.attention_cudnn import attention_fp8_cudnn
-
-    return attention_fp8_cudnn(q, k, v)
 
 
 def _sdpa(q, k, v, backend):
@@ -146,8 +138,7 @@ def bench(lengths=LENGTHS, configs=None, *, sdpa=True, accuracy=-1, rep_ms=1500,
         flops = 4 * HEADS * L * L * HEAD_DIM
         g = torch.Generator(device="cuda").manual_seed(L)
         sample = torch.randperm(L, device="cuda", generator=g)[:REF_ROWS].sort().values
-        checked = {"sdpa-cudnn", CUDNN_FP8}
-        checked |= {f"fp8 {c.name}" for c in (configs if accuracy < 0 else configs[:accuracy])}
+        checked = {"sdpa-cudnn"} | {f"fp8 {c.name}" for c in (configs if accuracy < 0 else configs[:accuracy])}
         inputs = {kind: make_inputs(kind, 1, HEADS, L, seed=L) for kind in INPUTS}
         refs = {kind: exact_rows(*inputs[kind], sample) for kind in INPUTS}
         base = None
