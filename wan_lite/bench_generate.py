@@ -241,13 +241,14 @@ def resident_fraction(root: Path) -> float | None:
 
 
 def parse_run(text: str) -> dict:
-    """'1280x720:vram=24:ram=16' -> {'size': '1280x720', 'vram': '24', 'ram': '16'}."""
+    """'1280x720:vram=24:ram=16' -> {'size': '1280x720', 'vram': '24', 'ram': '16'}; `cache=warm` (or cold)
+    runs it only that way, whatever --warm says."""
     size, *opts = text.split(":")
     run = {"size": size}
     for o in opts:
         key, _, value = o.partition("=")
-        if key not in ("vram", "ram") or not value:
-            raise argparse.ArgumentTypeError(f"--run {text!r}: options are vram=GB and ram=GB")
+        if key not in ("vram", "ram", "cache") or not value or (key == "cache" and value not in ("cold", "warm")):
+            raise argparse.ArgumentTypeError(f"--run {text!r}: options are vram=GB, ram=GB and cache=cold|warm")
         run[key] = value
     return run
 
@@ -306,8 +307,8 @@ def main(argv=None) -> int:
     p.add_argument("--scheme", default="int8", choices=("int8", "fp8"))
     p.add_argument("--skip-quantize", action="store_true", help="write the --scheme experts directly in our "
                    "quantized layout (random 8-bit weights) instead of a bf16 source quantized by the real command")
-    p.add_argument("--run", type=parse_run, action="append", help="WxH[:vram=GB][:ram=GB]; repeatable "
-                   "(default: 1280x720:vram=24 and 832x480:vram=12:ram=16)")
+    p.add_argument("--run", type=parse_run, action="append", help="WxH[:vram=GB][:ram=GB][:cache=cold|warm]; "
+                   "repeatable (default: 1280x720:vram=24 and 832x480:vram=12:ram=16)")
     p.add_argument("--frames", type=int, default=81)
     p.add_argument("--preset", default="lightning", choices=("lightning", "official"))
     p.add_argument("--warm", action="store_true", help="run each again with the page cache warm")
@@ -350,7 +351,7 @@ def _runs(a: argparse.Namespace, runs: list[dict], qroot: Path, results: dict, s
     """Each --run, cold and (--warm) warm, through the real generate command; then the roots are removed.
     Cold: the quantized experts' pages, and the text encoder / VAE (linked from `src`), evicted first."""
     for run in runs:
-        for state in ("cold", "warm") if a.warm else ("cold",):
+        for state in (run["cache"],) if "cache" in run else ("cold", "warm") if a.warm else ("cold",):
             label = f"{run['size']}-{state}"
             if state == "cold":
                 run_how = drop_page_cache(qroot)
