@@ -71,8 +71,10 @@ def test_block_table_is_ggml_s():
 
 @pytest.mark.parametrize("qtype", QUANTIZABLE + K_QUANTS)
 @pytest.mark.parametrize("shape", [(1, 256), (7, 512)])
-def test_dequantize_matches_gguf(qtype, shape):
-    """Every implemented type, one row and several rows, raw bytes as the GGUF reader hands them."""
+def test_dequantize_matches_gguf(qtype, shape, monkeypatch):
+    """Every implemented type, one row (one pass) and several rows (in CPU chunks of 512 values), raw
+    bytes as the GGUF reader hands them."""
+    monkeypatch.setattr(ggml, "CPU_CHUNK_ELEMENTS", 512)
     data = gguf_bytes(qtype, shape)
     ref = gguf.quants.dequantize(data, Q[qtype]).reshape(shape)
     got = ggml.dequantize(torch.from_numpy(data), qtype, shape)
@@ -102,7 +104,7 @@ def test_wrong_byte_count_is_refused():
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K", "Q6_K", "F16"])
 def test_int8_rows_match_whole_tensor_requantization(qtype, monkeypatch):
     """dequantize_rows_int8 in chunks of rows = quantize_linear_weight on gguf's dequantized tensor."""
-    monkeypatch.setattr(ggml, "CHUNK_ELEMENTS", 3 * 512)  # 3 rows a chunk: 13 rows give a short last chunk
+    monkeypatch.setattr(ggml, "CHUNK_ELEMENTS", {"cpu": 3 * 512, "cuda": 3 * 512})  # 3 rows a chunk: 13 rows, a short last one
     shape = (13, 512)
     data = gguf_bytes(qtype, shape)
     ref_q, ref_s = quantize_linear_weight(torch.from_numpy(gguf.quants.dequantize(data, Q[qtype]).reshape(shape)),
