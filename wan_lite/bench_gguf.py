@@ -123,8 +123,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m wan_lite.bench_gguf", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", help="write the environment and every row here")
     p.add_argument("--repeat", type=int, default=3, help="runs per torch path (the best is kept)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads first (default: torch's own choice)")
     p.add_argument("--only", help="comma list of paths to run (e.g. 'torch cpu,torch cpu + int8')")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     env = environment()
     rows = bench(a.repeat, set(a.only.split(",")) if a.only else None)
     print(f"\nA14B ffn.0 {SHAPE[0]}x{SHAPE[1]}: torch {env['torch']}, {env['threads']} threads "
