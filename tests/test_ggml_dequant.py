@@ -104,7 +104,7 @@ def test_wrong_byte_count_is_refused():
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_K", "Q6_K", "F16"])
 def test_int8_rows_match_whole_tensor_requantization(qtype, monkeypatch):
     """dequantize_rows_int8 in chunks of rows = quantize_linear_weight on gguf's dequantized tensor."""
-    monkeypatch.setattr(ggml, "CHUNK_ELEMENTS", {"cpu": 3 * 512, "cuda": 3 * 512})  # 3 rows a chunk: 13 rows, a short last one
+    monkeypatch.setattr(ggml, "CHUNK_ELEMENTS", {"cpu": 3 * 512, "cuda": 3 * 512})  # 13 rows: 3 a chunk, 1 last
     shape = (13, 512)
     data = gguf_bytes(qtype, shape)
     ref_q, ref_s = quantize_linear_weight(torch.from_numpy(gguf.quants.dequantize(data, Q[qtype]).reshape(shape)),
