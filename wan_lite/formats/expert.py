@@ -23,7 +23,8 @@ Facts relied on, from the public converters and loaders:
 - GGUF (ComfyUI-GGUF `loader.py`): native key names (a `model.diffusion_model.` prefix is stripped
   when present); the torch shape is the ggml `ne` reversed, or `comfy.gguf.orig_shape.<name>` when the
   tensor was stored reshaped (the 5-D patch embedding); F32/F16 are read in place from the memory map,
-  every other type goes through `gguf.quants.dequantize`.
+  every other type is dequantized (here in torch: `formats.ggml`, which falls back to
+  `gguf.quants.dequantize` for the types it does not decode).
 
 Decisions:
 - float8_e5m2 block weights become e4m3fn with a power-of-two rescale per output channel
@@ -31,7 +32,9 @@ Decisions:
   kept exactly; smaller ones round to e4m3 subnormals (absolute error below absmax * 2^-17).
 - GGUF int8 (`scheme="int8"`): each block weight is dequantized and requantized symmetric per output
   channel (`wan_lite.quantized.linear.quantize_linear_weight`, absmax/127) when `tensor()` is asked for it. This adds
-  the int8 rounding error on top of the GGUF one (tests/test_formats.py measures it).
+  the int8 rounding error on top of the GGUF one (tests/test_formats.py measures it). The int8 work
+  (`ggml.dequantize_rows_int8`) runs in torch on the CPU, or on the GPU after `work_on(source, "cuda")`
+  (what the residency does for a CUDA run); the result is returned on the CPU either way.
 - num_heads: an explicit `num_heads=`, else the header metadata key `wan_lite.num_heads` (which the
   test files write), else dim // 128: every Wan release has head_dim 128 (1.3B 12 heads, 5B 24, 14B 40).
 """
@@ -55,6 +58,7 @@ from wan_lite.keys import CheckpointError
 from wan_lite.model import WanModel
 
 from ..quantized.linear import convert_for_runtime, quantize_linear_weight
+from . import ggml
 from .headers import REDOWNLOAD, Header, check_keys
 from .identify import FP8_DTYPES, FileInfo, official_names, refuse, scan
 
@@ -131,28 +135,36 @@ class SafetensorsWeights:
 
 @dataclass
 class GGUFWeights:
-    """Tensors of one GGUF file by our name, dequantized one at a time from the memory map."""
+    """Tensors of one GGUF file by our name, dequantized one at a time from the memory map (`formats.ggml`)."""
 
     path: Path
     header: Header
     stored: dict[str, str]  # our name -> stored name
     _by_name: dict = field(default_factory=dict, repr=False)
 
-    def float_tensor(self, name: str) -> torch.Tensor:
-        """One tensor in its torch shape: F32/F16 viewed from the memory map, other types dequantized to float32."""
-        import gguf
-
+    def raw(self, name: str) -> tuple[torch.Tensor, str, tuple[int, ...]]:
+        """(the stored bytes as a CPU tensor viewing the memory map, ggml type name, torch shape) of one tensor."""
         if not self._by_name:
             self._by_name = {t.name: t for t in self.header.gguf_reader.tensors}
         t = self._by_name[self.stored[name]]
-        shape = self.header.tensors[t.name].shape
-        if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            data = t.data  # numpy view of the memmap, already in torch (reversed ne) order
-        else:
-            data = gguf.quants.dequantize(t.data, t.tensor_type)  # float32
         with warnings.catch_warnings():  # the memmap is read-only; torch only reads it
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            return torch.from_numpy(data).reshape(shape)
+            data = torch.from_numpy(t.data)  # uint8 blocks, or the values of F32 / F16
+        return data, t.tensor_type.name, tuple(self.header.tensors[t.name].shape)
+
+    def float_tensor(self, name: str) -> torch.Tensor:
+        """One tensor in its torch shape: F32/F16/BF16 viewed from the memory map, other types dequantized
+        to float32 on the CPU (torch, all its threads; `ggml.dequantize`)."""
+        data, qtype, shape = self.raw(name)
+        if qtype in ggml.FLOATS:
+            return data.reshape(-1).view(torch.uint8).view(ggml.FLOATS[qtype]).reshape(shape)
+        return ggml.dequantize(data, qtype, shape)
+
+    def int8(self, name: str, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A block Linear weight as our int8 (q (N, K) int8, scale (N,) float32, on the CPU), dequantized
+        and requantized per output channel on `device` (None: the CPU): `ggml.dequantize_rows_int8`."""
+        data, qtype, shape = self.raw(name)
+        return ggml.dequantize_rows_int8(data, qtype, shape, device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,6 +184,7 @@ class ExpertFile:
     native_fp8: frozenset = field(default=frozenset(), repr=False)  # layers whose stored fp8 weight is used
     _params: list[str] = field(default_factory=list, repr=False)  # the model's parameter names
     _cached: threading.local = field(default_factory=threading.local, repr=False)  # .pair per reading thread
+    work_device: torch.device | None = None  # where GGUF block Linears become int8 (None: the CPU); `work_on`
 
     def names(self) -> list[str]:
         """The runtime model's state_dict names: an 8-bit Linear X gives X.weight, X.weight_scale, X.bias."""
@@ -210,11 +223,25 @@ class ExpertFile:
         if layer in self.native_fp8:
             w, scale = self.weights.fp8(layer)
             return (w, scale) if w.dtype == torch.float8_e4m3fn else e5m2_to_e4m3(w, scale)
-        return quantize_linear_weight(self.weights.float_tensor(layer + ".weight"), self.linears[layer]["scheme"])
+        scheme = self.linears[layer]["scheme"]
+        if scheme == "int8" and isinstance(self.weights, GGUFWeights):
+            return self.weights.int8(layer + ".weight", self.work_device)
+        return quantize_linear_weight(self.weights.float_tensor(layer + ".weight"), scheme)
 
     def fingerprint(self) -> str:
         """sha256 of the file's header bytes, its size and the scheme it is read as (no weight read)."""
         return hashlib.sha256(f"{self.weights.header.digest}|{self.scheme}".encode()).hexdigest()[:16]
+
+
+def work_on(source, device) -> None:
+    """Have the GGUF expert beneath `source` (an ExpertFile, or a wrapper such as `lora.LoRASource` whose
+    `.base` is one) dequantize and requantize its int8 block Linears on `device` ("cuda" for a CUDA run;
+    None: the CPU). `tensor()` still returns CPU tensors, equal to the CPU's up to int8 rounding of values
+    exactly on .5 (tests/test_ggml_dequant.py). Nothing happens for any other source."""
+    while not isinstance(source, ExpertFile) and hasattr(source, "base"):
+        source = source.base
+    if isinstance(source, ExpertFile) and isinstance(source.weights, GGUFWeights):
+        source.work_device = torch.device(device) if device is not None else None
 
 
 def open_expert_file(path, *, scheme: str | None = None, num_heads: int | None = None) -> ExpertFile:
