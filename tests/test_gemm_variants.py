@@ -149,6 +149,51 @@ def _bundled_cuobjdump() -> bool:
     return (Path(kernels.triton.__file__).parent / "backends/nvidia/bin/cuobjdump").exists()
 
 
+_INTERPRETED = """
+import torch
+from triton.tools.tensor_descriptor import TensorDescriptor
+from wan_lite.quantized import kernels as K
+
+m, k, n, bm, bn, bk = 300, 96, 200, 64, 64, 64  # 5 x 4 tiles, partial in M, N and K
+g = torch.Generator().manual_seed(0)
+a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+sa, sw, bias = torch.rand(m, 1, generator=g), torch.rand(n, generator=g), torch.randn(n, generator=g).bfloat16()
+blocks = dict(IS_FP8=False, FAST_ACCUM=True, HAS_BIAS=True, EVEN_K=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+              GROUP_M=2)
+grouped = torch.empty(m, n, dtype=torch.bfloat16)
+K._w8a8_matmul_kernel.fn[(20,)](a, w, grouped, sa, sw, bias, m, n, k, 512, k, k, n, **blocks)
+ref = (a.double() @ w.double().t()) * sa.double() * sw.double() + bias.double()
+print("grouped", ((grouped.double() - ref).norm() / ref.norm()).item())
+for tma in (False, True):
+    for programs in (20, 3):  # one program per tile; 3 persistent programs walking 6-7 tiles each
+        c = torch.empty(m, n, dtype=torch.bfloat16)
+        x, y = (TensorDescriptor.from_tensor(a, [bm, bk]), TensorDescriptor.from_tensor(w, [bn, bk])) if tma else (a, w)
+        K._w8a8_matmul_tiles_kernel[(programs,)](x, y, c, sa, sw, bias, m, n, k, 512, k, k, n, TMA=tma,
+                                                 FLATTEN=programs < 20, **blocks)
+        print(f"tma={tma} programs={programs}", torch.equal(c, grouped))
+"""
+
+
+@needs_triton
+def test_tile_walks_equal_the_current_kernel_in_the_interpreter(tmp_path):
+    """Triton's CPU interpreter runs _w8a8_matmul_tiles_kernel's four schedules (pointer / TMA loads, one
+    program per tile / persistent) and _w8a8_matmul_kernel on the same int8 operands: the same int32 sums
+    and epilogue, so the same bf16 bits (one arithmetic on one CPU; the GPU tests compare with tolerance)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.split("\n")
+    assert float(lines[0].split()[1]) < 5e-3  # interpreted bf16 output: ~2x round-to-nearest's error
+    assert [line.split()[-1] for line in lines[1:5]] == ["True"] * 4, out.stdout
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU: every variant against the reference
 
