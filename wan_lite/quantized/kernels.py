@@ -23,12 +23,12 @@ fp8 slower than bf16 at Wan shapes (DESIGN.md section 2): fusing it is the point
 
 The 8-bit Triton GEMM has variants, for measuring on Hopper (`python -m wan_lite.bench_linear --variants`):
 "grouped" (the default: one program per output tile, tiles in an L2-friendly grouped order, autotuned over
-the configs of the 2026-11-26 sweep), "wide" (the same kernel over more tiles: BLOCK_M 256 / 2 consumer
-warpgroups, deeper pipelines, 16 warps), "persistent" (grid = number of SMs, each program walks tiles
-SMs apart in the same grouped order), "tma" and "tma-persistent" (the same two schedules with loads
-through host tensor descriptors: TMA on sm90). `w8a8_matmul(variant=...)`, then the environment variable
-WAN_LITE_W8A8_GEMM, then GEMM_DEFAULT pick one; the default stays "grouped" until the H200 numbers say
-otherwise.
+the configs of the 2026-11-26 sweep), "wide" (the same kernel over more configs: deeper pipelines of
+64-wide K steps, BLOCK_M 256 on two consumer warpgroups), "persistent" (grid = number of SMs, each
+program walks tiles SMs apart in the same grouped order), "tma" and "tma-persistent" (the same two
+schedules with loads through host tensor descriptors: TMA on sm90). `w8a8_matmul(variant=...)`, then
+the environment variable WAN_LITE_W8A8_GEMM, then GEMM_DEFAULT pick one; the default stays "grouped"
+until the H200 numbers say otherwise.
 
 Override order: the `override` argument, then the environment variable WAN_LITE_QUANT_KERNEL
 (w8a8 | w8a16), then the device's capability. Asking for w8a8 where it cannot run raises.
@@ -327,7 +327,9 @@ if triton is not None:
         # the grouped order, and FLATTEN lets the pipeliner prefetch the next tile's K steps during this
         # tile's last ones and its epilogue. a (M, K), b (N, K): 8-bit, row-major; pointers, or (TMA) host
         # tensor descriptors of blocks (BLOCK_M, BLOCK_K) and (BLOCK_N, BLOCK_K) whose reads past the
-        # edges are zeros.
+        # edges are zeros. Host descriptors rather than tl.make_tensor_descriptor in the kernel: those need a
+        # global scratch allocator (triton.set_allocator, a ContextVar the app's worker threads would not
+        # inherit) and build two tensormaps in every program.
         num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
         rk = tl.arange(0, BLOCK_K)
         for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=FLATTEN):
