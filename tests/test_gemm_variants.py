@@ -67,6 +67,17 @@ def test_bench_refuses_unknown_variants_before_looking_for_a_gpu(capsys):
     assert "unknown --variants warp-specialized" in capsys.readouterr().err
 
 
+def test_gemm_table_gives_each_variant_against_grouped_and_the_step_total():
+    shape = dict(M=75600, K=5120, N=5120, shape="q/k/v/o, cross q/o", calls=6)
+    rows = [dict(shape, variant="grouped", ms=3.0, tops=1320.0, x_grouped=1.0, rel_err=0.0),
+            dict(shape, variant="persistent", ms=2.5, tops=1584.0, x_grouped=1.2, rel_err=1e-7),
+            dict(shape, variant="tma", error="RuntimeError: out of resources")]
+    table = bench_linear.format_gemm_table(rows, {"grouped": 1440.0, "persistent": 1200.0, "tma": None})
+    assert "persistent         2.500    1584  1.200  1.00e-07" in table
+    assert "tma             ERROR RuntimeError: out of resources" in table
+    assert table.endswith("persistent         1200.0  x grouped 1.200\n  tma             failed")
+
+
 # ---------------------------------------------------------------------------------------------
 # CPU with Triton: every config of every variant compiles for sm90, runs on the tensor cores, no spills
 
