@@ -21,6 +21,15 @@
 Unfused, the activation quantization alone (abs, amax, div, round, cast: five passes over x) makes
 fp8 slower than bf16 at Wan shapes (DESIGN.md section 2): fusing it is the point of the Triton kernel.
 
+The 8-bit Triton GEMM has variants, for measuring on Hopper (`python -m wan_lite.bench_linear --variants`):
+"grouped" (the default: one program per output tile, tiles in an L2-friendly grouped order, autotuned over
+the configs of the 2026-11-26 sweep), "wide" (the same kernel over more configs: deeper pipelines of
+64-wide K steps, BLOCK_M 256 on two consumer warpgroups), "persistent" (grid = number of SMs, each
+program walks tiles SMs apart in the same grouped order), "tma" and "tma-persistent" (the same two
+schedules with loads through host tensor descriptors: TMA on sm90). `w8a8_matmul(variant=...)`, then
+the environment variable WAN_LITE_W8A8_GEMM, then GEMM_DEFAULT pick one; the default stays "grouped"
+until the H200 numbers say otherwise.
+
 Override order: the `override` argument, then the environment variable WAN_LITE_QUANT_KERNEL
 (w8a8 | w8a16), then the device's capability. Asking for w8a8 where it cannot run raises.
 
@@ -45,10 +54,17 @@ PAD_M = 16  # rows of the quantized activations: _scaled_mm wants M % 16 == 0, _
 # fp8 tensor-core accumulation without periodic fp32 promotion: faster, and on Wan shapes its error is
 # lost in the e4m3 rounding (bench_linear shows both). WAN_LITE_FP8_FAST_ACCUM=0 turns it off.
 FP8_FAST_ACCUM = os.environ.get("WAN_LITE_FP8_FAST_ACCUM", "1") != "0"
+GEMMS = ("grouped", "wide", "persistent", "tma", "tma-persistent")  # the Triton 8-bit GEMM's variants
+GEMM_ENV_VAR = "WAN_LITE_W8A8_GEMM"
+# "grouped": 1,280 int8 TOPS on the H200 in the 720p profile (BENCHMARKS.md, Run 3), ~65% of the dense peak.
+# The others are candidates, measured by bench_linear --variants; change this only from those numbers.
+GEMM_DEFAULT = "grouped"
+TMA_CAPABILITY = (9, 0)  # tensor descriptors are TMA loads on Hopper; older cards get the pointer loads
 
 try:  # Triton ships with CUDA builds of torch; CPU builds have none (and need none: w8a16 runs there)
     import triton
     import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # pragma: no cover - depends on the torch build
     triton = None
 
@@ -237,6 +253,120 @@ if triton is not None:
         tl.store(c_ptr + cm[:, None].to(tl.int64) * stride_cm + cn[None, :], out.to(c_ptr.dtype.element_ty), mask=mask)
 
 
+    # --- the GEMM's variants (GEMMS), measured against the kernel above by bench_linear --variants
+
+    def _wide_configs():
+        # (c): the four Hopper tiles above, plus deeper pipelines of 64-wide K steps (6 and 8 stages of
+        # 24 KB) on 128 x 256 and 256 x 128 (BLOCK_M 256: two consumer warpgroups of 128 rows), and 5 stages
+        # of 128 x 128 x 128 on 8 warps. Not here: 256 x 256 tiles; on 16 warps (128 registers a thread for
+        # a 256-register accumulator share) they spill ~800 bytes of stack per thread (sm90 SASS, Triton 3.6)
+        tiles = [(128, 256, 128, 4, 8), (256, 128, 128, 4, 8), (128, 256, 128, 3, 8), (256, 128, 128, 3, 8),
+                 (128, 256, 64, 6, 8), (256, 128, 64, 6, 8), (128, 256, 64, 8, 8), (256, 128, 64, 8, 8),
+                 (128, 128, 128, 5, 8), (64, 128, 128, 3, 4)]
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
+                for bm, bn, bk, s, w in tiles]
+
+    def _set_tma_blocks(nargs):
+        """Config pre-hook: the descriptors' block shapes are the config's tiles (a no-op for pointers)."""
+        if isinstance(nargs["a"], TensorDescriptor):
+            nargs["a"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
+            nargs["b"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_K"]]
+
+    def _tile_configs(tiles):
+        """(BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, FLATTEN) -> configs of _w8a8_matmul_tiles_kernel."""
+        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "FLATTEN": flat},
+                              num_stages=s, num_warps=w, pre_hook=_set_tma_blocks)
+                for bm, bn, bk, s, w, flat in tiles]
+
+    # Hopper tiles of _gemm_configs and _wide_configs (72-224 KB of shared memory), 128 x 128 for the FFN's
+    # last chunk (1,872 rows at 720p), 64 x 128 for the 512 text tokens. FLATTEN (persistent only) lets the
+    # pipeliner load the next tile's first K steps during this tile's last ones and its epilogue; it costs
+    # registers: the pointer-load 256 x 128 tiles spill with it (72-88 bytes of stack, sm90 SASS), so
+    # those run without it.
+    _TMA_TILES = [(128, 256, 128, 4, 8, False), (256, 128, 128, 4, 8, False), (128, 256, 128, 3, 8, False),
+                  (256, 128, 128, 3, 8, False), (128, 256, 64, 6, 8, False), (128, 128, 128, 4, 4, False),
+                  (64, 128, 128, 4, 4, False)]
+    _PERSISTENT_TILES = [(128, 256, 128, 4, 8, True), (128, 256, 128, 4, 8, False), (256, 128, 128, 4, 8, False),
+                         (128, 256, 128, 3, 8, True), (128, 256, 64, 6, 8, True), (128, 128, 128, 4, 4, False),
+                         (64, 128, 128, 4, 4, False)]
+    _TMA_PERSISTENT_TILES = [(128, 256, 128, 4, 8, True), (256, 128, 128, 4, 8, True), (128, 256, 128, 4, 8, False),
+                             (128, 256, 64, 6, 8, True), (256, 128, 64, 6, 8, True), (128, 128, 128, 4, 4, True),
+                             (64, 128, 128, 4, 4, True)]
+
+    @triton.jit
+    def _grouped_tile(tile, num_m, num_n, GROUP_M: tl.constexpr):
+        """Output tile number -> (pid_m, pid_n): GROUP_M rows of tiles walked column by column, so
+        programs running at once share their rows of a and columns of b in L2."""
+        group = tile // (GROUP_M * num_n)
+        first_m = group * GROUP_M
+        size_m = min(num_m - first_m, GROUP_M)
+        return first_m + (tile % (GROUP_M * num_n)) % size_m, (tile % (GROUP_M * num_n)) // size_m
+
+    @triton.jit
+    def _dequantize_store(acc, c_ptr, sa_ptr, sb_ptr, bias_ptr, pid_m, pid_n, M, N, stride_cm,
+                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """c[tile] = acc (BLOCK_M, BLOCK_N) * sa sb^T + bias, in c's dtype: _w8a8_matmul_kernel's epilogue."""
+        cm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        out = acc.to(tl.float32) * tl.load(sa_ptr + cm, mask=cm < M, other=0.0)[:, None]
+        out = out * tl.load(sb_ptr + cn, mask=cn < N, other=0.0)[None, :]
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + cn, mask=cn < N, other=0.0).to(tl.float32)[None, :]
+        mask = (cm[:, None] < M) & (cn[None, :] < N)
+        tl.store(c_ptr + cm[:, None].to(tl.int64) * stride_cm + cn[None, :], out.to(c_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _w8a8_matmul_tiles_kernel(a, b, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, M_BUCKET,
+                                  stride_am, stride_bn, stride_cm,
+                                  IS_FP8: tl.constexpr, FAST_ACCUM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                  EVEN_K: tl.constexpr, TMA: tl.constexpr, FLATTEN: tl.constexpr,
+                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                  GROUP_M: tl.constexpr):
+        # _w8a8_matmul_kernel's GEMM over a grid-stride loop of output tiles: with one program per tile the
+        # loop runs once; with a persistent grid (one program per SM) each program walks tiles SMs apart in
+        # the grouped order, and FLATTEN lets the pipeliner prefetch the next tile's K steps during this
+        # tile's last ones and its epilogue. a (M, K), b (N, K): 8-bit, row-major; pointers, or (TMA) host
+        # tensor descriptors of blocks (BLOCK_M, BLOCK_K) and (BLOCK_N, BLOCK_K) whose reads past the
+        # edges are zeros. Host descriptors rather than tl.make_tensor_descriptor in the kernel: those need a
+        # global scratch allocator (triton.set_allocator, a ContextVar the app's worker threads would not
+        # inherit) and build two tensormaps in every program.
+        num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        rk = tl.arange(0, BLOCK_K)
+        for tile in tl.range(tl.program_id(0), num_m * num_n, tl.num_programs(0), flatten=FLATTEN):
+            pid_m, pid_n = _grouped_tile(tile, num_m, num_n, GROUP_M)
+            rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+            rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32 if IS_FP8 else tl.int32)
+            for i in range(0, tl.cdiv(K, BLOCK_K)):
+                if TMA:
+                    x = a.load([pid_m * BLOCK_M, i * BLOCK_K])  # (BLOCK_M, BLOCK_K)
+                    y = b.load([pid_n * BLOCK_N, i * BLOCK_K]).T  # (BLOCK_K, BLOCK_N), K-major in shared memory
+                elif EVEN_K:
+                    x = tl.load(a + rm[:, None].to(tl.int64) * stride_am + (i * BLOCK_K + rk)[None, :])
+                    y = tl.load(b + rn[None, :].to(tl.int64) * stride_bn + (i * BLOCK_K + rk)[:, None])
+                else:
+                    x = tl.load(a + rm[:, None].to(tl.int64) * stride_am + (i * BLOCK_K + rk)[None, :],
+                                mask=rk[None, :] < K - i * BLOCK_K, other=0.0)
+                    y = tl.load(b + rn[None, :].to(tl.int64) * stride_bn + (i * BLOCK_K + rk)[:, None],
+                                mask=rk[:, None] < K - i * BLOCK_K, other=0.0)
+                if IS_FP8:
+                    acc = tl.dot(x, y, acc, max_num_imprecise_acc=None if FAST_ACCUM else BLOCK_K)
+                else:
+                    acc = tl.dot(x, y, acc, out_dtype=tl.int32)
+            _dequantize_store(acc, c_ptr, sa_ptr, sb_ptr, bias_ptr, pid_m, pid_n, M, N, stride_cm,
+                              HAS_BIAS, BLOCK_M, BLOCK_N)
+
+    _GEMM_KEY = ["M_BUCKET", "N", "K"]
+    _tuned = lambda configs, fn: triton.autotune(configs=configs, key=_GEMM_KEY)(fn)
+    # name -> (autotuned kernel, persistent grid, TMA loads); "grouped" is _w8a8_matmul_kernel itself
+    _GEMM_VARIANTS = {
+        "wide": (_tuned(_wide_configs(), _w8a8_matmul_kernel.fn), False, False),
+        "persistent": (_tuned(_tile_configs(_PERSISTENT_TILES), _w8a8_matmul_tiles_kernel), True, False),
+        "tma": (_tuned(_tile_configs(_TMA_TILES), _w8a8_matmul_tiles_kernel), False, True),
+        "tma-persistent": (_tuned(_tile_configs(_TMA_PERSISTENT_TILES), _w8a8_matmul_tiles_kernel), True, True),
+    }
+
+
 def quantize_rows(x: torch.Tensor, scheme: str, smooth: torch.Tensor | None = None, pad_to: int = PAD_M):
     """Fused per-token quantization of a 2-D CUDA x: one Triton program per row.
 
@@ -258,19 +388,67 @@ def quantize_rows(x: torch.Tensor, scheme: str, smooth: torch.Tensor | None = No
     return q, scale
 
 
-def w8a8_matmul(xq, x_scale, w, w_scale, bias, out_dtype=torch.bfloat16, fast_accum: bool | None = None):
+def gemm_choice(variant: str | None = None) -> str:
+    """The Triton GEMM variant to run: `variant`, then WAN_LITE_W8A8_GEMM, then GEMM_DEFAULT (see GEMMS)."""
+    choice = variant or os.environ.get(GEMM_ENV_VAR) or GEMM_DEFAULT
+    if choice not in GEMMS:
+        raise ValueError(f"unknown 8-bit GEMM variant {choice!r} (from {'argument' if variant else GEMM_ENV_VAR}): "
+                         f"choose one of {', '.join(GEMMS)}")
+    return choice
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _tma_ok(xq: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether TMA can read xq and w: 16-byte aligned bases and row strides, rows contiguous."""
+    return all(t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size() % 16 == 0 and t.stride(1) == 1
+               for t in (xq, w))
+
+
+def w8a8_matmul(xq, x_scale, w, w_scale, bias, out_dtype=torch.bfloat16, fast_accum: bool | None = None,
+                variant: str | None = None):
     """Triton 8-bit GEMM with the dequantizing epilogue: xq (M, K), x_scale (M, 1), w (N, K) int8 or
     e4m3, w_scale (N,), bias (N,) -> (M, N) out_dtype. int8 accumulates exactly in int32; fp8 in fp32,
-    with the tensor core's fast accumulation unless `fast_accum` (default: FP8_FAST_ACCUM) is False."""
+    with the tensor core's fast accumulation unless `fast_accum` (default: FP8_FAST_ACCUM) is False.
+
+    `variant` (default: gemm_choice()) names the kernel, all computing the same thing (GEMMS, module
+    docstring): "grouped" stays the default until bench_linear --variants on the H200 shows another one
+    faster at the Wan shapes. The TMA variants need sm90+ (RuntimeError before any launch otherwise) and
+    16-byte aligned rows; operands TMA cannot read run the same schedule with pointer loads.
+    """
+    variant = gemm_choice(variant)
     m, k = xq.shape
     n = w.shape[0]
     c = torch.empty(m, n, dtype=out_dtype, device=xq.device)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
-    _w8a8_matmul_kernel[grid](xq, w, c, x_scale, w_scale, bias if bias is not None else w_scale, m, n, k,
-                              min(triton.next_power_of_2(m), 1 << 16), xq.stride(0), w.stride(0), c.stride(0),
-                              IS_FP8=xq.dtype == torch.float8_e4m3fn,
-                              FAST_ACCUM=FP8_FAST_ACCUM if fast_accum is None else fast_accum,
-                              HAS_BIAS=bias is not None, EVEN_K=k % 128 == 0)
+    args = dict(IS_FP8=xq.dtype == torch.float8_e4m3fn, FAST_ACCUM=FP8_FAST_ACCUM if fast_accum is None else fast_accum,
+                HAS_BIAS=bias is not None, EVEN_K=k % 128 == 0)
+    bias = bias if bias is not None else w_scale
+    m_bucket = min(triton.next_power_of_2(m), 1 << 16)
+    tiles = lambda meta: triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])
+    if variant == "grouped":
+        _w8a8_matmul_kernel[lambda meta: (tiles(meta),)](xq, w, c, x_scale, w_scale, bias, m, n, k, m_bucket,
+                                                           xq.stride(0), w.stride(0), c.stride(0), **args)
+        return c
+    kernel, persistent, tma = _GEMM_VARIANTS[variant]
+    if variant == "wide":
+        kernel[lambda meta: (tiles(meta),)](xq, w, c, x_scale, w_scale, bias, m, n, k, m_bucket,
+                                            xq.stride(0), w.stride(0), c.stride(0), **args)
+        return c
+    index = xq.device.index if xq.device.index is not None else torch.cuda.current_device()
+    if tma and _capability(index) < TMA_CAPABILITY:
+        need, cap = ".".join(map(str, TMA_CAPABILITY)), ".".join(map(str, _capability(index)))
+        raise RuntimeError(f"8-bit GEMM variant {variant!r} loads through TMA, which needs compute capability "
+                           f"{need}+ (this GPU is {cap}): choose 'grouped' or 'persistent' ({GEMM_ENV_VAR})")
+    a, b = xq, w
+    if tma and _tma_ok(xq, w):  # block shapes are set per config by _set_tma_blocks
+        a, b = TensorDescriptor.from_tensor(xq, [1, 1]), TensorDescriptor.from_tensor(w, [1, 1])
+    sms = _num_sms(index)
+    grid = lambda meta: (min(sms, tiles(meta)) if persistent else tiles(meta),)
+    kernel[grid](a, b, c, x_scale, w_scale, bias, m, n, k, m_bucket, xq.stride(0), w.stride(0), c.stride(0),
+                 TMA=a is not xq, **args)
     return c
 
 
