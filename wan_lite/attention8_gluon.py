@@ -298,3 +298,63 @@ def compile_sm90(config: GluonConfig = DEFAULT, D: int = A8.HEAD_DIM, out_dtype:
     src = GluonASTSource(_attn_fwd_gluon, signature, constexprs={(list(signature).index(k),): v
                                                                    for k, v in constexprs.items()})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps})
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m wan_lite.attention8_gluon: the loop alone, every Gluon config beside attention8's
+
+
+def sweep(lengths=(32760, 75600), heads: int = 40, rep_ms: int = 400, log=print) -> list[dict]:
+    """Time the attention loops alone (pre-pass excluded) on one pre-pass result per block_n at B=1, D=128:
+    attention8's DEFAULT Triton loop and each Gluon config; per row ms, TFLOP/s (4 B H L^2 D / t), speed-up
+    over the Triton loop, relative difference to its output, registers and spills. A config that fails to
+    compile or run is reported and the rest still run."""
+    rows = []
+    for L in lengths:
+        rows += _sweep_length(L, heads, rep_ms, log)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _sweep_length(L: int, heads: int, rep_ms: int, log) -> list[dict]:
+    g = torch.Generator(device="cuda").manual_seed(L)
+    q, k, v = (torch.randn(1, heads, L, A8.HEAD_DIM, device="cuda", generator=g, dtype=torch.bfloat16)
+               for _ in range(3))
+    flops = 4 * heads * L * L * A8.HEAD_DIM
+    xs = {n: A8.quantize(q, k, v, n) for n in {c.block_n for c in CONFIGS.values()} | {A8.DEFAULT.block_n}}
+    x0, out = xs[A8.DEFAULT.block_n], torch.empty_like(q)
+    ref = A8.attention_quantized(x0, torch.empty_like(q)).float()
+    base = triton.testing.do_bench(lambda: A8.launch(x0, out), warmup=1, rep=rep_ms, return_mode="median")
+    rows = [{"L": L, "variant": f"triton {A8.DEFAULT.name}", "ms": base, "tflops": flops / base / 1e9}]
+    log(rows[-1])
+    for cfg in CONFIGS.values():
+        row = {"L": L, "variant": cfg.name}
+        try:
+            ck = launch(xs[cfg.block_n], out, cfg)
+            row["diff_vs_triton"] = ((out.float() - ref).norm() / ref.norm()).item()
+            row["ms"] = triton.testing.do_bench(lambda cfg=cfg: launch(xs[cfg.block_n], out, cfg), warmup=1,
+                                                rep=rep_ms, return_mode="median")
+            row.update(tflops=flops / row["ms"] / 1e9, vs_triton=base / row["ms"], regs=ck.n_regs, spills=ck.n_spills)
+        except Exception as e:  # noqa: BLE001 - a failing config is reported, the rest still run
+            row["error"] = f"{type(e).__name__}: {e}"[:400]
+        rows.append(row)
+        log(row)
+    return rows
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m wan_lite.attention8_gluon", description=sweep.__doc__.split(":")[0])
+    p.add_argument("--lengths", default="32760,75600", help="comma list of sequence lengths")
+    p.add_argument("--rep-ms", type=int, default=400, help="do_bench repetition time per measurement")
+    p.add_argument("--json", help="write the rows here")
+    a = p.parse_args()
+    problem = unsupported_device(torch.device("cuda")) if torch.cuda.is_available() else "no CUDA GPU"
+    if problem:
+        raise SystemExit(f"the Gluon sweep needs an sm90 GPU: {problem}")
+    result = sweep(tuple(int(t) for t in a.lengths.split(",")), rep_ms=a.rep_ms)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=1)
