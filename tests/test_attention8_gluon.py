@@ -6,6 +6,8 @@ an sm90 card: `python -m pytest -q -m gpu tests/test_attention8_gluon.py`.
 """
 
 import re
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +28,11 @@ needs_sm90 = pytest.mark.skipif(not HAS_SM90, reason="needs an sm90 GPU (Hopper 
 # CPU: the compiled schedule
 
 
+def _scores_per_thread(cfg):
+    """exp2 per thread per key block: the (block_m, block_n) scores spread over 32 * num_warps threads."""
+    return cfg.block_m * cfg.block_n // (32 * cfg.num_warps)
+
+
 @pytest.mark.parametrize("name", list(G.CONFIGS))
 def test_compiles_for_sm90_with_the_softmax_between_issue_and_wait(name):
     """Every config compiles for sm90 on this machine; in the PTX the asynchronous Q.K^T of the next block is
@@ -42,10 +49,30 @@ def test_compiles_for_sm90_with_the_softmax_between_issue_and_wait(name):
     # a block's worth of exp2 before the next wait
     segments = re.split(r"wgmma\.wait_group", ptx)
     overlapped = [seg for seg in segments if "wgmma.commit_group" in seg
-                  and seg.split("wgmma.commit_group", 1)[1].count("ex2.approx") >= cfg.block_n // 2]
+                  and seg.split("wgmma.commit_group", 1)[1].count("ex2.approx") >= _scores_per_thread(cfg)]
     assert len(overlapped) >= 1, "no exp2 between a wgmma commit and its wait: the softmax does not overlap"
     assert "cp.async.bulk.tensor" in ptx  # K and V arrive by TMA
     assert ".local" not in ptx  # no local memory (spills) at the PTX level
+
+
+@pytest.mark.parametrize("name", list(G.CONFIGS))
+def test_sass_runs_the_exp2_between_the_tensor_core_issue_and_its_wait(name, tmp_path):
+    """The same in the SASS ptxas made (Triton's bundled nvdisasm): some QGMMA issue is followed by a block's
+    worth of MUFU.EX2 (3/4 of a thread's exp2, ptxas hoists a few) before the next WARPGROUP.DEPBAR, and nothing spills to local memory."""
+    import triton.backends.nvidia as nv
+
+    nvdisasm = Path(nv.__file__).parent / "bin" / "nvdisasm"
+    if not nvdisasm.exists():
+        pytest.skip(f"no nvdisasm at {nvdisasm}")
+    cfg = G.CONFIGS[name]
+    cubin = tmp_path / "k.cubin"
+    cubin.write_bytes(G.compile_sm90(cfg).asm["cubin"])
+    sass = subprocess.run([str(nvdisasm), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+    exp2_after_issue = [seg.split("QGMMA", 1)[1].count("MUFU.EX2") for seg in sass.split("WARPGROUP.DEPBAR")
+                        if "QGMMA" in seg]
+    print(name, "MUFU.EX2 between a QGMMA issue and the next wait, per wait:", exp2_after_issue)
+    assert max(exp2_after_issue) >= 3 * _scores_per_thread(cfg) // 4
+    assert "STL" not in sass and "LDL" not in sass
 
 
 def test_refuses_cpu_tensors_naming_the_way_out():
