@@ -57,8 +57,9 @@ def test_compiles_for_sm90_with_the_softmax_between_issue_and_wait(name):
 
 @pytest.mark.parametrize("name", list(G.CONFIGS))
 def test_sass_runs_the_exp2_between_the_tensor_core_issue_and_its_wait(name, tmp_path):
-    """The same in the SASS ptxas made (Triton's bundled nvdisasm): some QGMMA issue is followed by a block's
-    worth of MUFU.EX2 (3/4 of a thread's exp2, ptxas hoists a few) before the next WARPGROUP.DEPBAR, and nothing spills to local memory."""
+    """The same in the SASS ptxas made (Triton's bundled nvdisasm): some QGMMA issue is followed by most of a
+    block's MUFU.EX2 (3/4 of a thread's exp2: ptxas hoists a few) before the next WARPGROUP.DEPBAR, and
+    nothing spills to local memory."""
     import triton.backends.nvidia as nv
 
     nvdisasm = Path(nv.__file__).parent / "bin" / "nvdisasm"
