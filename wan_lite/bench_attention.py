@@ -13,9 +13,10 @@ against exact attention (fp32, over a fixed sample of query rows) on three input
 - `uniform`: q, k, v standard normal: nearly uniform attention whose output is tiny, which inflates
   every relative error.
 
-fp8 rows include the quantization pre-pass; `fp8 loop` is the attention kernel alone, `fp8 pre-pass`
-the pre-pass alone. Needs a CUDA GPU with FP8 tensor cores (sm89+). Prints a table, writes every
-number with --json (rewritten after each row, so a crash keeps what was measured).
+fp8 rows (and `fp8-gluon`, the Gluon loop of attention8_gluon, sm90 only) include the quantization
+pre-pass; `fp8 loop` is the attention kernel alone, `fp8 pre-pass` the pre-pass alone. Needs a CUDA
+GPU with FP8 tensor cores (sm89+). Prints a table, writes every number with --json (rewritten after
+each row, so a crash keeps what was measured).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ HEADS, HEAD_DIM = 40, 128
 SDPA = {"sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-flash": SDPBackend.FLASH_ATTENTION}
 INPUTS = ("conc", "conc-iid", "uniform")
 REF_ROWS = 1024  # query rows the exact reference is computed for
+GLUON = "fp8-gluon"  # attention8_gluon's default config (issue 18), with the pre-pass
 
 
 def concentrated_inputs(B, H, L, D=HEAD_DIM, *, cluster=256, gap=14.0, spread=0.7, offset=8.0, iid_v=False, seed=0,
@@ -102,7 +104,16 @@ def variants(configs):
         out[name] = lambda q, k, v, b=backend: _sdpa(q, k, v, b)
     for c in configs:
         out[f"fp8 {c.name}"] = lambda q, k, v, c=c: A8.attention_fp8(q, k, v, config=c)
+    out[GLUON] = _gluon
     return out
+
+
+def _gluon(q, k, v):
+    """The Gluon loop (attention8_gluon, sm90 only), imported at its first call: a Triton without Gluon or a
+    kernel that fails to compile is one failing row, not a failing bench."""
+    from wan_lite import attention8_gluon as G
+
+    return G.attention_fp8_gluon(q, k, v)
 
 
 def _sdpa(q, k, v, backend):
@@ -138,7 +149,7 @@ def bench(lengths=LENGTHS, configs=None, *, sdpa=True, accuracy=-1, rep_ms=1500,
         flops = 4 * HEADS * L * L * HEAD_DIM
         g = torch.Generator(device="cuda").manual_seed(L)
         sample = torch.randperm(L, device="cuda", generator=g)[:REF_ROWS].sort().values
-        checked = {"sdpa-cudnn"} | {f"fp8 {c.name}" for c in (configs if accuracy < 0 else configs[:accuracy])}
+        checked = {"sdpa-cudnn", GLUON} | {f"fp8 {c.name}" for c in (configs if accuracy < 0 else configs[:accuracy])}
         inputs = {kind: make_inputs(kind, 1, HEADS, L, seed=L) for kind in INPUTS}
         refs = {kind: exact_rows(*inputs[kind], sample) for kind in INPUTS}
         base = None
@@ -157,7 +168,7 @@ def bench(lengths=LENGTHS, configs=None, *, sdpa=True, accuracy=-1, rep_ms=1500,
                 if name in checked:
                     for kind in INPUTS:
                         row[f"err_{kind}"] = rel_err(fn(*inputs[kind]), refs[kind], sample)
-                if info and name.startswith("fp8"):
+                if info and name.startswith("fp8 "):
                     row["kernel"] = kernel_info(*qkv, A8.CONFIGS[name[4:]])
             except Exception as e:  # noqa: BLE001 - a failing variant is reported, the rest still run
                 row["error"] = f"{type(e).__name__}: {e}"[:400]

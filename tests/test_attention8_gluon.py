@@ -1,0 +1,149 @@
+"""The Gluon fp8 attention loop (issue 18): compiled for sm90 without a GPU, and on an H200 against the Triton
+kernel, the emulated arithmetic and exact attention.
+
+Needs Triton with Gluon (3.6+; CPU builds of torch lack Triton: the module's tests skip there). GPU tests need
+an sm90 card: `python -m pytest -q -m gpu tests/test_attention8_gluon.py`.
+"""
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton.experimental.gluon", reason="needs Triton >= 3.6 with Gluon (CUDA builds of torch)")
+
+from test_attention8 import emulate  # noqa: E402 - the kernel's arithmetic in torch, shared with attention8
+
+from wan_lite import attention8 as A8  # noqa: E402
+from wan_lite import attention8_gluon as G  # noqa: E402
+from wan_lite.bench_attention import exact_rows, make_inputs, rel_err  # noqa: E402
+
+HAS_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == G.CAPABILITY
+needs_sm90 = pytest.mark.skipif(not HAS_SM90, reason="needs an sm90 GPU (Hopper wgmma)")
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU: the compiled schedule
+
+
+def _scores_per_thread(cfg):
+    """exp2 per thread per key block: the (block_m, block_n) scores spread over 32 * num_warps threads."""
+    return cfg.block_m * cfg.block_n // (32 * cfg.num_warps)
+
+
+@pytest.mark.parametrize("name", list(G.CONFIGS))
+def test_compiles_for_sm90_with_the_softmax_between_issue_and_wait(name):
+    """Every config compiles for sm90 on this machine; in the PTX the asynchronous Q.K^T of the next block is
+    committed, then this block's exp2 run, and only then comes a wgmma wait (Triton's own loop waits right
+    after each issue: notes/attention8.md)."""
+    cfg = G.CONFIGS[name]
+    ptx = G.compile_sm90(cfg).asm["ptx"]
+    n_k = 128 // 32  # k32 fp8 instructions per 128-deep product (D = 128 for Q.K^T)
+    n_pv = cfg.block_n // 32
+    # S_0, S_{j+1}, P.V in the loop, P.V of the last block
+    assert ptx.count("wgmma.mma_async") == 2 * n_k + 2 * n_pv
+    assert ptx.count("wgmma.mma_async") == ptx.count("e4m3.e4m3")  # every product in fp8
+    # split the instruction stream at the waits: some segment must commit a wgmma group and then run
+    # a block's worth of exp2 before the next wait
+    segments = re.split(r"wgmma\.wait_group", ptx)
+    overlapped = [seg for seg in segments if "wgmma.commit_group" in seg
+                  and seg.split("wgmma.commit_group", 1)[1].count("ex2.approx") >= _scores_per_thread(cfg)]
+    assert len(overlapped) >= 1, "no exp2 between a wgmma commit and its wait: the softmax does not overlap"
+    assert "cp.async.bulk.tensor" in ptx  # K and V arrive by TMA
+    assert ".local" not in ptx  # no local memory (spills) at the PTX level
+
+
+@pytest.mark.parametrize("name", list(G.CONFIGS))
+def test_sass_runs_the_exp2_between_the_tensor_core_issue_and_its_wait(name, tmp_path):
+    """The same in the SASS ptxas made (Triton's bundled nvdisasm): some QGMMA issue is followed by most of a
+    block's MUFU.EX2 (3/4 of a thread's exp2: ptxas hoists a few) before the next WARPGROUP.DEPBAR, and
+    nothing spills to local memory."""
+    import triton.backends.nvidia as nv
+
+    nvdisasm = Path(nv.__file__).parent / "bin" / "nvdisasm"
+    if not nvdisasm.exists():
+        pytest.skip(f"no nvdisasm at {nvdisasm}")
+    cfg = G.CONFIGS[name]
+    cubin = tmp_path / "k.cubin"
+    cubin.write_bytes(G.compile_sm90(cfg).asm["cubin"])
+    sass = subprocess.run([str(nvdisasm), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+    exp2_after_issue = [seg.split("QGMMA", 1)[1].count("MUFU.EX2") for seg in sass.split("WARPGROUP.DEPBAR")
+                        if "QGMMA" in seg]
+    print(name, "MUFU.EX2 between a QGMMA issue and the next wait, per wait:", exp2_after_issue)
+    assert max(exp2_after_issue) >= 3 * _scores_per_thread(cfg) // 4
+    assert "STL" not in sass and "LDL" not in sass
+
+
+def test_refuses_cpu_tensors_naming_the_way_out():
+    q, k, v = (torch.randn(1, 2, 16, 128, dtype=torch.bfloat16) for _ in range(3))
+    with pytest.raises(ValueError, match=r"needs a CUDA GPU.*attention8.attention_fp8"):
+        G.attention_fp8_gluon(q, k, v)
+    with pytest.raises(ValueError, match="head_dim must be 128"):
+        G.attention_fp8_gluon(q[..., :64], k[..., :64], v[..., :64])
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: the kernel
+
+
+def _rand_inputs(B, H, Lq, Lk, layout, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def rand(L):  # (B, H, L, D), stored (B, L, H, D) for "blhd" like the DiT's projections
+        t = torch.randn(B, L, H, 128, device="cuda", generator=g).transpose(1, 2)
+        return (t if layout == "blhd" else t.contiguous()).to(torch.bfloat16)
+
+    return rand(Lq) * 0.5, rand(Lk) + 3.0, rand(Lk)
+
+
+@pytest.mark.parametrize("name", list(G.CONFIGS))
+@pytest.mark.parametrize("B,H,Lq,Lk,layout", [(1, 2, 1000, 1000, "bhld"), (2, 3, 777, 300, "blhd"),
+                                              (1, 1, 130, 77, "bhld"), (1, 2, 512, 1024, "bhld")])
+@pytest.mark.gpu
+@needs_sm90
+def test_kernel_matches_the_triton_kernel_and_the_emulation(name, B, H, Lq, Lk, layout):
+    """Same 8-bit tensors through the Gluon loop, attention8's Triton loop and `emulate`: the same arithmetic,
+    so only tensor-core accumulation order (and with it a few e4m3 roundings of P) may differ."""
+    cfg = G.CONFIGS[name]
+    q, k, v = _rand_inputs(B, H, Lq, Lk, layout, Lq + Lk)
+    x = A8.quantize(q, k, v, cfg.block_n)
+    out = torch.full(q.shape, float("nan"), device="cuda")  # fp32 out, poisoned: every element must be written
+    G.attention_quantized(x, out, cfg)
+    triton_cfg = A8.KernelConfig(64, cfg.block_n, 4, 2)
+    ref_triton = A8.attention_quantized(x, torch.empty_like(out), triton_cfg)
+    ref = emulate(x, B, H, Lq, Lk, cfg.block_m, cfg.block_n)
+    err_t = ((out - ref_triton).norm() / ref_triton.norm()).item()
+    err_e = ((out - ref).norm() / ref.norm()).item()
+    print(f"{name} {B}x{H}x{Lq}x{Lk} {layout}: vs triton {err_t:.2e}, vs emulation {err_e:.2e}")
+    assert out.isfinite().all()
+    assert err_t < 1e-2 and err_e < 1e-2  # tests/test_attention8.py's kernel-vs-emulation bound
+
+
+@pytest.mark.parametrize("name", [G.DEFAULT.name, "gluon-m128n128w8s2"])
+@pytest.mark.gpu
+@needs_sm90
+def test_concentrated_attention_within_one_percent(name):
+    """attention8's accuracy contract against exact attention (L not a multiple of 128: the tail runs)."""
+    cfg = G.CONFIGS[name]
+    L = 8000
+    rows = torch.arange(0, L, 5, device="cuda")
+    errs = {}
+    for kind in ("conc", "conc-iid", "uniform"):
+        q, k, v = make_inputs(kind, 1, 4, L, seed=11)
+        errs[kind] = rel_err(G.attention_fp8_gluon(q, k, v, config=cfg), exact_rows(q, k, v, rows), rows)
+    print(f"fp8 gluon attention ({name}) relative error vs exact:", {k: f"{e:.2e}" for k, e in errs.items()})
+    assert errs["conc"] <= 0.01
+    assert errs["uniform"] < 0.1 and errs["conc-iid"] < 0.15
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_output_keeps_q_dtype_and_strides():
+    q, k, v = _rand_inputs(1, 3, 300, 300, "blhd", 7)
+    q16, k16, v16 = q.half(), k.half(), v.half()
+    out = G.attention_fp8_gluon(q16, k16, v16)
+    assert out.dtype == torch.float16 and out.stride() == q16.stride()
+    ref = A8.attention_fp8(q16, k16, v16)
+    assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2

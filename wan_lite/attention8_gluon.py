@@ -1,0 +1,360 @@
+"""8-bit attention in Gluon on Hopper (sm90): `attention_fp8_gluon(q, k, v)`, issue 18.
+
+The same arithmetic as `attention8._attn_fwd` (it consumes `attention8.quantize`'s `Quantized`: q8 pre-scaled
+by log2(e)/sqrt(D) with per-128-query scales qs, per-block K scales ks, V transposed (D, L) with per-channel
+scales vs, all padded to 256 tokens; exp2, P scaled by 2^8 into e4m3, a fresh fp32 accumulator per key
+block, only the last block masked), so its accuracy is attention8's by construction. What differs is the
+schedule, written out by hand because Triton 3.6 waits on every wgmma right after issuing it
+(attention8's docstring, notes/attention8.md):
+
+    S_0 = Q.K_0^T
+    for j in 0 .. n-2:
+        issue S_{j+1} = Q.K_{j+1}^T        (asynchronous wgmma: the tensor cores run it ...)
+        softmax(S_j) -> P_j, alpha_j        (... while this warpgroup does block j's exp2 on the MUFU pipe)
+        issue PV_j = P_j . V_j              (asynchronous, P_j from registers)
+        wait for both; acc = acc * alpha_j + PV_j
+        refill the shared-memory stage of block j with block j + STAGES (TMA, mbarrier per stage)
+    the last block (masked when L is not a multiple of BLOCK_N) without a next S
+
+This is FlashAttention-3's intra-warpgroup pipelining (its part 1); its ping-pong of two consumer
+warpgroups and a producer warp (parts 2 and 3) are not built. One warpgroup (4 warps) owns 64 query rows;
+`num_warps=8` puts two warpgroups on 128 rows sharing the K/V tiles. K and V tiles arrive by TMA into a
+STAGES-deep ring, issued by the same warps STAGES blocks ahead.
+
+Needs Triton >= 3.6 (triton.experimental.gluon) and an sm90 GPU (wgmma): `unsupported_device` says why
+not elsewhere. Without a GPU, `compile_sm90` compiles the kernel for sm90 and counts its wgmma and waits.
+Imported only where Triton is installed (CUDA builds).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from . import attention8 as A8
+
+CAPABILITY = (9, 0)  # wgmma: Hopper only (Ada has no wgmma, Blackwell uses tcgen05)
+
+
+@dataclass(frozen=True)
+class GluonConfig:
+    """One launch shape of `_attn_fwd_gluon`: 16 * num_warps query rows per program (64 per warpgroup)."""
+
+    block_n: int = 128  # keys per step, also the K scale block of the pre-pass
+    num_warps: int = 4  # 4: one warpgroup on 64 rows; 8: two on 128 rows
+    stages: int = 2  # K/V tiles in the TMA ring
+
+    @property
+    def block_m(self) -> int:
+        return 16 * self.num_warps
+
+    @property
+    def name(self) -> str:
+        return f"gluon-m{self.block_m}n{self.block_n}w{self.num_warps}s{self.stages}"
+
+
+DEFAULT = GluonConfig()
+CONFIGS = {c.name: c for c in (DEFAULT, GluonConfig(stages=3), GluonConfig(num_warps=8), GluonConfig(block_n=64,
+                                                                                                        stages=3))}
+
+
+# ---------------------------------------------------------------------------------------------
+# the kernel
+
+
+@gluon.jit
+def _issue_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, row0, vrow0, j, n,
+              BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """TMA loads of key block j (K (BLOCK_N, D) and V^T (D, BLOCK_N), fp8) into ring stage j % STAGES,
+    each signalling its own mbarrier; nothing is issued when j >= n."""
+    s = j % STAGES
+    ok = j < n
+    kb = k_bars.index(s)
+    vb = v_bars.index(s)
+    mbarrier.expect(kb, k_desc.block_type.nbytes, pred=ok)
+    tma.async_copy_global_to_shared(k_desc, [row0 + j * BLOCK_N, 0], kb, k_smem.index(s), pred=ok)
+    mbarrier.expect(vb, v_desc.block_type.nbytes, pred=ok)
+    tma.async_copy_global_to_shared(v_desc, [vrow0, j * BLOCK_N], vb, v_smem.index(s), pred=ok)
+
+
+@gluon.jit
+def _issue_scores(q_smem, k_smem, k_bars, j, s_zero, STAGES: gl.constexpr):
+    """Wait for K block j, then issue S = q8 . k8^T (BLOCK_M, BLOCK_N) asynchronously: returns the token."""
+    s = j % STAGES
+    mbarrier.wait(k_bars.index(s), (j // STAGES) & 1)
+    return warpgroup_mma(q_smem, k_smem.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _softmax(s, m_i, l_i, c, start_n, Lk, s_layout: gl.constexpr, BLOCK_N: gl.constexpr, MASK: gl.constexpr,
+             P_SHIFT: gl.constexpr):
+    """One key block of the online softmax in base 2 on raw scores s (BLOCK_M, BLOCK_N) fp32, c = sq * sk.
+
+    Returns p (fp32, in [0, 2^P_SHIFT]), alpha = exp2(m_old - m_new) (BLOCK_M,), l and m updated: the
+    arithmetic of attention8._softmax_pv, operation for operation.
+    """
+    if MASK:  # the last, partial block
+        s = s * c
+        cols = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        s = gl.where(gl.expand_dims(cols < Lk, 0), s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 1))
+        x = s - gl.expand_dims(m_new - P_SHIFT, 1)
+    else:
+        m_new = gl.maximum(m_i, gl.max(s, 1) * c)
+        x = s * c - gl.expand_dims(m_new - P_SHIFT, 1)  # one FMA per score
+    alpha = gl.exp2(m_i - m_new)
+    p = gl.exp2(x)
+    l_i = l_i * alpha + gl.sum(p, 1)
+    return p, alpha, l_i, m_new
+
+
+@gluon.jit
+def _pv_acc(p, alpha, v_smem, v_bars, j, o_zero, p_layout: gl.constexpr, o_layout: gl.constexpr,
+            STAGES: gl.constexpr):
+    """Wait for V block j and issue P8 . V8 (BLOCK_M, D) asynchronously from registers; returns the token and
+    acc * alpha-to-be (alpha moved to the accumulator's row layout)."""
+    s = j % STAGES
+    p8 = gl.convert_layout(p.to(gl.float8e4nv), p_layout)
+    mbarrier.wait(v_bars.index(s), (j // STAGES) & 1)
+    tok = warpgroup_mma(p8, v_smem.index(s).permute((1, 0)), o_zero, use_acc=False, is_async=True)
+    alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
+    return tok, gl.expand_dims(alpha_o, 1)
+
+
+@gluon.jit
+def _attn_fwd_gluon(q_desc, k_desc, v_desc, qs, ks, vs, Out, H, Lq, Lqp, Lk, Lkp, sob, soh, sol,
+                    D: gl.constexpr, BLOCK_N: gl.constexpr, Q_BLOCK: gl.constexpr, STAGES: gl.constexpr,
+                    P_SHIFT: gl.constexpr, num_warps: gl.constexpr):
+    """One program: BLOCK_M = 16 * num_warps queries of one (batch, head) over all keys (module docstring)."""
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]
+    # wgmma accumulator layouts: m16 x n x k32 (fp8) instructions, warps stacked along the rows
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, BLOCK_N, 32])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                       instr_shape=[16, D, 32])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)  # fp8 A in registers
+
+    start_m = gl.program_id(0)
+    bh = gl.program_id(1)
+    row0 = bh * Lkp  # first row of this head in the (B*H*Lkp, D) 8-bit K
+    vrow0 = bh * D  # first row of this head in the (B*H*D, Lkp) 8-bit V^T
+    n = gl.cdiv(Lk, BLOCK_N)  # key blocks; the last one is masked when Lk % BLOCK_N
+
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, q_desc.block_type.shape, q_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_bars.index(i), count=1)
+        mbarrier.init(v_bars.index(i), count=1)
+
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [bh * Lqp + start_m * BLOCK_M, 0], q_bar, q_smem)
+    for i in gl.static_range(STAGES):  # fill the ring
+        _issue_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, row0, vrow0, i, n, BLOCK_N, STAGES)
+
+    c_q = gl.load(qs + bh * (Lqp // Q_BLOCK) + (start_m * BLOCK_M) // Q_BLOCK)
+    ks_h = ks + bh * (Lkp // BLOCK_N)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)  # use_acc=False: never read
+    o_zero = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
+
+    mbarrier.wait(q_bar, 0)
+    tok = _issue_scores(q_smem, k_smem, k_bars, 0, s_zero, STAGES)
+    s = warpgroup_mma_wait(0, deps=[tok])
+    for j in range(0, n - 1):  # every block but the last: unmasked, with the next S in flight
+        s_tok = _issue_scores(q_smem, k_smem, k_bars, j + 1, s_zero, STAGES)
+        p, alpha, l_i, m_i = _softmax(s, m_i, l_i, c_q * gl.load(ks_h + j), j * BLOCK_N, Lk, s_layout, BLOCK_N,
+                                      False, P_SHIFT)
+        pv_tok, alpha_o = _pv_acc(p, alpha, v_smem, v_bars, j, o_zero, p_layout, o_layout, STAGES)
+        s, pv = warpgroup_mma_wait(0, deps=[s_tok, pv_tok])
+        acc = acc * alpha_o + pv
+        _issue_kv(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, row0, vrow0, j + STAGES, n, BLOCK_N, STAGES)
+    last = n - 1
+    c = c_q * gl.load(ks_h + last)
+    if last * BLOCK_N + BLOCK_N > Lk:  # the partial last block
+        p, alpha, l_i, m_i = _softmax(s, m_i, l_i, c, last * BLOCK_N, Lk, s_layout, BLOCK_N, True, P_SHIFT)
+    else:
+        p, alpha, l_i, m_i = _softmax(s, m_i, l_i, c, last * BLOCK_N, Lk, s_layout, BLOCK_N, False, P_SHIFT)
+    pv_tok, alpha_o = _pv_acc(p, alpha, v_smem, v_bars, last, o_zero, p_layout, o_layout, STAGES)
+    pv = warpgroup_mma_wait(0, deps=[pv_tok])
+    acc = acc * alpha_o + pv
+
+    mbarrier.invalidate(q_bar)
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(k_bars.index(i))
+        mbarrier.invalidate(v_bars.index(i))
+    _store_out(acc, l_i, vs, Out, bh, H, start_m, Lq, sob, soh, sol, o_layout, BLOCK_M, D)
+
+
+@gluon.jit
+def _store_out(acc, l_i, vs, Out, bh, H, start_m, Lq, sob, soh, sol, o_layout: gl.constexpr,
+               BLOCK_M: gl.constexpr, D: gl.constexpr):
+    """out = acc / l * sv (sv the V scale per channel), stored in Out's dtype for the rows < Lq."""
+    d = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+    sv = gl.load(vs + bh * D + d)  # (D,)
+    inv_l = gl.convert_layout(1.0 / l_i, gl.SliceLayout(1, o_layout))
+    out = acc * gl.expand_dims(inv_l, 1) * gl.expand_dims(sv, 0)  # (BLOCK_M, D)
+    rows = start_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+    b = bh // H
+    h = bh % H
+    base = Out + b.to(gl.int64) * sob + h.to(gl.int64) * soh
+    ptr = base + gl.expand_dims(rows.to(gl.int64) * sol, 1) + gl.expand_dims(d, 0)
+    mask = gl.expand_dims(rows < Lq, 1) & gl.expand_dims(d < D, 0)
+    gl.store(ptr, out.to(Out.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch entry points
+
+
+def _layouts(cfg: GluonConfig, D: int):
+    """NVMMA shared layouts of the Q, K and V^T tiles (fp8, 128-byte swizzle for 128-byte rows)."""
+    f8 = gl.float8e4nv
+    return (gl.NVMMASharedLayout.get_default_for([cfg.block_m, D], f8),
+            gl.NVMMASharedLayout.get_default_for([cfg.block_n, D], f8),
+            gl.NVMMASharedLayout.get_default_for([D, cfg.block_n], f8))
+
+
+def launch(x: A8.Quantized, out: torch.Tensor, config: GluonConfig = DEFAULT):
+    """One launch of `_attn_fwd_gluon` into `out` (B, H, Lq, D); returns the compiled kernel."""
+    B, H, Lq, D = out.shape
+    cfg = config
+    if cfg.block_n != x.block_n:
+        raise ValueError(f"the pre-pass ran with block_n {x.block_n}, the config has {cfg.block_n}")
+    ql, kl, vl = _layouts(cfg, D)
+    q_desc = TensorDescriptor.from_tensor(x.q8, [cfg.block_m, D], ql)
+    k_desc = TensorDescriptor.from_tensor(x.k8, [cfg.block_n, D], kl)
+    v_desc = TensorDescriptor.from_tensor(x.vt8, [D, cfg.block_n], vl)
+    grid = (triton.cdiv(Lq, cfg.block_m), B * H)  # queries fastest: neighbouring programs share K and V in L2
+    return _attn_fwd_gluon[grid](q_desc, k_desc, v_desc, x.qs, x.ks, x.vs, out, H, Lq, x.lqp, x.lk, x.lkp,
+                                 *out.stride()[:3], D=D, BLOCK_N=cfg.block_n, Q_BLOCK=A8.Q_BLOCK, STAGES=cfg.stages,
+                                 P_SHIFT=A8.P_SHIFT, num_warps=cfg.num_warps)
+
+
+def attention_quantized(x: A8.Quantized, out: torch.Tensor, config: GluonConfig = DEFAULT) -> torch.Tensor:
+    """The Gluon attention loop over a pre-pass result; writes and returns `out` (B, H, Lq, D)."""
+    launch(x, out, config)
+    return out
+
+
+def unsupported_device(device: torch.device) -> str | None:
+    """Why this kernel cannot run on `device` (None: it can): it needs Hopper's wgmma (sm90 exactly)."""
+    if device.type != "cuda":
+        return f"it needs a CUDA GPU, got {device.type}"
+    cap = torch.cuda.get_device_capability(device)
+    if cap != CAPABILITY:
+        return f"it needs an sm90 GPU (Hopper wgmma), got sm{cap[0]}{cap[1]}"
+    return None
+
+
+def attention_fp8_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                        config: GluonConfig = DEFAULT) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v in FP8 on Hopper: (B, H, Lq, D) x (B, H, Lk, D) x2 -> (B, H, Lq, D).
+
+    attention8.attention_fp8's contract: bf16 or fp16 in, q's dtype (and strides) out, D = 128, no mask.
+    Raises ValueError for inputs or a device it does not run (the message names what does).
+    """
+    problem = A8.unsupported(q, k, v) or unsupported_device(q.device)
+    if problem:
+        raise ValueError(f"fp8 gluon attention cannot run these inputs: {problem}; use attention8.attention_fp8 "
+                         "(sm89+) or an sdpa-* backend for them")
+    if A8.Q_BLOCK % config.block_m or A8.PAD % config.block_n:
+        raise ValueError(f"block_m must divide {A8.Q_BLOCK} and block_n divide {A8.PAD}, got {config}")
+    out = torch.empty_like(q)  # keeps q's strides: (B, L, H, D) storage stays that way
+    return attention_quantized(A8.quantize(q, k, v, config.block_n), out, config)
+
+
+# ---------------------------------------------------------------------------------------------
+# compile without a GPU
+
+
+def compile_sm90(config: GluonConfig = DEFAULT, D: int = A8.HEAD_DIM, out_dtype: str = "bf16"):
+    """Compile `_attn_fwd_gluon` for sm90 on any machine (no GPU needed): returns Triton's CompiledKernel
+    (asm["ptx"], asm["cubin"], n_regs and n_spills are filled in by ptxas)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    descs = [f"tensordesc<fp8e4nv[{s[0]}, {s[1]}],{lay!r}>"
+             for s, lay in zip(([config.block_m, D], [config.block_n, D], [D, config.block_n]), _layouts(config, D))]
+    signature = dict(zip(["q_desc", "k_desc", "v_desc"], descs))
+    signature.update(qs="*fp32", ks="*fp32", vs="*fp32", Out=f"*{out_dtype}", H="i32", Lq="i32", Lqp="i32",
+                     Lk="i32", Lkp="i32", sob="i64", soh="i64", sol="i64")
+    constexprs = dict(D=D, BLOCK_N=config.block_n, Q_BLOCK=A8.Q_BLOCK, STAGES=config.stages, P_SHIFT=A8.P_SHIFT,
+                      num_warps=config.num_warps)
+    for name in constexprs:
+        signature[name] = "constexpr"
+    src = GluonASTSource(_attn_fwd_gluon, signature, constexprs={(list(signature).index(k),): v
+                                                                   for k, v in constexprs.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps})
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m wan_lite.attention8_gluon: the loop alone, every Gluon config beside attention8's
+
+
+def sweep(lengths=(32760, 75600), heads: int = 40, rep_ms: int = 400, log=print) -> list[dict]:
+    """Time the attention loops alone (pre-pass excluded) on one pre-pass result per block_n at B=1, D=128:
+    attention8's DEFAULT Triton loop and each Gluon config; per row ms, TFLOP/s (4 B H L^2 D / t), speed-up
+    over the Triton loop, relative difference to its output, registers and spills. A config that fails to
+    compile or run is reported and the rest still run."""
+    rows = []
+    for L in lengths:
+        rows += _sweep_length(L, heads, rep_ms, log)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _sweep_length(L: int, heads: int, rep_ms: int, log) -> list[dict]:
+    g = torch.Generator(device="cuda").manual_seed(L)
+    q, k, v = (torch.randn(1, heads, L, A8.HEAD_DIM, device="cuda", generator=g, dtype=torch.bfloat16)
+               for _ in range(3))
+    flops = 4 * heads * L * L * A8.HEAD_DIM
+    xs = {n: A8.quantize(q, k, v, n) for n in {c.block_n for c in CONFIGS.values()} | {A8.DEFAULT.block_n}}
+    x0, out = xs[A8.DEFAULT.block_n], torch.empty_like(q)
+    ref = A8.attention_quantized(x0, torch.empty_like(q)).float()
+    base = triton.testing.do_bench(lambda: A8.launch(x0, out), warmup=1, rep=rep_ms, return_mode="median")
+    rows = [{"L": L, "variant": f"triton {A8.DEFAULT.name}", "ms": base, "tflops": flops / base / 1e9}]
+    log(rows[-1])
+    for cfg in CONFIGS.values():
+        row = {"L": L, "variant": cfg.name}
+        try:
+            ck = launch(xs[cfg.block_n], out, cfg)
+            row["diff_vs_triton"] = ((out.float() - ref).norm() / ref.norm()).item()
+            row["ms"] = triton.testing.do_bench(lambda cfg=cfg: launch(xs[cfg.block_n], out, cfg), warmup=1,
+                                                rep=rep_ms, return_mode="median")
+            row.update(tflops=flops / row["ms"] / 1e9, vs_triton=base / row["ms"], regs=ck.n_regs, spills=ck.n_spills)
+        except Exception as e:  # noqa: BLE001 - a failing config is reported, the rest still run
+            row["error"] = f"{type(e).__name__}: {e}"[:400]
+        rows.append(row)
+        log(row)
+    return rows
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m wan_lite.attention8_gluon", description=sweep.__doc__.split(":")[0])
+    p.add_argument("--lengths", default="32760,75600", help="comma list of sequence lengths")
+    p.add_argument("--rep-ms", type=int, default=400, help="do_bench repetition time per measurement")
+    p.add_argument("--json", help="write the rows here")
+    a = p.parse_args()
+    problem = unsupported_device(torch.device("cuda")) if torch.cuda.is_available() else "no CUDA GPU"
+    if problem:
+        raise SystemExit(f"the Gluon sweep needs an sm90 GPU: {problem}")
+    result = sweep(tuple(int(t) for t in a.lengths.split(",")), rep_ms=a.rep_ms)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=1)
