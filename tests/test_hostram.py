@@ -49,10 +49,11 @@ def expert_bytes(scheme: str) -> tuple[int, int]:
 
 
 def pinned_expert_bytes(scheme: str) -> tuple[int, int]:
-    """(E, U) as pinned RAM holds them: the expert packed in power-of-two blocks, a staging buffer rounded up."""
+    """(E, R) as pinned RAM holds them: the expert packed in power-of-two blocks, the STAGING staging buffers
+    (each of the largest unit) packed together."""
     embed, block, head = unit_bytes(A14B, scheme)
     units = {"embed": embed, "head": head} | {f"blocks.{i}": block for i in range(A14B.num_layers)}
-    return pinned_bytes(units), pinned_bytes({"unit": max(embed, block, head)})
+    return pinned_bytes(units), pinned_bytes({f"s{i}": max(embed, block, head) for i in range(STAGING)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,9 +76,9 @@ def test_host_plan_for_budget(scheme, ram):
     host = plan.host
     assert host.mode == HOST_BUDGETS[(scheme, ram)] and plan.text_device == "cuda"
     E, _ = expert_bytes(scheme)
-    P, U = pinned_expert_bytes(scheme)
-    experts = {"pinned": 2 * P, "mapped": P + STAGING * U, "streamed": STAGING * U}[host.mode]
-    assert (host.high, host.low) == {"pinned": ("ram", "ram"), "mapped": ("ram", "file"),
+    P, R = pinned_expert_bytes(scheme)
+    experts = {"pinned": 2 * P, "mapped": P + R, "streamed": R}[host.mode]
+    assert (host.high, host.low) == {"pinned": ("ram", "ram"), "mapped": ("file", "ram"),
                                      "streamed": ("file", "file")}[host.mode]
     assert host.staging == (0 if host.mode == "pinned" else STAGING)
     assert host.experts_gb == pytest.approx(experts / GB, abs=0.01) and plan.host_gb == host.experts_gb
@@ -264,7 +265,7 @@ def plain_run(t2v_root, tmp_path_factory):
     return open_pipe(t2v_root, tmp_path_factory.mktemp("plain-cache"))("a dog runs in snow", **T2V_RUN)
 
 
-@pytest.mark.parametrize("where", [("ram", "file"), ("file", "file")])
+@pytest.mark.parametrize("where", [("file", "ram"), ("ram", "file"), ("file", "file")])
 def test_pipeline_holds_the_experts_where_the_plan_says(t2v_root, plain_run, tmp_path, monkeypatch, where):
     """The plan's placement per expert, the RAM filled only after the text encoder ran and was freed,
     mapped units all staged by the thread, the latents of the plain run."""
@@ -371,3 +372,57 @@ def test_gpu_mapped_low_expert_through_the_prefetch(official_root, mode):
     err = rel_error(got, ref)
     assert err < 1e-5, err
     assert stats.staged_inline == 0 and stats.staged_ahead > 0 and stall is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# filling an expert on a thread
+
+
+def _tiny_host(read=None):
+    from wan_lite.model import WanModel
+    from wan_lite.residency import HostExpert, layouts_of
+
+    model = WanModel(ModelConfig.tiny()).eval()
+    state = model.state_dict()
+    return HostExpert(layouts_of(model), read=read or state.__getitem__, in_ram=True, pin=False), state
+
+
+def test_fill_async_fills_on_a_thread_and_fill_waits_for_it():
+    host, _ = _tiny_host()
+    ref, _ = _tiny_host()
+    ref.read = host.read
+    ref.fill()
+    host.fill_async()
+    assert host._filling is not None and host._filling.name == "wan-lite-fill"
+    host.fill()  # joins the thread
+    assert host._filling is None and host.flats is not None
+    for u, lay in host.layouts.items():  # the same tensors read the same way: stored bytes compared
+        got, want = lay.views(host.flats[u]), lay.views(ref.flats[u])  # (alignment padding is not written)
+        assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in got)
+
+
+def test_fill_async_error_is_raised_by_the_next_fill():
+    def broken(name):
+        raise OSError(f"read error in {name}")
+
+    host, _ = _tiny_host(read=broken)
+    host.fill_async()
+    with pytest.raises(RuntimeError, match="reading the expert into RAM failed: read error"):
+        host.fill()
+
+
+def test_prepare_fills_the_first_expert_now_and_the_other_on_a_thread(monkeypatch):
+    """Lightning (2 high + 2 low steps): the high-noise expert is filled before the loop, the low-noise one
+    by fill_async (its copies wait for it in the last high-noise call)."""
+    from wan_lite.residency import HostExpert, Residency
+
+    high, _ = _tiny_host()
+    low, _ = _tiny_host()
+    calls = []
+    monkeypatch.setattr(HostExpert, "fill", lambda self: calls.append(("fill", self is high)))
+    monkeypatch.setattr(HostExpert, "fill_async", lambda self: calls.append(("async", self is high)))
+    from wan_lite.model import WanModel
+
+    res = Residency(WanModel(ModelConfig.tiny()).eval(), high, low, device="cpu")
+    res.prepare(SamplingConfig.lightning())
+    assert calls == [("fill", True), ("async", False)]

@@ -301,6 +301,8 @@ def run(args: argparse.Namespace, progress: dict | None = None) -> int:
     step_ends = []  # seconds since start-up at the end of each step (the first includes loading the high expert)
 
     def on_step(step: int, total: int, t: int, expert: str) -> None:
+        if args.stats and pipe.device.type == "cuda":  # the GPU's end of the step, not the host's run-ahead
+            torch.cuda.synchronize(pipe.device)
         step_ends.append(round(time.perf_counter() - _STARTED, 3))
         progress["step"] = step + 1
         bar.set_description(f"denoise [{expert}-noise expert]")

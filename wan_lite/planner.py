@@ -27,13 +27,16 @@ is read through is file-backed and reclaimable, so it is reported, not budgeted.
 same unit layouts as the VRAM plan: E = embed + blocks + head bytes, as pinned RAM holds them (packed
 in power-of-two blocks, `residency.pack_pinned`: 1.04x the bytes for int8 A14B); an expert served from its
 file passes through `residency.STAGING` pinned staging buffers of the largest unit (U, rounded up to a
-power of two as PyTorch's pinned allocator does). Choices, fastest
-first, the first whose peak fits: "pinned" (both experts in pinned RAM: 2E), "mapped" (the high-noise
-expert pinned, the low-noise one read from the memory-mapped file by a prefetch thread during the
-high-noise steps: E + STAGING x U), "streamed" (both from the files: STAGING x U; in streaming mode
-every step then reads the experts through the page cache). The umt5 encoder on the CPU
-(`TEXT_HOST`) runs and is freed before the experts' buffers fill, so the peak is HOST_FIXED + the
-larger of the two phases, not their sum.
+power of two as PyTorch's pinned allocator does, packed in one block). Choices, fastest
+first, the first whose peak fits: "pinned" (both experts in pinned RAM: 2E), "mapped" (the low-noise
+expert pinned, read into RAM on a thread while the high-noise steps run, so its swap copies straight from
+pinned RAM; the high-noise one read from its memory-mapped file through the staging buffers when it is
+loaded: E + STAGING x U), "streamed" (both from the files: STAGING x U; in streaming mode
+every step then reads the experts through the page cache). Pinning the high-noise expert instead would
+buy nothing in resident mode: it is copied to the GPU once, at the start, when nothing waits on it but
+the first step, while the low-noise expert's copies must keep ahead of the last high-noise call. The
+umt5 encoder on the CPU (`TEXT_HOST`) runs and is freed before the experts' buffers fill, so the peak
+is HOST_FIXED + the larger of the two phases, not their sum.
 """
 
 from __future__ import annotations
@@ -99,7 +102,8 @@ class HostPlan:
 
     def describe(self) -> str:
         where = {"pinned": "both experts in pinned RAM",
-                 "mapped": "high-noise expert in pinned RAM, low-noise expert from its memory-mapped file",
+                 "mapped": "low-noise expert in pinned RAM (read during the high-noise steps), high-noise expert "
+                           "from its memory-mapped file",
                  "streamed": "both experts from their memory-mapped files"}[self.mode]
         staged = f" ({self.staging} pinned staging buffers, read ahead)" if self.staging else ""
         return (f"  host RAM     {where}{staged}\n"
@@ -224,10 +228,10 @@ def host_plan(cfg: ModelConfig, scheme: str, ram_gb: float | None, *, text_devic
     expert = embed + head + cfg.num_layers * block  # E, as stored (what a memory-mapped expert maps)
     units = {"embed": embed, "head": head} | {f"blocks.{i}": block for i in range(cfg.num_layers)}
     pinned = pinned_bytes(units)  # E in pinned RAM: packed in power-of-two blocks (residency.pack_pinned)
-    ring = STAGING * pinned_bytes({"unit": max(embed, block, head)})  # the staging buffers (each rounded up)
+    ring = pinned_bytes({f"staging{i}": max(embed, block, head) for i in range(STAGING)})  # packed, as _Prefetch
     text = text_bytes if text_device == "cpu" else 0.0
     other = HOST_FIXED + video_bytes
-    options = {"pinned": ("ram", "ram", 0, 2 * pinned), "mapped": ("ram", "file", STAGING, pinned + ring),
+    options = {"pinned": ("ram", "ram", 0, 2 * pinned), "mapped": ("file", "ram", STAGING, pinned + ring),
                "streamed": ("file", "file", STAGING, ring)}
     for mode, (high, low, staging, experts) in options.items():
         peak = other + max(text, experts)

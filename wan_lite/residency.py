@@ -231,6 +231,8 @@ class HostExpert:
         self.read = read  # name -> tensor (memory-mapped): fills the buffers, or is staged at copy time
         self.in_ram = flats is not None if in_ram is None else in_ram  # held in RAM once `fill`ed
         self.pin = pin
+        self._filling: threading.Thread | None = None  # fill_async's thread, until fill() joins it
+        self._fill_error: BaseException | None = None
 
     @classmethod
     def empty(cls, layouts: dict[str, Layout], pin: bool) -> HostExpert:
@@ -263,12 +265,35 @@ class HostExpert:
         return host
 
     def fill(self) -> None:
-        """Read every unit into (pinned) RAM, once; nothing for an expert served from its files."""
+        """Read every unit into (pinned) RAM, once; nothing for an expert served from its files. Waits for
+        a `fill_async` in progress (and raises what it raised)."""
+        if self._filling is not None:
+            thread, self._filling = self._filling, None
+            thread.join()
+            if self._fill_error is not None:
+                error, self._fill_error = self._fill_error, None
+                raise RuntimeError(f"reading the expert into RAM failed: {error}") from error
+        self._read_all()
+
+    def _read_all(self) -> None:
         if self.in_ram and self.flats is None:
             flats = host_buffers({u: lay.nbytes for u, lay in self.layouts.items()}, self.pin)
             for u, lay in self.layouts.items():
                 lay.pack(self.read, flats[u])
             self.flats = flats
+
+    def fill_async(self) -> None:
+        """`fill` on a thread: the low-noise expert is read into RAM while the high-noise steps run (its
+        copies start in the last high-noise call, which `fill` waits for first)."""
+        if self.in_ram and self.flats is None and self._filling is None:
+            def run():
+                try:
+                    self._read_all()
+                except BaseException as e:  # handed to the next fill()
+                    self._fill_error = e
+
+            self._filling = threading.Thread(target=run, name="wan-lite-fill", daemon=True)
+            self._filling.start()
 
     @property
     def nbytes(self) -> int:
@@ -437,8 +462,10 @@ class _Prefetch:
         self._ready: queue.Queue = queue.Queue()  # (expert, unit, staged view), or the thread's exception
         self._free: queue.Queue = queue.Queue()  # (buffer, copy-done event or None)
         size = max(layouts[u].nbytes for _, u in order)
-        for _ in range(min(buffers, len(order))):
-            self._free.put((torch.empty(size, dtype=torch.uint8, pin_memory=pin), None))
+        ring = host_buffers({f"staging{i}": size for i in range(min(buffers, len(order)))}, pin)  # packed
+        self._by_ptr = {buf.data_ptr(): buf for buf in ring.values()}  # a staged view -> its buffer
+        for buf in ring.values():
+            self._free.put((buf, None))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="wan-lite-prefetch", daemon=True)
         self._thread.start()
@@ -476,7 +503,7 @@ class _Prefetch:
         return item[2]
 
     def give_back(self, view: torch.Tensor, done) -> None:
-        self._free.put((view._base if view._base is not None else view, done))
+        self._free.put((self._by_ptr[view.data_ptr()], done))
 
     def close(self) -> None:
         """Stop the thread (it finishes the unit it is reading) and drop the buffers."""
@@ -658,13 +685,17 @@ class Residency:
         (correct; the copies at the switch are not sent ahead, one visible stall; memory-mapped units are
         read on the calling thread). Fills the experts held in RAM now (not before: the text encoder has
         been freed by the time the loop starts)."""
-        for host in self.hosts.values():
-            host.fill()
         guided = {"high": sampling.guidance_high != 1.0, "low": sampling.guidance_low != 1.0}
         if sampling.cache.mode == "threshold":
             ts = []
         else:
             ts = [t for t, run in zip(timesteps(sampling), computed_steps(sampling)) if run]
+        at = sampling.boundary * sampling.num_train_timesteps
+        first = "high" if not ts or ts[0] >= at else "low"
+        self.hosts[first].fill()  # the first call copies from it at once
+        for name, host in self.hosts.items():
+            if name != first:
+                host.fill_async()  # read while the first expert's steps run; its first copy waits for it
         self.plan_steps(ts, sampling.boundary, guided=guided, num_train_timesteps=sampling.num_train_timesteps)
 
     def plan_steps(self, timesteps: Iterable[float], boundary: float, *, guided: bool | dict[str, bool] = True,
