@@ -147,3 +147,18 @@ def test_output_keeps_q_dtype_and_strides():
     assert out.dtype == torch.float16 and out.stride() == q16.stride()
     ref = A8.attention_fp8(q16, k16, v16)
     assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_attention_fp8_runs_the_gluon_loop_from_gluon_min_keys(monkeypatch):
+    """attention8.attention_fp8 without a config (what the model's `fp8` backend calls) runs the Gluon loop
+    from GLUON_MIN_KEYS keys on (lowered here), the Triton one below it and for an explicit config."""
+    q, k, v = (torch.randn(1, 2, 1000, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    gluon = G.attention_fp8_gluon(q, k, v)
+    triton_loop = A8.attention_fp8(q, k, v, config=A8.DEFAULT)
+    monkeypatch.setattr(A8, "GLUON_MIN_KEYS", 1001)
+    assert torch.equal(A8.attention_fp8(q, k, v), triton_loop)  # same kernel, same inputs
+    monkeypatch.setattr(A8, "GLUON_MIN_KEYS", 1000)
+    assert torch.equal(A8.attention_fp8(q, k, v), gluon)
+    assert torch.equal(A8.attention_fp8(q, k, v, config=A8.DEFAULT), triton_loop)

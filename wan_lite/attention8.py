@@ -42,6 +42,8 @@ Imported only on CUDA (it imports Triton, which CPU builds of torch lack).
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +59,11 @@ PAD = 256  # the 8-bit copies hold a multiple of this many tokens (block_n divid
 STATS_CHUNK = 1024  # tokens per partial sum in _kv_stats
 P_SHIFT = 8.0  # p is computed as 2^8 * softmax numerator: [0, 256] of e4m3's [2^-9, 448]
 MIN_CAPABILITY = (8, 9)  # FP8 e4m3 tensor cores: Ada and Hopper
+# From this many keys on, on Hopper, the default config runs attention8_gluon's loop instead of `_attn_fwd`
+# (same pre-pass and arithmetic, softmax overlapped with the next Q.K^T): H200, 2026-11-29, same run,
+# `python -m wan_lite.bench_attention`: at 75,600 keys 159.4 ms vs 167.1 ms (1.33x vs 1.27x cuDNN); at
+# 32,760 keys 29.8 ms vs 28.5 ms (Triton ahead: its 3 programs per SM beat Gluon's 2 there).
+GLUON_MIN_KEYS = 50_000
 
 
 @dataclass(frozen=True)
@@ -328,18 +335,34 @@ def launch(x: Quantized, out: torch.Tensor, config: KernelConfig):
                            num_stages=cfg.num_stages)
 
 
-def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, config: KernelConfig = DEFAULT) -> torch.Tensor:
+def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                  config: KernelConfig | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v in FP8 on an sm89+ GPU: (B, H, Lq, D) x (B, H, Lk, D) x2 -> (B, H, Lq, D).
 
-    bf16 or fp16 in, q's dtype out. Raises ValueError for inputs it does not run (the message names what does).
+    bf16 or fp16 in, q's dtype out. `config`: this Triton launch shape; None: DEFAULT, or on Hopper from
+    GLUON_MIN_KEYS keys on the Gluon loop (attention8_gluon) over the same pre-pass. Raises ValueError for
+    inputs it does not run (the message names what does).
     """
     problem = unsupported(q, k, v)
     if problem:
         raise ValueError(f"fp8 attention cannot run these inputs: {problem}; use an sdpa-* backend for them")
-    if Q_BLOCK % config.block_m or PAD % config.block_n:
-        raise ValueError(f"block_m must divide {Q_BLOCK} and block_n divide {PAD}, got {config}")
+    cfg = config or DEFAULT
+    if Q_BLOCK % cfg.block_m or PAD % cfg.block_n:
+        raise ValueError(f"block_m must divide {Q_BLOCK} and block_n divide {PAD}, got {cfg}")
     out = torch.empty_like(q)  # keeps q's strides: (B, L, H, D) storage stays that way
-    return attention_quantized(quantize(q, k, v, config.block_n), out, config)
+    x = quantize(q, k, v, cfg.block_n)
+    if config is None and k.shape[2] >= GLUON_MIN_KEYS and _gluon_runs(q.device):
+        from . import attention8_gluon  # noqa: PLC0415 - it imports this module
+
+        return attention8_gluon.attention_quantized(x, out)
+    return attention_quantized(x, out, cfg)
+
+
+@functools.cache
+def _gluon_runs(device: torch.device) -> bool:
+    """Hopper (sm90) with Triton's Gluon: the hand-scheduled loop of attention8_gluon can run here."""
+    return (torch.cuda.get_device_capability(device) == (9, 0)
+            and importlib.util.find_spec("triton.experimental.gluon") is not None)
 
 
 def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
