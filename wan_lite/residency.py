@@ -64,7 +64,6 @@ import torch.nn as nn
 
 from .checkpoint import open_expert
 from .config import ModelConfig, SamplingConfig
-from .formats.expert import work_on
 from .model import WanModel, compile_blocks
 from .pipeline import combine_guidance, computed_steps, timesteps
 from .quantized.format import runtime_dtype
@@ -258,7 +257,6 @@ class HostExpert:
         `in_ram` (one copy of the expert, cast to the layout's dtypes; with `defer` when `fill` is
         called, e.g. by `Residency.prepare`), else serve each unit from the memory-mapped files through
         pinned staging buffers at copy time."""
-        work_on(source, "cuda" if torch.cuda.is_available() else None)  # GGUF -> int8 on the GPU of a CUDA run
         host = cls(layouts, read=source.tensor, in_ram=in_ram, pin=pin and torch.cuda.is_available())
         if not defer:
             host.fill()
