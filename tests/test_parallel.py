@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
 
 from quant.convert import convert_checkpoint
 from wan_lite import SamplingConfig, bench_parallel, parallel, sample
@@ -96,7 +97,7 @@ def _worker(rank: int, port: int, checkpoint: str, quantized: str, out_dir: str)
                 out[f"{name}/forward/{case}"] = high(x, t, context)
                 out[f"{name}/guided/{case}"] = high.guided(x, t, context, context_null, 4.0)
             out[f"{name}/sample"] = sample(high, low, *sample_inputs(), SAMPLING)
-            out[f"{name}/numel"] = sum(p.to_local().numel() if isinstance(p, parallel.DTensor) else p.numel()
+            out[f"{name}/numel"] = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel()
                                        for p in high.parameters())
         loaded = parallel.load_parallel_expert(checkpoint, grids["ulysses-fsdp"], dtype=torch.float32)
         x, t, context, _ = case_inputs("pad")

@@ -86,16 +86,22 @@ def resolve(device: torch.device, backend: str | None = None) -> tuple[str, bool
     return device_default(device), False
 
 
+def resolved(device: torch.device) -> tuple[str, bool]:
+    """`resolve(device)`, once per device until the next `set_backend`: what `attention` runs there.
+
+    A compiled model calls this before its first call (`residency`): filled inside the trace of the first
+    compiled block instead, the cache changes under that block's guard (`device not in _resolved`), and the
+    second block compiles again (2 Dynamo compiles of Block.forward instead of 1: tests/test_startup.py)."""
+    if device not in _resolved:
+        _resolved[device] = resolve(device)
+    return _resolved[device]
+
+
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str | None = None
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v over all keys: (B, H, Lq, D) x (B, H, Lk, D) -> (B, H, Lq, D)."""
-    if backend is not None:
-        name, explicit = _check(backend), True
-    else:
-        if q.device not in _resolved:  # once per device until the next set_backend
-            _resolved[q.device] = resolve(q.device)
-        name, explicit = _resolved[q.device]
+    name, explicit = (_check(backend), True) if backend is not None else resolved(q.device)
     if name == FP8:
         problem = fp8_unsupported(q, k, v)  # the card once per device, then dtype / shape attribute reads
         if problem is None:  # an opaque custom op: torch.compile'd blocks call the Triton kernels as they are

@@ -45,18 +45,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .checkpoint import CheckpointError, ModelRoot, expert_scheme, load_expert, open_expert
 from .model import WanModel
 from .pipeline import combine_guidance
+
+# Device meshes, FSDP2 and DTensor are imported where several ranks use them (init_parallel, parallelize,
+# load_parallel_expert): `torch.distributed.fsdp` took 1.2 s of every run's start-up here (python -X importtime,
+# CPU, 2026-11-29), and a run of one process never uses it.
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
 
 MODES = ("auto", "ulysses", "cfg")
 A14B_HEADS = 40
@@ -140,6 +144,8 @@ class ParallelContext:
 def init_parallel(mode: str = "auto", *, device: torch.device | None = None, fsdp: bool = True,
                   num_heads: int = A14B_HEADS) -> ParallelContext:
     """The grid over an initialized default process group. `fsdp`: shard the weights (else replicate)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
     world = dist.get_world_size()
     cfg_size, sp = plan(mode, world, num_heads)
     device = device or (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
@@ -254,6 +260,8 @@ def parallelize(model: WanModel, ctx: ParallelContext) -> ParallelExpert:
     """Wrap one expert for the grid. With `ctx.fsdp_mesh`, FSDP2-shard it in place: each block, then the
     wrapper as root (embeddings, head; also resharded after each call, as the expert may sit idle for the
     other expert's steps); shards go to ctx.device. Otherwise move it there whole."""
+    from torch.distributed.fsdp import fully_shard
+
     expert = ParallelExpert(model.requires_grad_(False).eval(), ctx)
     if ctx.fsdp_mesh is None:
         return expert.to(ctx.device) if not _on_meta(model) else expert
@@ -278,6 +286,8 @@ def load_parallel_expert(path, ctx: ParallelContext, *, dtype: torch.dtype = tor
     ParallelExpert, sharded or replicated as ctx says. Rank 0 reads each tensor memory-mapped, casts it
     to its runtime dtype on its device and scatters it (FSDP) or broadcasts it (replicated); other
     ranks read only shapes. Host RAM: one tensor."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
     path = Path(path)
     if expert_scheme(path) != "none":
         if ctx.fsdp_mesh is None:  # replicated: every rank loads the quantized expert itself

@@ -62,6 +62,7 @@ import psutil
 import torch
 import torch.nn as nn
 
+from . import attention
 from .checkpoint import open_expert
 from .config import ModelConfig, SamplingConfig
 from .model import WanModel, compile_blocks
@@ -880,7 +881,8 @@ class Residency:
             if self.ffn_chunk is not None:
                 for block in self._model.blocks:
                     block.ffn_chunk = self.ffn_chunk
-            if self.compile:
+            if self.compile:  # the kernel resolved first, so that one compiled graph serves every block
+                attention.resolved(next(iter(self._buffers.values())).device)
                 compile_blocks(self._model)
         return self._model
 

@@ -35,6 +35,7 @@ from .checkpoint import (
     load_expert,
     open_expert,
     open_root,
+    read_ahead,
     resolve_root,
 )
 from .checks import resolve_seed, validate, validate_sampling
@@ -117,6 +118,8 @@ class T2VPipeline:
         self.vae: VAE | None = None
         self._running: Experts | None = None  # the experts of the run in progress (release() frees them)
         self.loras: dict[str, tuple[tuple[str, float], ...]] = {"high": (), "low": ()}  # merged at load
+        self.read_ahead_high = True  # a plan applied starts reading the high expert's files ahead (off: to measure)
+        self.read_ahead_thread = None  # the last run's (checkpoint.read_ahead)
 
     # the model's description, under the names earlier releases used
     root = property(lambda self: self.model.path)
@@ -213,8 +216,9 @@ class T2VPipeline:
         """The one place a plan takes effect: attention kernel, text-encoder device, and how the experts
         are held (residency mode, CFG batching, compiled blocks, FFN chunks; each expert in pinned RAM or
         served from its memory-mapped file, `plan.host`). Runs before the text encoder: the experts' RAM
-        is only filled by the residency's `prepare`, once the encoder has been freed. Without a plan (the
-        CPU, or several GPUs) the loaded modules run as they are."""
+        is only filled by the residency's `prepare`, once the encoder has been freed; meanwhile a thread reads
+        the high expert's files into the page cache (`read_ahead`), at most what the plan leaves of its host
+        RAM budget. Without a plan (the CPU, or several GPUs) the loaded modules run as they are."""
         if plan is None or self.parallel is not None:
             return LoadedExperts(*self.load_experts())
         attention.set_backend(plan.attention, max_block_bytes=(plan.attention_block_mb or 0) * 2**20 or None)
@@ -232,6 +236,9 @@ class T2VPipeline:
             self.hosts = None  # another placement, or the text encoder needs the RAM first: refilled at prepare
             if self.device.type == "cuda":
                 torch._C._host_emptyCache()  # freed pinned blocks back to the OS
+        if self.read_ahead_high and (self.hosts is None or self.hosts[1].flats is None):  # high expert not in RAM yet
+            spare = (plan.host.ram_gb - plan.host.peak_gb) * GB  # the host RAM budget the plan leaves unused
+            self.read_ahead_thread = read_ahead(self.model.high, int(spare))  # its pages read during the text phase
         if self.hosts is None:  # only opened here: `prepare` fills the RAM, after the text encoder is freed
             self.hosts = host_experts(*(open_expert(path, loras=self.loras[name], scheme=self.model.run_scheme)
                                         for name, path in (("high", self.model.high), ("low", self.model.low))),
