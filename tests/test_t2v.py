@@ -66,7 +66,7 @@ def test_mp4_from_each_layout(roots, cache, tmp_path, layout):
                   extra_metadata={"memory_plan": {"experts": "cpu"}})
     assert steps_seen == [(0, 3, "high"), (1, 3, "high"), (2, 3, "low")]
     assert result.video.shape == (3, FRAMES, SIZE[1], SIZE[0]) and result.latents.shape == (1, 16, 2, 4, 6)
-    assert set(result.timings) == {"text", "denoise", "decode", "write"}
+    assert set(result.timings) == {"text", "load", "denoise", "decode", "write"}
 
     frames, (codec, fps, width, height) = read_frames(out)
     assert frames.shape == (FRAMES, SIZE[1], SIZE[0], 3)

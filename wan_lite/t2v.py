@@ -67,7 +67,7 @@ class T2VResult:
     latents: torch.Tensor  # (1, 16, F', H/8, W/8) float32, on the CPU
     seed: int
     params: dict  # everything that determines the video; written into the mp4 and its sidecar
-    timings: dict = field(default_factory=dict)  # seconds per phase: text, denoise, decode, write
+    timings: dict = field(default_factory=dict)  # seconds per phase: text, load, denoise, decode, write
     vram_peaks: dict = field(default_factory=dict)  # GiB allocated at most in each phase (CUDA runs)
     vram_held: float | None = None  # GiB still allocated once the experts are released, before the decode
     warnings: list[str] = field(default_factory=list)  # one line each, for the CLI and the app to show
