@@ -426,3 +426,13 @@ def test_prepare_fills_the_first_expert_now_and_the_other_on_a_thread(monkeypatc
     res = Residency(WanModel(ModelConfig.tiny()).eval(), high, low, device="cpu")
     res.prepare(SamplingConfig.lightning())
     assert calls == [("fill", True), ("async", False)]
+
+
+def test_one_run_reads_both_experts_from_their_files_when_resident():
+    """generate (one run): a resident plan serves both experts from their files whatever the budget; a
+    streaming plan keeps choosing by the budget (every step reads the experts again there)."""
+    resident = make_plan(24, scheme="int8", ram_gb=64, one_run=True, **P720, **HOPPER)
+    assert resident.mode == "resident" and resident.host.mode == "streamed"
+    assert make_plan(24, scheme="int8", ram_gb=64, **P720, **HOPPER).host.mode == "pinned"
+    streaming = make_plan(8, scheme="int8", ram_gb=64, one_run=True, **P480, **HOPPER)
+    assert streaming.mode == "streaming" and streaming.host.mode == "pinned"

@@ -125,8 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vram-gb", type=float, default=None,
                    help="one GPU: plan for this much VRAM (e.g. 24, 16, 12, 8; default: the free memory now)")
     p.add_argument("--ram-gb", type=float, default=None,
-                   help="one GPU: plan for this much private host RAM: both experts pinned in RAM, the low-noise one "
-                   "served from its memory-mapped file, or both (e.g. 64, 32, 16; default: what is available now)")
+                   help="one GPU: plan for this much private host RAM (e.g. 64, 32, 16; default: what is available "
+                   "now). With the expert resident in VRAM this command reads both experts from their memory-mapped "
+                   "files whatever the budget (one run: pinning pays only across runs, in the app); in streaming "
+                   "mode both pinned, the low-noise one pinned, or neither, as the budget allows")
     p.add_argument("--exact-attention", action="store_true",
                    help="one GPU: keep exact (cuDNN / flash) attention even with 8-bit experts on an sm89+ card, "
                    "where the planner otherwise picks the FP8 attention kernel (1.17x the 720p step on an H200; "
@@ -297,7 +299,7 @@ def run(args: argparse.Namespace, progress: dict | None = None) -> int:
     plan = None
     if pipe.device.type == "cuda" and ctx is None:  # one GPU: how the run fits, decided and shown up front
         plan = pipe.make_plan(args.size, args.frames, args.vram_gb, ram_gb=args.ram_gb,
-                              attention_8bit=False if args.exact_attention else None)
+                              attention_8bit=False if args.exact_attention else None, one_run=True)
         print(plan.describe(), file=sys.stderr)
     bar = tqdm(total=sampling.steps, desc="denoise", unit="step", file=sys.stderr, disable=not main)
     progress.update(step=0, total=sampling.steps, latents=latents_path(args.out))

@@ -79,6 +79,13 @@ TEXT_HOST = 2 * TEXT_PARAMS
 # estimate, to be fitted on the full-size run), plus the decoded video (`decode_host_bytes`).
 HOST_FIXED = 1.5 * GB
 HOST_MODES = ("pinned", "mapped", "streamed")
+# ONE_RUN: for a command that runs once (`python -m wan_lite.generate`) with the experts resident in VRAM,
+# both experts are read from their memory-mapped files ("streamed"), whatever the RAM budget: pinned RAM
+# only pays across runs (the app). Measured on the H200 machine, 720p, Lightning, int8, 24 GB VRAM, page
+# cache warm (BENCHMARKS.md, session 3): "streamed" reached the end of the first step at 46.2 s with 7.8 GB
+# private + pinned RAM, "mapped" (the low-noise expert pinned) at 57.4 s with 23.2 GB; the steps around the
+# swap took 10.4 + 8.6 s against 10.2 + 8.6 s. In streaming (VRAM) mode every step reads the experts again,
+# so there the budget decides as usual.
 
 
 class PlanError(ValueError):
@@ -218,10 +225,11 @@ def decode_host_bytes(width: int, height: int, frames: int) -> int:
 
 
 def host_plan(cfg: ModelConfig, scheme: str, ram_gb: float | None, *, text_device: str,
-              video_bytes: int = 0, text_bytes: float = TEXT_HOST) -> HostPlan:
+              video_bytes: int = 0, text_bytes: float = TEXT_HOST, one_run: bool = False) -> HostPlan:
     """The fastest host placement of the experts whose peak private RAM fits `ram_gb` (None: what the
     machine has available now, psutil); see the module docstring. `text_bytes`: the text encoder's
-    weights on the CPU. Raises PlanError naming the smallest budget that works."""
+    weights on the CPU. `one_run` (a command that runs once and exits, with the experts resident in VRAM):
+    "streamed", whatever the budget (ONE_RUN below). Raises PlanError naming the smallest budget that works."""
     if ram_gb is None:
         ram_gb = psutil.virtual_memory().available / GB
     embed, block, head = unit_bytes(cfg, scheme)
@@ -233,6 +241,8 @@ def host_plan(cfg: ModelConfig, scheme: str, ram_gb: float | None, *, text_devic
     other = HOST_FIXED + video_bytes
     options = {"pinned": ("ram", "ram", 0, 2 * pinned), "mapped": ("file", "ram", STAGING, pinned + ring),
                "streamed": ("file", "file", STAGING, ring)}
+    if one_run:
+        options = {"streamed": options["streamed"]}
     for mode, (high, low, staging, experts) in options.items():
         peak = other + max(text, experts)
         if peak <= ram_gb * GB:
@@ -258,10 +268,10 @@ def make_plan(vram_gb: float | None = None, *, height: int, width: int, frames: 
               device: torch.device | str | None = None, cfg: ModelConfig | None = None,
               mode: str | None = None, capability: tuple[int, int] | None = None,
               compile: bool | None = None, attention_8bit: bool | None = None,
-              ram_gb: float | None = None, text_bytes: float = TEXT_HOST) -> Plan:
+              ram_gb: float | None = None, text_bytes: float = TEXT_HOST, one_run: bool = False) -> Plan:
     """The plan for this budget (None: the free memory of `device` now) and `ram_gb` of host RAM (None:
     what the machine has available now; `host_plan`; `text_bytes`: the text encoder's weights, held in
-    RAM when it runs on the CPU). `mode` forces resident or
+    RAM when it runs on the CPU; `one_run`: a command that runs once, see ONE_RUN). `mode` forces resident or
     streaming; `capability` plans for a CUDA card that is not here; `compile` (default: on CUDA)
     whether the blocks run through torch.compile; `attention_8bit` (default: with 8-bit weights) the FP8
     attention kernel on cards with FP8 tensor cores (sm89+). Raises PlanError naming the smallest budget
@@ -311,7 +321,7 @@ def make_plan(vram_gb: float | None = None, *, height: int, width: int, frames: 
         raise PlanError(f"{vram_gb:.1f} GB: {e}") from e
     text_device = "cuda" if device.type == "cuda" and 2 * TEXT_PARAMS + GB <= usable else "cpu"
     host = host_plan(cfg, scheme, ram_gb, text_device=text_device, text_bytes=text_bytes,
-                     video_bytes=decode_host_bytes(width, height, frames))
+                     video_bytes=decode_host_bytes(width, height, frames), one_run=one_run and m == "resident")
     return Plan(
         vram_gb=round(vram_gb, 2), height=height, width=width, frames=frames, tokens=L, scheme=scheme, mode=m,
         slots=STREAM_SLOTS if m == "streaming" else cfg.num_layers + 2, cfg_batched=batched, compile=compiled,

@@ -692,10 +692,10 @@ class Residency:
         at = sampling.boundary * sampling.num_train_timesteps
         first = "high" if not ts or ts[0] >= at else "low"
         self.hosts[first].fill()  # the first call copies from it at once
-        for name, host in self.hosts.items():
-            if name != first:
-                host.fill_async()  # read while the first expert's steps run; its first copy waits for it
         self.plan_steps(ts, sampling.boundary, guided=guided, num_train_timesteps=sampling.num_train_timesteps)
+        for name, host in self.hosts.items():  # after plan_steps: the prefetch's pinned staging ring is
+            if name != first:  # allocated before this thread's pinned blocks (one pinned allocator lock)
+                host.fill_async()  # read while the first expert's steps run; its first copy waits for it
 
     def plan_steps(self, timesteps: Iterable[float], boundary: float, *, guided: bool | dict[str, bool] = True,
                    calls_per_step: int = 1, num_train_timesteps: int = 1000) -> None:

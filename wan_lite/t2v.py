@@ -178,15 +178,16 @@ class T2VPipeline:
         return self.model.config
 
     def make_plan(self, size: tuple[int, int], frames: int, vram_gb: float | None = None, *,
-                  attention_8bit: bool | None = None, ram_gb: float | None = None) -> Plan:
+                  attention_8bit: bool | None = None, ram_gb: float | None = None, one_run: bool = False) -> Plan:
         """How a run of this size fits the GPU (None: its free memory now): residency mode, CFG
         batching, attention kernel (`attention_8bit`: the FP8 kernel, default with 8-bit weights on
-        sm89+), chunking, and where the experts wait in `ram_gb` of host RAM (None: what is available now).
-        Raises PlanError naming the smallest budget that works."""
+        sm89+), chunking, and where the experts wait in `ram_gb` of host RAM (None: what is available now;
+        `one_run`: this pipeline runs once, planner.ONE_RUN). Raises PlanError naming the smallest budget
+        that works."""
         width, height = size
         return make_plan(vram_gb, height=height, width=width, frames=frames, scheme=budget_scheme(self.scheme),
                          device=self.device, cfg=self.model.config, ram_gb=ram_gb, text_bytes=self._text_bytes(),
-                         attention_8bit=False if self.dtype == torch.float32 else attention_8bit)
+                         attention_8bit=False if self.dtype == torch.float32 else attention_8bit, one_run=one_run)
 
     def _text_bytes(self) -> int:
         """The text encoder's private RAM on the CPU: its weights as stored (a folder or a single file, read
