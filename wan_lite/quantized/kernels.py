@@ -27,8 +27,11 @@ the configs of the 2026-11-26 sweep), "wide" (the same kernel over more configs:
 64-wide K steps, BLOCK_M 256 on two consumer warpgroups), "persistent" (grid = number of SMs, each
 program walks tiles SMs apart in the same grouped order), "tma" and "tma-persistent" (the same two
 schedules with loads through host tensor descriptors: TMA on sm90). `w8a8_matmul(variant=...)`, then
-the environment variable WAN_LITE_W8A8_GEMM, then GEMM_DEFAULT pick one; the default stays "grouped"
-until the H200 numbers say otherwise.
+the environment variable WAN_LITE_W8A8_GEMM, then GEMM_DEFAULT pick one. Measured on the H200
+(BENCHMARKS.md, session 3; the GEMMs of one guided 720p step, outputs identical): grouped 3,122 ms,
+wide 0.95x, persistent 0.93x, tma 1.02x, tma-persistent 1.02x, cuBLASLt fp8 (`torch._scaled_mm`, the
+ceiling) 1.10x: "grouped" runs at 91% of cuBLAS's fp8 speed and stays the default (0.4% of the step was
+on offer). The others stay selectable for cards not measured here (Ada: no TMA, smaller shared memory).
 
 Override order: the `override` argument, then the environment variable WAN_LITE_QUANT_KERNEL
 (w8a8 | w8a16), then the device's capability. Asking for w8a8 where it cannot run raises.
@@ -56,8 +59,8 @@ PAD_M = 16  # rows of the quantized activations: _scaled_mm wants M % 16 == 0, _
 FP8_FAST_ACCUM = os.environ.get("WAN_LITE_FP8_FAST_ACCUM", "1") != "0"
 GEMMS = ("grouped", "wide", "persistent", "tma", "tma-persistent")  # the Triton 8-bit GEMM's variants
 GEMM_ENV_VAR = "WAN_LITE_W8A8_GEMM"
-# "grouped": 1,280 int8 TOPS on the H200 in the 720p profile (BENCHMARKS.md, Run 3), ~65% of the dense peak.
-# The others are candidates, measured by bench_linear --variants; change this only from those numbers.
+# "grouped": 1,280 int8 TOPS on the H200 in the 720p profile (BENCHMARKS.md, Run 3), ~65% of the dense peak,
+# 91% of cuBLASLt fp8 on the same shapes; no variant was more than 2.3% faster (module docstring).
 GEMM_DEFAULT = "grouped"
 TMA_CAPABILITY = (9, 0)  # tensor descriptors are TMA loads on Hopper; older cards get the pointer loads
 
