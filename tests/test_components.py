@@ -166,3 +166,46 @@ def test_a_lora_strength_that_is_not_a_number_is_named(roots, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(argv)
     assert "the strength 'abc' is not a number" in capsys.readouterr().err
+
+
+def test_an_uncached_hub_tokenizer_offline_fails_at_once(monkeypatch, capsys):
+    """Found by a user trial: offline, without --tokenizer, huggingface_hub retried the name lookup for about a
+    minute before the error. Now an unreachable hub means no download attempt at all."""
+    import types
+
+    import transformers
+
+    from wan_lite import text
+
+    calls = []
+
+    def from_pretrained(path, local_files_only=False, **kw):
+        calls.append(local_files_only)
+        raise OSError("not cached")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(text, "_hub_reachable", lambda timeout=3.0: False)
+    enc = types.SimpleNamespace(tokenizer=None, tokenizer_path="google/umt5-xxl")
+    with pytest.raises(FileNotFoundError, match=r"pass --tokenizer DIR"):
+        text.TextEncoder._load_tokenizer(enc)
+    assert calls == [True]  # the local cache only: no download tried
+
+
+def test_hub_offline_setting_is_honoured(monkeypatch):
+    from wan_lite import text
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert text._hub_reachable() is False
+
+
+def test_a_folder_of_the_two_experts_only_says_how_to_run_it(tmp_path):
+    """Found by a user trial: quantize's output from single files (two expert folders, nothing else) given as
+    --ckpt was told to download the text encoder into it; it is told the --high/--low/--text-encoder form."""
+    from wan_lite.checkpoint import open_root
+    from wan_lite.keys import CheckpointError
+
+    for name in ("high_noise_model", "low_noise_model"):
+        (tmp_path / name).mkdir()
+    with pytest.raises(CheckpointError, match=r"holds the two experts only .* pass --high .*high_noise_model "
+                                              r"--low .*low_noise_model --text-encoder FILE --vae FILE"):
+        open_root(tmp_path)

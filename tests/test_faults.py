@@ -413,6 +413,23 @@ def test_argument_errors_answer_without_importing_torch(tmp_path):
     assert wall < 5, f"an argument error took {wall:.1f} s"
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--stats", "/nope/s.json"], "error: --stats /nope/s.json: the folder /nope does not exist: create it first"),
+    (["--device", "mps"], "error: --device mps: wan-lite runs on cpu or cuda (cuda:N for the N-th GPU)"),
+    (["--text-device", "tpu"], "error: --text-device tpu: wan-lite runs on cpu or cuda (cuda:N for the N-th GPU)"),
+    (["--vram-gb", "nan"], "error: --vram-gb nan: give a number of GB above 0 (or leave it out: what is free now)"),
+    (["--ram-gb", "-3"], "error: --ram-gb -3.0: give a number of GB above 0 (or leave it out: what is free now)"),
+])
+def test_run_options_are_checked_before_the_run(tmp_path, capsys, args, message):
+    """Found by a user trial: a bad --stats folder was reported after the whole run (the video written), a
+    bad device name as a traceback, a negative or nan budget not at all. Now each answers at once, exit 2."""
+    from wan_lite.generate import main
+
+    assert main(["--ckpt", str(tmp_path), "--prompt", "a cat", "--out", str(tmp_path / "v.mp4"), *args]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == message
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_help_shows_the_defaults():
     text = " ".join(build_parser().format_help().split())
     for expected in ("4n+1 frames at 16 fps (default: 81)", "(default: 1280x720)", "40 official, 4 lightning",

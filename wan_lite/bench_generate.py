@@ -41,7 +41,7 @@ from safetensors.torch import save_file
 
 from .bench import fill_random
 from .checkpoint import EXPERT_PAIRS, TEXT_WEIGHTS, TOKENIZER, VAE_WEIGHTS
-from .config import ModelConfig
+from .config import ModelConfig, size_arg
 from .residency import template
 from .vae import official_to_diffusers
 
@@ -244,6 +244,7 @@ def parse_run(text: str) -> dict:
     """'1280x720:vram=24:ram=16' -> {'size': '1280x720', 'vram': '24', 'ram': '16'}; `cache=warm` (or cold)
     runs it only that way, whatever --warm says."""
     size, *opts = text.split(":")
+    size_arg(size)  # a bad size is refused here, before the root is written and quantized
     run = {"size": size}
     for o in opts:
         key, _, value = o.partition("=")

@@ -61,6 +61,9 @@ def timed(fn, repeat: int, cuda: bool = False) -> float:
     return best
 
 
+PATHS = ("numpy", "numpy + int8", "torch cpu", "torch cpu + int8", "torch cuda", "torch cuda + int8")  # `paths`
+
+
 def paths(raw: torch.Tensor, qtype: str) -> dict[str, tuple]:
     """name -> (zero-argument callable, runs on CUDA, repeats factor) for one weight's bytes."""
     import gguf
@@ -124,12 +127,15 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the environment and every row here")
     p.add_argument("--repeat", type=int, default=3, help="runs per torch path (the best is kept)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads first (default: torch's own choice)")
-    p.add_argument("--only", help="comma list of paths to run (e.g. 'torch cpu,torch cpu + int8')")
+    p.add_argument("--only", help=f"comma list of paths to run, of: {', '.join(PATHS)} (cuda ones need a GPU)")
     a = p.parse_args(argv)
+    only = set(a.only.split(",")) if a.only else None
+    if only and (unknown := only - set(PATHS)):
+        p.error(f"--only: unknown {', '.join(sorted(unknown))}; choose from {', '.join(PATHS)}")
     if a.threads:
         torch.set_num_threads(a.threads)
     env = environment()
-    rows = bench(a.repeat, set(a.only.split(",")) if a.only else None)
+    rows = bench(a.repeat, only)
     print(f"\nA14B ffn.0 {SHAPE[0]}x{SHAPE[1]}: torch {env['torch']}, {env['threads']} threads "
           f"({env['cpu_count']} CPUs), GPU {env['device'] or 'none'}, {env['date']}")
     print(format_table(rows))

@@ -564,6 +564,13 @@ def check_root(root: str | os.PathLike) -> str:
             f"{HUB_IDS['official']}) or {', '.join(LAYOUT_FILES['diffusers'])} ({HUB_IDS['diffusers']})"
         )
     missing = [e for e in LAYOUT_FILES[layout] if e not in found[layout]]
+    if missing and pair and set(missing) == set(LAYOUT_FILES[layout]) - set(EXPERT_ENTRIES):
+        high, low = next(names for names in EXPERT_PAIRS if all((root / d).is_dir() for d in names))
+        raise CheckpointError(  # quantize's output from single files: the two experts and nothing else
+            f"{root} holds the two experts only ({high}/, {low}/), no text encoder, VAE or tokenizer: pass "
+            f"--high {root / high} --low {root / low} --text-encoder FILE --vae FILE [--tokenizer DIR] (the "
+            f"command `python -m wan_lite.quantize` printed), or download {', '.join(missing)} from "
+            f"{HUB_IDS[layout]} into {root}")
     if missing:
         raise CheckpointError(
             f"{root} ({layout} layout) is missing {', '.join(missing)}: download them from "

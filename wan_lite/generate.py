@@ -20,6 +20,8 @@ _STARTED = time.perf_counter()  # the summary's time includes start-up (imports,
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -203,7 +205,15 @@ def check_args(args: argparse.Namespace) -> SamplingConfig:
     if args.stats and Path(args.stats).expanduser().resolve() in (out.resolve(), out.with_suffix(".json").resolve()):
         raise ValueError(f"--stats {args.stats} would overwrite the video or its .json sidecar: give another name, "
                          f"e.g. {out.with_suffix('.stats.json')}")
+    if args.stats:
+        check_stats_path(Path(args.stats).expanduser())
     check_files(args)
+    for flag, device in (("--device", args.device), ("--text-device", args.text_device)):
+        if device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+            raise ValueError(f"{flag} {device}: wan-lite runs on cpu or cuda (cuda:N for the N-th GPU)")
+    for flag, gb in (("--vram-gb", args.vram_gb), ("--ram-gb", args.ram_gb)):
+        if gb is not None and not (math.isfinite(gb) and gb > 0):
+            raise ValueError(f"{flag} {gb}: give a number of GB above 0 (or leave it out: what is free now)")
     if args.vae_tile is not None and (args.vae_tile < 0 or args.vae_tile % 32):
         raise ValueError(f"--vae-tile {args.vae_tile} is not a multiple of 32: use {max(32, args.vae_tile // 32 * 32)}"
                          " (or 0 for an untiled decode)")
@@ -222,6 +232,17 @@ def check_args(args: argparse.Namespace) -> SamplingConfig:
         print(f"{args.out} exists: writing {out} instead (--overwrite replaces it)", file=sys.stderr)
     args.out = str(out)
     return sampling
+
+
+def check_stats_path(path: Path) -> None:
+    """--stats FILE can be written once the run ends: not a folder, in a folder that exists and is writable."""
+    if path.is_dir():
+        raise IsADirectoryError(f"--stats {path} is a folder: give a file name, e.g. {path / 'run.stats.json'}")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--stats {path}: the folder {folder} does not exist: create it first")
+    if not os.access(folder, os.W_OK):
+        raise PermissionError(f"--stats {path}: the folder {folder} is not writable: choose another path")
 
 
 def check_files(args: argparse.Namespace) -> None:
@@ -297,6 +318,11 @@ def run(args: argparse.Namespace, progress: dict | None = None) -> int:
         what = f"expert files {pipe.model_name}" if pipe.layout == "files" else f"{pipe.layout} checkpoint {pipe.root}"
         print(f"{what} on {pipe.device}; encoding the prompt and loading the experts", file=sys.stderr)
     plan = None
+    one_gpu = {"--vram-gb": args.vram_gb is not None, "--ram-gb": args.ram_gb is not None,
+               "--exact-attention": args.exact_attention, "--no-read-ahead": args.no_read_ahead}
+    if pipe.device.type != "cuda" and main and any(one_gpu.values()):
+        print(f"note: {', '.join(k for k, v in one_gpu.items() if v)} plan a run on one GPU: ignored on "
+              f"{pipe.device.type}", file=sys.stderr)
     if pipe.device.type == "cuda" and ctx is None:  # one GPU: how the run fits, decided and shown up front
         plan = pipe.make_plan(args.size, args.frames, args.vram_gb, ram_gb=args.ram_gb,
                               attention_8bit=False if args.exact_attention else None, one_run=True)
@@ -314,6 +340,8 @@ def run(args: argparse.Namespace, progress: dict | None = None) -> int:
         bar.set_description(f"denoise [{expert}-noise expert]")
         bar.set_postfix(t=int(t))
         bar.update(1)
+        if step + 1 == total:  # its rate is the steps', not the decode's that follows
+            bar.close()
 
     try:
         result = pipe(args.prompt, negative_prompt=args.negative_prompt, size=args.size, frames=args.frames,

@@ -367,6 +367,7 @@ class T2VPipeline:
         try:
             experts.prepare(sampling)  # the experts held in RAM are filled here
             timings["load"] = time.perf_counter() - start
+            peaks["load"] = self._vram_peak()
             start = time.perf_counter()
             latents = sample(experts.high, experts.low, noise, context, context_null, sampling,
                              callback=callback, stats=stats, preview=preview).cpu()

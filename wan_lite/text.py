@@ -29,7 +29,9 @@ import gc
 import hashlib
 import json
 import os
+import socket
 import sys
+import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -261,6 +263,21 @@ def load_encoder_file(path: Path, dtype: torch.dtype, width: int = 4096) -> UMT5
 # The encoder
 
 
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (HF_ENDPOINT, default huggingface.co) answers a TCP connection within
+    `timeout` seconds; False at once with HF_HUB_OFFLINE=1. huggingface_hub retries a failed name lookup
+    for about a minute before it gives up, which is how an offline run without --tokenizer used to end."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                      timeout=timeout):
+            return True
+    except OSError:
+        return False
+
 class TextEncoder:
     """Prompts -> list of [L_i, dim] embeddings (L_i = real token count, at most 512), cached on disk."""
 
@@ -331,6 +348,8 @@ class TextEncoder:
                       "--tokenizer DIR)", file=sys.stderr)
         if self.tokenizer is None:
             try:
+                if not Path(self.tokenizer_path).is_dir() and not _hub_reachable():  # offline: no minute of retries
+                    raise OSError("the Hugging Face hub cannot be reached")
                 self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
             except OSError as e:  # a hub id offline, or a folder without the files
                 raise FileNotFoundError(

@@ -222,7 +222,8 @@ def _expert_refusal(info: FileInfo, p: Path, what: str) -> str | None:
         return f"{p}: this is {what}; wan-lite runs Wan2.2 T2V-A14B: {USE_EXPERTS}"
     if info.kind == "lora":
         return (f"{p}: this is {what}, not an expert: pass the base expert (wan2.2_t2v_{{high,low}}_noise_14B_*"
-                ".safetensors or a Wan2.2-T2V-A14B GGUF) and apply the LoRA on top of it")
+                ".safetensors or a Wan2.2-T2V-A14B GGUF) and apply the LoRA on top of it (--lora-high FILE / "
+                "--lora-low FILE, or the app's LoRA pickers)")
     if info.kind in ("text_encoder", "vae"):
         usable = {"text_encoder": ("umt5-xxl", "umt5"), "vae": ("wan2.1-vae",)}[info.kind]
         role = " as the text encoder" if info.kind == "text_encoder" else " as the VAE"
