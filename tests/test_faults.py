@@ -455,3 +455,15 @@ def test_readme_states_the_promises():
     for promise in ("--decode", "--overwrite", "--keep-latents", "exit code 130", "2**64-1", "512 tokens"):
         assert promise in readme, promise
     assert os.path.exists(REPO / "wan_lite" / "checks.py")
+
+
+def test_a_mistyped_local_path_is_not_taken_for_a_hub_id(tmp_path, capsys, monkeypatch):
+    """Found by a user trial: `--ckpt mymodels/Wan2.2` (a typo under an existing local folder) was sent to the
+    hub as owner/name and failed with a network error."""
+    from wan_lite.generate import main
+
+    (tmp_path / "mymodels").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(["--ckpt", "mymodels/Wan2.2", "--prompt", "a cat", "--out", str(tmp_path / "v.mp4")]) == 2
+    assert capsys.readouterr().err.strip().endswith("the model folder (--ckpt) mymodels/Wan2.2 does not exist: "
+                                                   "check the path")

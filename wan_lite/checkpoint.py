@@ -612,8 +612,10 @@ def _other_wan_model(root: Path) -> str | None:
 
 
 def _looks_like_hub_id(name: str) -> bool:
+    """owner/name, unless `owner` is a local folder (then a mistyped local path: reported as missing)."""
     parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and "\\" not in name
+    return (len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and "\\" not in name
+            and not Path(parts[0]).is_dir())
 
 
 def resolve_root(path_or_hub_id: str | os.PathLike) -> Path:

@@ -253,7 +253,7 @@ def check_files(args: argparse.Namespace) -> None:
                                                           ("tokenizer folder", "tokenizer"))]
     if args.ckpt is None:  # else --high / --low may name files in a ComfyUI folder
         named += [("high-noise expert", args.high), ("low-noise expert", args.low)]
-    elif not re.fullmatch(r"[\w.-]+/[\w.-]+", args.ckpt):  # not a Hugging Face id: a local folder
+    elif not re.fullmatch(r"[\w.-]+/[\w.-]+", args.ckpt) or Path(args.ckpt.split("/")[0]).is_dir():  # local
         named.append(("model folder (--ckpt)", args.ckpt))
     for what, path in named:
         if path is not None and not Path(path).expanduser().exists():
