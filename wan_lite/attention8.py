@@ -361,8 +361,12 @@ def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 @functools.cache
 def _gluon_runs(device: torch.device) -> bool:
     """Hopper (sm90) with Triton's Gluon: the hand-scheduled loop of attention8_gluon can run here."""
-    return (torch.cuda.get_device_capability(device) == (9, 0)
-            and importlib.util.find_spec("triton.experimental.gluon") is not None)
+    if torch.cuda.get_device_capability(device) != (9, 0):
+        return False
+    try:  # Triton before 3.5 has no triton.experimental (find_spec raises for a missing parent)
+        return importlib.util.find_spec("triton.experimental.gluon") is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
