@@ -19,7 +19,7 @@ from builders_files import write_gguf
 from tolerance import assert_close_fp32
 
 from wan_lite.formats import ggml
-from wan_lite.formats.expert import open_expert_file, work_on
+from wan_lite.formats.expert import open_expert_file
 from wan_lite.quantized.linear import quantize_linear_weight
 
 gguf = pytest.importorskip("gguf")
@@ -120,27 +120,16 @@ def state(reference_experts):
     return {k: v.detach().clone() for k, v in reference_experts[0].state_dict().items()}
 
 
-def test_expert_int8_and_work_on(tmp_path, state):
-    """A GGUF expert's int8 block Linears (the path a CUDA run takes) equal quantize_linear_weight of
-    the float tensor; work_on reaches the ExpertFile beneath a wrapper and leaves other sources alone."""
+def test_expert_int8(tmp_path, state):
+    """A GGUF expert's int8 block Linears (what a run of a GGUF expert copies to the GPU) equal
+    quantize_linear_weight of the float tensor the file holds."""
     path, intended = write_gguf(state, tmp_path / "e.gguf", "Q4_0")
     source = open_expert_file(path, scheme="int8")
-    assert source.work_device is None
-
-    class Wrapper:  # as lora.LoRASource: the expert source it wraps is `.base`
-        base = source
-
-    work_on(Wrapper(), "cpu")
-    assert source.work_device == torch.device("cpu")
     for layer in list(source.linears)[:4]:
         q, scale = source.tensor(layer + ".weight"), source.tensor(layer + ".weight_scale")
         ref_q, ref_s = quantize_linear_weight(intended[layer + ".weight"], "int8")
         assert_int8_close(q, ref_q)
         assert_close_fp32(scale, ref_s)
-    other = open_expert_file(write_gguf(state, tmp_path / "f.gguf", "Q8_0")[0])  # scheme "none"
-    work_on(other, "cpu")
-    assert other.work_device == torch.device("cpu")  # a GGUF source takes it (used only for int8)
-    work_on(object(), "cpu")  # anything else: nothing happens
 
 
 @pytest.mark.gpu

@@ -33,8 +33,10 @@ Decisions:
 - GGUF int8 (`scheme="int8"`): each block weight is dequantized and requantized symmetric per output
   channel (`wan_lite.quantized.linear.quantize_linear_weight`, absmax/127) when `tensor()` is asked for it. This adds
   the int8 rounding error on top of the GGUF one (tests/test_formats.py measures it). The int8 work
-  (`ggml.dequantize_rows_int8`) runs in torch on the CPU, or on the GPU after `work_on(source, "cuda")`
-  (what the residency does for a CUDA run); the result is returned on the CPU either way.
+  (`ggml.dequantize_rows_int8`) runs in torch on the CPU, on all its cores: on the H200 machine (16
+  threads, `python -m wan_lite.bench_gguf`, 2026-11-29) 0.049 s (Q8_0) / 0.102 s (Q4_K) for an A14B ffn.0
+  weight, against 0.058 / 0.060 s through the GPU with its transfers (and the low-noise expert is filled
+  while the high-noise steps use the GPU).
 - num_heads: an explicit `num_heads=`, else the header metadata key `wan_lite.num_heads` (which the
   test files write), else dim // 128: every Wan release has head_dim 128 (1.3B 12 heads, 5B 24, 14B 40).
 """
@@ -160,11 +162,11 @@ class GGUFWeights:
             return data.reshape(-1).view(torch.uint8).view(ggml.FLOATS[qtype]).reshape(shape)
         return ggml.dequantize(data, qtype, shape)
 
-    def int8(self, name: str, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """A block Linear weight as our int8 (q (N, K) int8, scale (N,) float32, on the CPU), dequantized
-        and requantized per output channel on `device` (None: the CPU): `ggml.dequantize_rows_int8`."""
+    def int8(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A block Linear weight as our int8 (q (N, K) int8, scale (N,) float32), dequantized and requantized
+        per output channel on the CPU: `ggml.dequantize_rows_int8`."""
         data, qtype, shape = self.raw(name)
-        return ggml.dequantize_rows_int8(data, qtype, shape, device)
+        return ggml.dequantize_rows_int8(data, qtype, shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +186,6 @@ class ExpertFile:
     native_fp8: frozenset = field(default=frozenset(), repr=False)  # layers whose stored fp8 weight is used
     _params: list[str] = field(default_factory=list, repr=False)  # the model's parameter names
     _cached: threading.local = field(default_factory=threading.local, repr=False)  # .pair per reading thread
-    work_device: torch.device | None = None  # where GGUF block Linears become int8 (None: the CPU); `work_on`
 
     def names(self) -> list[str]:
         """The runtime model's state_dict names: an 8-bit Linear X gives X.weight, X.weight_scale, X.bias."""
@@ -225,28 +226,12 @@ class ExpertFile:
             return (w, scale) if w.dtype == torch.float8_e4m3fn else e5m2_to_e4m3(w, scale)
         scheme = self.linears[layer]["scheme"]
         if scheme == "int8" and isinstance(self.weights, GGUFWeights):
-            return self.weights.int8(layer + ".weight", self.work_device)
+            return self.weights.int8(layer + ".weight")
         return quantize_linear_weight(self.weights.float_tensor(layer + ".weight"), scheme)
 
     def fingerprint(self) -> str:
         """sha256 of the file's header bytes, its size and the scheme it is read as (no weight read)."""
         return hashlib.sha256(f"{self.weights.header.digest}|{self.scheme}".encode()).hexdigest()[:16]
-
-
-def work_on(source, device) -> None:
-    """Have the GGUF expert beneath `source` (an ExpertFile, or a wrapper such as `lora.LoRASource` whose
-    `.base` is one) dequantize and requantize its int8 block Linears on `device` ("cuda" for a CUDA run;
-    None: the CPU). `tensor()` still returns CPU tensors, equal to the CPU's up to int8 rounding of values
-    exactly on .5 (tests/test_ggml_dequant.py). Nothing happens for any other source.
-
-    The runtime does not call it: on the H200 machine (16 threads, `python -m wan_lite.bench_gguf`,
-    2026-11-29) torch on the CPU turned an A14B ffn.0 weight into int8 in 0.049 s (Q8_0) / 0.102 s (Q4_K)
-    against 0.058 / 0.060 s through the GPU with its transfers, and the low-noise expert is filled while
-    the high-noise steps use the GPU. It is for a caller with an idle GPU and few CPU cores."""
-    while not isinstance(source, ExpertFile) and hasattr(source, "base"):
-        source = source.base
-    if isinstance(source, ExpertFile) and isinstance(source.weights, GGUFWeights):
-        source.work_device = torch.device(device) if device is not None else None
 
 
 def open_expert_file(path, *, scheme: str | None = None, num_heads: int | None = None) -> ExpertFile:
