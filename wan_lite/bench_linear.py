@@ -93,8 +93,16 @@ def variants(x, w, b):
     return out
 
 
-def bench(tokens=TOKENS, shapes=SHAPES, rep_ms: int = 200, only=None):
+def _timed(fn, rep_ms: int):
+    """(fn's output, median milliseconds of do_bench): the first call compiles / autotunes outside the timing."""
     import triton
+
+    y = fn()
+    torch.cuda.synchronize()
+    return y, triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
+
+
+def bench(tokens=TOKENS, shapes=SHAPES, rep_ms: int = 200, only=None):
 
     rows = []
     dev = torch.device("cuda")
@@ -111,9 +119,7 @@ def bench(tokens=TOKENS, shapes=SHAPES, rep_ms: int = 200, only=None):
                     continue
                 row = {"M": m, "K": k, "N": n, "shape": shape_name, "variant": name}
                 try:
-                    y = fn()  # compile / autotune outside the timing
-                    torch.cuda.synchronize()
-                    ms = triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
+                    y, ms = _timed(fn, rep_ms)
                 except Exception as e:  # noqa: BLE001 - a failing variant is reported, the rest still run
                     row["error"] = f"{type(e).__name__}: {e}"[:300]
                     rows.append(row)
@@ -167,7 +173,6 @@ def bench_gemms(names, gemms=STEP_GEMMS, rep_ms: int = 100, blocks: int = 40, pa
     """Time each GEMM variant at each shape of `gemms` ((name, M, K, N, calls)); "grouped" runs first
     as the baseline. Returns (rows, step): rows per shape and variant; step: variant -> ms of 8-bit GEMM
     in one step (calls x ms x blocks x passes, None if a shape failed)."""
-    import triton
 
     from .quantized import kernels as K
 
@@ -184,9 +189,7 @@ def bench_gemms(names, gemms=STEP_GEMMS, rep_ms: int = 100, blocks: int = 40, pa
             row = {"M": m, "K": k, "N": n, "shape": shape_name, "calls": calls, "variant": v}
             fn = gemm_call(v, ops)
             try:
-                y = fn()  # compile / autotune outside the timing
-                torch.cuda.synchronize()
-                ms = triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
+                y, ms = _timed(fn, rep_ms)
             except Exception as e:  # noqa: BLE001 - a failing variant is reported, the rest still run
                 row["error"] = f"{type(e).__name__}: {e}"[:300]
                 rows.append(row)
