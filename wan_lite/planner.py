@@ -27,7 +27,8 @@ is read through is file-backed and reclaimable, so it is reported, not budgeted.
 same unit layouts as the VRAM plan: E = embed + blocks + head bytes, as pinned RAM holds them (packed
 in power-of-two blocks, `residency.pack_pinned`: 1.04x the bytes for int8 A14B); an expert served from its
 file passes through `residency.STAGING` pinned staging buffers of the largest unit (U, rounded up to a
-power of two as PyTorch's pinned allocator does, packed in one block). Choices, fastest
+power of two as PyTorch's pinned allocator does; packed like the experts' units, which saves nothing while
+the largest unit, the embedding at 0.83 GB for int8 A14B, is over half a power of two). Choices, fastest
 first, the first whose peak fits: "pinned" (both experts in pinned RAM: 2E), "mapped" (the low-noise
 expert pinned, read into RAM on a thread while the high-noise steps run, so its swap copies straight from
 pinned RAM; the high-noise one read from its memory-mapped file through the staging buffers when it is
@@ -236,7 +237,7 @@ def host_plan(cfg: ModelConfig, scheme: str, ram_gb: float | None, *, text_devic
     expert = embed + head + cfg.num_layers * block  # E, as stored (what a memory-mapped expert maps)
     units = {"embed": embed, "head": head} | {f"blocks.{i}": block for i in range(cfg.num_layers)}
     pinned = pinned_bytes(units)  # E in pinned RAM: packed in power-of-two blocks (residency.pack_pinned)
-    ring = pinned_bytes({f"staging{i}": max(embed, block, head) for i in range(STAGING)})  # packed, as _Prefetch
+    ring = pinned_bytes({f"staging{i}": max(embed, block, head) for i in range(STAGING)})  # as _Prefetch allocates them
     text = text_bytes if text_device == "cpu" else 0.0
     other = HOST_FIXED + video_bytes
     options = {"pinned": ("ram", "ram", 0, 2 * pinned), "mapped": ("file", "ram", STAGING, pinned + ring),
