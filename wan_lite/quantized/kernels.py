@@ -210,6 +210,28 @@ if triton is not None:
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
                 for bm, bn, bk, s, w in tiles]
 
+    @triton.jit
+    def _grouped_tile(tile, num_m, num_n, GROUP_M: tl.constexpr):
+        """Output tile number -> (pid_m, pid_n): GROUP_M rows of tiles walked column by column, so
+        programs running at once share their rows of a and columns of b in L2."""
+        group = tile // (GROUP_M * num_n)
+        first_m = group * GROUP_M
+        size_m = min(num_m - first_m, GROUP_M)
+        return first_m + (tile % (GROUP_M * num_n)) % size_m, (tile % (GROUP_M * num_n)) // size_m
+
+    @triton.jit
+    def _dequantize_store(acc, c_ptr, sa_ptr, sb_ptr, bias_ptr, pid_m, pid_n, M, N, stride_cm,
+                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """c[tile] = acc (BLOCK_M, BLOCK_N) * sa sb^T + bias, in c's dtype: every 8-bit GEMM's epilogue."""
+        cm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        out = acc.to(tl.float32) * tl.load(sa_ptr + cm, mask=cm < M, other=0.0)[:, None]
+        out = out * tl.load(sb_ptr + cn, mask=cn < N, other=0.0)[None, :]
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + cn, mask=cn < N, other=0.0).to(tl.float32)[None, :]
+        mask = (cm[:, None] < M) & (cn[None, :] < N)
+        tl.store(c_ptr + cm[:, None].to(tl.int64) * stride_cm + cn[None, :], out.to(c_ptr.dtype.element_ty), mask=mask)
+
     # M_BUCKET (M rounded up to a power of two, at most 65,536) in the key: the best tile depends on M, and
     # one (N, K) serves 512 text tokens and 75,600 video tokens alike (a key of N, K kept whichever came first)
     @triton.autotune(configs=_gemm_configs(), key=["M_BUCKET", "N", "K"])
@@ -221,13 +243,7 @@ if triton is not None:
                             BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
         # a (M, K) row-major 8-bit activations, b (N, K) row-major 8-bit weight (K-major, as wgmma wants
         # 8-bit operands); c (M, N) = (a b^T) * sa sb^T + bias, written in c's dtype.
-        pid = tl.program_id(0)
-        num_m, num_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-        group = pid // (GROUP_M * num_n)
-        first_m = group * GROUP_M
-        size_m = min(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
-        pid_n = (pid % (GROUP_M * num_n)) // size_m
+        pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
         rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
         rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
         rk = tl.arange(0, BLOCK_K)
@@ -246,14 +262,8 @@ if triton is not None:
                 acc = tl.dot(a, b, acc, out_dtype=tl.int32)
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
-        cm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        out = acc.to(tl.float32) * tl.load(sa_ptr + cm, mask=cm < M, other=0.0)[:, None]
-        out = out * tl.load(sb_ptr + cn, mask=cn < N, other=0.0)[None, :]
-        if HAS_BIAS:
-            out += tl.load(bias_ptr + cn, mask=cn < N, other=0.0).to(tl.float32)[None, :]
-        mask = (cm[:, None] < M) & (cn[None, :] < N)
-        tl.store(c_ptr + cm[:, None].to(tl.int64) * stride_cm + cn[None, :], out.to(c_ptr.dtype.element_ty), mask=mask)
+        _dequantize_store(acc, c_ptr, sa_ptr, sb_ptr, bias_ptr, pid_m, pid_n, M, N, stride_cm, HAS_BIAS, BLOCK_M,
+                          BLOCK_N)
 
 
     # --- the GEMM's variants (GEMMS), measured against the kernel above by bench_linear --variants
@@ -295,28 +305,6 @@ if triton is not None:
     _TMA_PERSISTENT_TILES = [(128, 256, 128, 4, 8, True), (256, 128, 128, 4, 8, True), (128, 256, 128, 4, 8, False),
                              (128, 256, 64, 6, 8, True), (256, 128, 64, 6, 8, True), (128, 128, 128, 4, 4, True),
                              (64, 128, 128, 4, 4, True)]
-
-    @triton.jit
-    def _grouped_tile(tile, num_m, num_n, GROUP_M: tl.constexpr):
-        """Output tile number -> (pid_m, pid_n): GROUP_M rows of tiles walked column by column, so
-        programs running at once share their rows of a and columns of b in L2."""
-        group = tile // (GROUP_M * num_n)
-        first_m = group * GROUP_M
-        size_m = min(num_m - first_m, GROUP_M)
-        return first_m + (tile % (GROUP_M * num_n)) % size_m, (tile % (GROUP_M * num_n)) // size_m
-
-    @triton.jit
-    def _dequantize_store(acc, c_ptr, sa_ptr, sb_ptr, bias_ptr, pid_m, pid_n, M, N, stride_cm,
-                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """c[tile] = acc (BLOCK_M, BLOCK_N) * sa sb^T + bias, in c's dtype: _w8a8_matmul_kernel's epilogue."""
-        cm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        out = acc.to(tl.float32) * tl.load(sa_ptr + cm, mask=cm < M, other=0.0)[:, None]
-        out = out * tl.load(sb_ptr + cn, mask=cn < N, other=0.0)[None, :]
-        if HAS_BIAS:
-            out += tl.load(bias_ptr + cn, mask=cn < N, other=0.0).to(tl.float32)[None, :]
-        mask = (cm[:, None] < M) & (cn[None, :] < N)
-        tl.store(c_ptr + cm[:, None].to(tl.int64) * stride_cm + cn[None, :], out.to(c_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _w8a8_matmul_tiles_kernel(a, b, c_ptr, sa_ptr, sb_ptr, bias_ptr, M, N, K, M_BUCKET,
