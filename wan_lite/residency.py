@@ -66,7 +66,7 @@ from . import attention
 from .checkpoint import open_expert
 from .config import ModelConfig, SamplingConfig
 from .model import WanModel, compile_blocks
-from .pipeline import combine_guidance, computed_steps, timesteps
+from .pipeline import combine_guidance, computed_steps, step_experts, timesteps
 from .quantized.format import runtime_dtype
 from .quantized.linear import convert_for_runtime
 
@@ -683,14 +683,14 @@ class Residency:
         step cache decided while sampling ("threshold") cannot be planned: every call then runs unplanned
         (correct; the copies at the switch are not sent ahead, one visible stall; memory-mapped units are
         read on the calling thread). Fills the experts held in RAM now (not before: the text encoder has
-        been freed by the time the loop starts)."""
+        been freed by the time the loop starts): the first step's expert at once, the other on a thread
+        (`HostExpert.fill_async`) while the first one's steps run."""
         guided = {"high": sampling.guidance_high != 1.0, "low": sampling.guidance_low != 1.0}
         if sampling.cache.mode == "threshold":
             ts = []
         else:
             ts = [t for t, run in zip(timesteps(sampling), computed_steps(sampling)) if run]
-        at = sampling.boundary * sampling.num_train_timesteps
-        first = "high" if not ts or ts[0] >= at else "low"
+        first = step_experts(sampling)[0]  # the first step is always computed
         self.hosts[first].fill()  # the first call copies from it at once
         self.plan_steps(ts, sampling.boundary, guided=guided, num_train_timesteps=sampling.num_train_timesteps)
         for name, host in self.hosts.items():  # after plan_steps: the prefetch's pinned staging ring is
