@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from .checks import looks_like_hub_id
 from .config import ModelConfig
 from .formats import identify, open_expert_file, refuse
 from .keys import CheckpointError, diffusers_to_official
@@ -611,18 +612,11 @@ def _other_wan_model(root: Path) -> str | None:
     return f"{name} (one transformer{', in_dim ' + str(in_dim) if in_dim else ''})"
 
 
-def _looks_like_hub_id(name: str) -> bool:
-    """owner/name, unless `owner` is a local folder (then a mistyped local path: reported as missing)."""
-    parts = name.split("/")
-    return (len(parts) == 2 and all(parts) and not name.startswith((".", "~")) and "\\" not in name
-            and not Path(parts[0]).is_dir())
-
-
 def resolve_root(path_or_hub_id: str | os.PathLike) -> Path:
     """A local folder as is; a Hugging Face id (owner/name) downloaded into the hub cache when online."""
     path = Path(path_or_hub_id).expanduser()
     name = str(path_or_hub_id)
-    if path.exists() or not _looks_like_hub_id(name):
+    if path.exists() or not looks_like_hub_id(name):
         if not path.exists():
             raise FileNotFoundError(f"model root {path} does not exist")
         return path

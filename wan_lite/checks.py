@@ -6,7 +6,8 @@ imports (an argument error answers in well under a second), the pipeline and the
   CLI and the app both accept (one function, so the two cannot disagree);
 - `resolve_seed(seed)`: None or a negative seed draws one (as the official generate.py does), anything
   outside what `torch.Generator.manual_seed` takes (0 .. 2**64-1) is refused up front;
-- `clean_text(text)`: the official prompt cleaning (ftfy, HTML unescape, whitespace).
+- `clean_text(text)`: the official prompt cleaning (ftfy, HTML unescape, whitespace);
+- `looks_like_hub_id(name)`: whether a --ckpt is a Hugging Face id (owner/name) rather than a local path.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import html
 import numbers
 import random
+from pathlib import Path
 
 import ftfy
 import regex as re
@@ -78,3 +80,10 @@ def resolve_seed(seed: int | None) -> int:
         raise ValueError(f"seed {seed} is too large: use a whole number from 0 to {MAX_SEED} (2**64-1), "
                          "or a negative seed for a random one")
     return int(seed)
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """owner/name (word characters, '.', '-'), unless `owner` is a local folder: then it is a mistyped local
+    path, reported as missing rather than sent to the hub."""
+    return (re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None and not name.startswith(".")
+            and not Path(name.split("/")[0]).is_dir())

@@ -26,7 +26,7 @@ import re  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from .checks import resolve_seed, validate, validate_sampling  # noqa: E402  (torch-free)
+from .checks import looks_like_hub_id, resolve_seed, validate, validate_sampling  # noqa: E402  (torch-free)
 from .config import SamplingConfig, StepCache, size_arg  # noqa: E402
 
 DTYPES = ("bf16", "fp32")  # torch.bfloat16, torch.float32
@@ -253,7 +253,7 @@ def check_files(args: argparse.Namespace) -> None:
                                                           ("tokenizer folder", "tokenizer"))]
     if args.ckpt is None:  # else --high / --low may name files in a ComfyUI folder
         named += [("high-noise expert", args.high), ("low-noise expert", args.low)]
-    elif not re.fullmatch(r"[\w.-]+/[\w.-]+", args.ckpt) or Path(args.ckpt.split("/")[0]).is_dir():  # local
+    elif not looks_like_hub_id(args.ckpt):  # a local folder
         named.append(("model folder (--ckpt)", args.ckpt))
     for what, path in named:
         if path is not None and not Path(path).expanduser().exists():
@@ -375,7 +375,6 @@ def write_stats(path, pipe, plan, result, peak, *, total: float, startup: float,
     """--stats FILE: one run's numbers as JSON (seconds; GiB of VRAM as torch counts them; host RAM in GB),
     written to a temporary name and renamed."""
     import json
-    import os
 
     import torch
 
