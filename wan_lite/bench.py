@@ -482,6 +482,7 @@ def main(argv=None) -> int:
                                   **common))
         del hosts
         _empty_host_cache()
+    attention.set_backend(attns[0])  # the other runs (bf16, diffusers) with the first backend, as before the list
     if "bf16" in what:
         tmpl16 = runtime_template(cfg, "none")
         hosts = (random_host_expert(tmpl16, 1), random_host_expert(tmpl16, 2))
