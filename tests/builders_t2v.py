@@ -170,3 +170,14 @@ def add_t2v_components(root, layout: str, text_dim: int, seed: int = 0) -> Path:
     else:
         raise ValueError(f"unknown layout {layout!r}: choose 'official' or 'diffusers'")
     return root
+
+
+def tiny_official_root(folder) -> Path:
+    """A whole tiny official-layout root in `folder`: random experts (ModelConfig.tiny()), umt5 encoder,
+    tokenizer and VAE, as several test modules' fixtures use it."""
+    from builders import make_checkpoint_root
+
+    from wan_lite.config import ModelConfig
+
+    cfg = ModelConfig.tiny()
+    return add_t2v_components(make_checkpoint_root(folder, cfg, "official").root, "official", cfg.text_dim)

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from builders import make_checkpoint_root
-from builders_t2v import add_t2v_components
+from builders_t2v import tiny_official_root
 from tolerance import assert_close_fp32
 
 from wan_lite.checkpoint import load_expert
-from wan_lite.config import ModelConfig, SamplingConfig, StepCache
+from wan_lite.config import SamplingConfig, StepCache
 from wan_lite.generate import main
 from wan_lite.pipeline import computed_steps, sample
 from wan_lite.residency import Residency, host_experts
@@ -19,9 +18,7 @@ from wan_lite.video import read_metadata
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    cfg = ModelConfig.tiny()
-    return add_t2v_components(make_checkpoint_root(tmp_path_factory.mktemp("official"), cfg, "official").root,
-                              "official", cfg.text_dim)
+    return tiny_official_root(tmp_path_factory.mktemp("official"))
 
 
 def _inputs(cfg):

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from builders import make_checkpoint_root
-from builders_t2v import add_t2v_components
+from builders_t2v import tiny_official_root
 from test_lora import BLOCK_LINEARS, random_factors, write_comfyui
 from tolerance import assert_close_fp32
 
@@ -22,9 +21,7 @@ SIZE, FRAMES = (48, 32), 5
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    cfg = ModelConfig.tiny()
-    return add_t2v_components(make_checkpoint_root(tmp_path_factory.mktemp("official"), cfg, "official").root,
-                              "official", cfg.text_dim)
+    return tiny_official_root(tmp_path_factory.mktemp("official"))
 
 
 @pytest.fixture(scope="module")

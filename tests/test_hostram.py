@@ -14,8 +14,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from builders import make_checkpoint_root
-from builders_t2v import add_t2v_components
+from builders_t2v import tiny_official_root
 from tolerance import assert_close_fp32, rel_error
 
 from wan_lite import hostmem, planner
@@ -245,9 +244,7 @@ def test_a_read_error_in_the_thread_reaches_the_loop(official_root):
 
 @pytest.fixture(scope="module")
 def t2v_root(tmp_path_factory):
-    cfg = ModelConfig.tiny()
-    root = make_checkpoint_root(tmp_path_factory.mktemp("hostram"), cfg, "official").root
-    return add_t2v_components(root, "official", cfg.text_dim)
+    return tiny_official_root(tmp_path_factory.mktemp("hostram"))
 
 
 T2V_RUN = dict(size=(48, 32), frames=5, steps=3, seed=5)

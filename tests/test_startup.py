@@ -14,8 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from builders import make_checkpoint_root
-from builders_t2v import add_t2v_components
+from builders_t2v import tiny_official_root
 from tolerance import assert_close_fp32
 
 from wan_lite import checkpoint, residency
@@ -106,9 +105,7 @@ def test_a_read_error_ends_the_hints_quietly(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def t2v_root(tmp_path_factory):
-    cfg = ModelConfig.tiny()
-    root = make_checkpoint_root(tmp_path_factory.mktemp("startup"), cfg, "official").root
-    return add_t2v_components(root, "official", cfg.text_dim)
+    return tiny_official_root(tmp_path_factory.mktemp("startup"))
 
 
 RUN = dict(size=(48, 32), frames=5, steps=3, seed=5)
