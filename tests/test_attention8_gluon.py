@@ -14,11 +14,10 @@ import torch
 
 pytest.importorskip("triton.experimental.gluon", reason="needs Triton >= 3.6 with Gluon (CUDA builds of torch)")
 
-from test_attention8 import emulate  # noqa: E402 - the kernel's arithmetic in torch, shared with attention8
+from test_attention8 import emulate, errors_vs_exact  # noqa: E402 - the kernel's arithmetic in torch, shared with attention8
 
 from wan_lite import attention8 as A8  # noqa: E402
 from wan_lite import attention8_gluon as G  # noqa: E402
-from wan_lite.bench_attention import exact_rows, make_inputs, rel_err  # noqa: E402
 
 HAS_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() == G.CAPABILITY
 needs_sm90 = pytest.mark.skipif(not HAS_SM90, reason="needs an sm90 GPU (Hopper wgmma)")
@@ -127,12 +126,7 @@ def test_kernel_matches_the_triton_kernel_and_the_emulation(name, B, H, Lq, Lk, 
 def test_concentrated_attention_within_one_percent(name):
     """attention8's accuracy contract against exact attention (L not a multiple of 128: the tail runs)."""
     cfg = G.CONFIGS[name]
-    L = 8000
-    rows = torch.arange(0, L, 5, device="cuda")
-    errs = {}
-    for kind in ("conc", "conc-iid", "uniform"):
-        q, k, v = make_inputs(kind, 1, 4, L, seed=11)
-        errs[kind] = rel_err(G.attention_fp8_gluon(q, k, v, config=cfg), exact_rows(q, k, v, rows), rows)
+    errs = errors_vs_exact(lambda q, k, v: G.attention_fp8_gluon(q, k, v, config=cfg))
     print(f"fp8 gluon attention ({name}) relative error vs exact:", {k: f"{e:.2e}" for k, e in errs.items()})
     assert errs["conc"] <= 0.01
     assert errs["uniform"] < 0.1 and errs["conc-iid"] < 0.15
