@@ -218,6 +218,15 @@ def test_gpu_swap_and_streaming_match_plain(mode, batched):
         assert torch.equal(got, ref), (mode, t)
     first = len(cfg.num_layers * [0]) + 2 if mode == "resident" else 4
     assert res.stats.misses == first  # the first load only: every later copy was sent ahead
+    # measure=True: one GPU gap per unit but the first, per sweep; the swap's stall is the gaps of the two calls
+    # around the switch plus the first low-noise unit's copy wait, a time (ms, finite, >= 0)
+    sweeps = 2 if mode == "resident" and not batched else 1  # resident: cond, then uncond
+    assert len(res.stats.gaps) == len(ts) * sweeps * (len(res.units) - 1)
+    switch = next(c for c in range(1, len(ts)) if ts[c] < BOUNDARY <= ts[c - 1])
+    stall = res.swap_stall_ms()
+    unit0 = sum(a.elapsed_time(b) for c, u, (a, b) in res.stats.waits if c == switch and u == res.units[0])
+    assert stall == pytest.approx(res.stats.gap_ms(switch - 1) + res.stats.gap_ms(switch) + unit0)
+    assert 0 <= stall < 60e3
 
 
 # ---------------------------------------------------------------------------------------------

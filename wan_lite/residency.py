@@ -413,10 +413,11 @@ class _Copier:
         self.measure = measure and self.cuda
 
     def mark(self):
-        """An event on the compute stream, now."""
+        """An event on the compute stream, now (timed with `measure`: it also ends a unit's work for the
+        gaps of `Stats.gaps`)."""
         if not self.cuda:
             return None
-        event = torch.cuda.Event()
+        event = torch.cuda.Event(enable_timing=self.measure)
         event.record()
         return event
 
@@ -520,12 +521,23 @@ class Stats:
     staged_inline: int = 0  # memory-mapped units read on the calling thread (no plan, or the plan changed)
     host_waits: list = field(default_factory=list)  # (call, unit, seconds) the calling thread spent staging
     waits: list = field(default_factory=list)  # (call, unit, event pair) with measure=True
+    # (call, unit, event pair) with measure=True: the end of the previous unit's work on the compute stream
+    # and the point where this unit may start (after its copy's wait). The GPU sits idle in between for
+    # the copy or for the calling thread (staging, launching): the stall the run actually sees.
+    gaps: list = field(default_factory=list)
 
     def stall_ms(self, call: int | None = None) -> float:
         """Compute-stream time spent waiting for copies (all calls, or one call), in ms."""
         if self.waits:
             torch.cuda.synchronize()
         return sum(a.elapsed_time(b) for c, _, (a, b) in self.waits if call is None or c == call)
+
+    def gap_ms(self, call: int | None = None) -> float:
+        """GPU idle time between consecutive units of one call (all calls, or one call), in ms: the stall
+        the compute stream saw, whatever the cause (a copy not done, the calling thread late)."""
+        if self.gaps:
+            torch.cuda.synchronize()
+        return sum(a.elapsed_time(b) for c, _, (a, b) in self.gaps if call is None or c == call)
 
     def host_stall_ms(self, call: int | None = None) -> float:
         """Calling-thread time spent staging memory-mapped units (all calls, or one call), in ms."""
@@ -727,16 +739,20 @@ class Residency:
             self._prefetch = None
 
     def swap_stall_ms(self) -> float | None:
-        """The visible cost of the switch to the low-noise expert: the compute stream's waits for copies
-        in the first low-noise call (with measure=True) plus the calling thread's time staging units in
-        the last high-noise call and the first low-noise call (an upper bound: the GPU works through its
-        queue meanwhile). None when the calls so far never switched."""
+        """The visible cost of the switch to the low-noise expert, in ms (with measure=True on CUDA): the
+        GPU's idle time between units (`Stats.gaps`) in the last high-noise call and the first low-noise
+        call, plus the compute stream's wait for the first low-noise unit's copy. Without measure (or on the
+        CPU): the calling thread's time staging units in those two calls, an upper bound (the GPU works
+        through its queue meanwhile). None when the calls so far never switched."""
         calls = self.placement.calls[: self._call + 1]
         first = next((c for c in range(1, len(calls)) if calls[c].expert == "low" and calls[c - 1].expert == "high"),
                      None)
         if first is None:
             return None
-        return self.stats.stall_ms(first) + self.stats.host_stall_ms(first - 1) + self.stats.host_stall_ms(first)
+        if self._copier.measure:
+            unit0 = sum(a.elapsed_time(b) for c, u, (a, b) in self.stats.waits if c == first and u == self.units[0])
+            return self.stats.gap_ms(first - 1) + self.stats.gap_ms(first) + unit0
+        return self.stats.host_stall_ms(first - 1) + self.stats.host_stall_ms(first)
 
     def where(self) -> dict[str, list[str]]:
         """Which expert's units sit (or are on their way) in the device slots."""
@@ -804,6 +820,9 @@ class Residency:
         waited = self._copier.wait(self._ready.pop(self.placement.slot(u), None))
         if waited is not None:
             self.stats.waits.append((self._call, self.units[u], waited))
+        if self._copier.measure and u > 0:  # unit 0's gap would count the sampler's work between calls
+            start = self._copier.mark()
+            self.stats.gaps.append((self._call, self.units[u], (self._free[self.placement.slot(u - 1)], start)))
 
     def _done(self, s: int, u: int) -> None:
         """After units[u] ran in sweep s: send the slot's next occupant, if it is another (expert, unit)."""
