@@ -4,6 +4,7 @@ on-disk layouts (tiny random experts, fp32 on the CPU)."""
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 import torch
@@ -179,3 +180,17 @@ def test_ffn_chunking_matches_whole_ffn():
             block.ffn_chunk = 5  # 18 tokens: chunks of 5, 5, 5, 3
         chunked = model(x, t, ctx)
     assert ((chunked - whole).norm() / whole.norm()).item() < 1e-6
+
+
+def test_compile_blocks_keeps_its_kernels_in_the_wan_lite_cache(monkeypatch):
+    """Inductor's cache goes under ~/.cache/wan-lite (not /tmp, which a reboot empties), unless set."""
+    from wan_lite import model as model_mod
+
+    m = WanModel(ModelConfig.tiny(num_layers=1))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    model_mod.compile_blocks(m)  # lazy: nothing is compiled before the first call
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(model_mod.COMPILE_CACHE)
+    assert model_mod.COMPILE_CACHE.parts[-2:] == ("wan-lite", "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
+    model_mod.compile_blocks(m)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/elsewhere"

@@ -16,9 +16,11 @@ No device logic lives here: where weights sit is `residency.py`'s business.
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -26,6 +28,9 @@ import torch.nn.functional as F
 
 from .attention import attention
 from .config import ModelConfig
+
+# where torch.compile's kernels are kept between runs (compile_blocks); WAN_LITE_CACHE moves it with the rest
+COMPILE_CACHE = Path(os.environ.get("WAN_LITE_CACHE", "~/.cache/wan-lite")).expanduser() / "inductor"
 
 # ---------------------------------------------------------------------------------------------
 # primitives
@@ -290,7 +295,13 @@ def compile_blocks(model: WanModel) -> WanModel:
 
     Fuses the float32 modulation, norm, RoPE and gating work between the matmuls. Measured on an
     H100 at 720p (one int8 block, 2026-11-26): 296 -> 257 ms and 7.0 -> 3.9 GB of activations.
+
+    The compiled kernels are cached in `COMPILE_CACHE` (Inductor's TORCHINDUCTOR_CACHE_DIR, unless the
+    environment sets it): Inductor's default, /tmp/torchinductor_<user>, is emptied by a reboot on many
+    systems, and the next run would compile again (H100, 480p, 2026-12-06: a warm-up pass of 28.8 s with
+    an empty cache against 4.4 s with it filled; BENCHMARKS.md, session 4).
     """
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(COMPILE_CACHE))
     for block in model.blocks:
         block.compile()
     return model
