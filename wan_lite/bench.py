@@ -213,7 +213,7 @@ def bench_ours(tmpl, hosts, *, height, width, frames, mode, cfg_batched, vram_gb
         out.update({
             "high_step_s": sum(times["high"]) / steps, "low_step_s": sum(times["low"]) / steps,
             "timesteps": [int(t) for t in timesteps(sampling)], "shift": sampling.shift,
-            "swap_stall_ms": res.swap_stall_ms(),  # GPU waits in the first low step + host staging waits
+            "swap_stall_ms": res.swap_stall_ms(),  # GPU idle between units around the switch (measure=True)
             "stall_per_low_step_ms": [res.stats.stall_ms(first_low + i) for i in range(steps)],
             "copied_gb": res.stats.bytes / GB,
             "peak_allocated_gb": torch.cuda.max_memory_allocated() / GB,
