@@ -44,24 +44,53 @@ CAPABILITY = (9, 0)  # wgmma: Hopper only (Ada has no wgmma, Blackwell uses tcge
 
 @dataclass(frozen=True)
 class GluonConfig:
-    """One launch shape of `_attn_fwd_gluon`: 16 * num_warps query rows per program (64 per warpgroup)."""
+    """One launch shape: `_attn_fwd_gluon` (16 * num_warps query rows per program, 64 per warpgroup) or, with
+    warp_specialize, `_attn_fwd_pingpong` (128 rows: two consumer warpgroups and a producer warp)."""
 
     block_n: int = 128  # keys per step, also the K scale block of the pre-pass
-    num_warps: int = 4  # 4: one warpgroup on 64 rows; 8: two on 128 rows
+    num_warps: int = 4  # 4: one warpgroup on 64 rows; 8: two on 128 rows (warp_specialize: 4, per consumer)
     stages: int = 2  # K/V tiles in the TMA ring
+    warp_specialize: bool = False  # a producer warp issues the TMA loads, two consumer warpgroups compute
+    pingpong: bool = True  # warp_specialize: the consumers take turns issuing their wgmma (FA3's ping-pong)
+    consumer_regs: int = 240  # warp_specialize: registers per consumer thread (setmaxnreg)
+    producer_regs: int = 24  # warp_specialize: registers per producer thread
+
+    def __post_init__(self):
+        if self.warp_specialize and self.num_warps != 4:
+            raise ValueError(f"warp_specialize runs two consumer warpgroups of 4 warps, got num_warps {self.num_warps}")
 
     @property
     def block_m(self) -> int:
-        return 16 * self.num_warps
+        return 128 if self.warp_specialize else 16 * self.num_warps
+
+    @property
+    def tile_m(self) -> int:
+        """Rows of the Q tile one TMA load brings (one consumer's with warp_specialize)."""
+        return 64 if self.warp_specialize else self.block_m
+
+    @property
+    def maxnreg(self) -> int | None:
+        """The kernel's register limit with warp_specialize: three warpgroups (the producer's warp rounds up to
+        one) share the 64 K registers, the default partition (consumer 0) gets what the workers leave."""
+        if not self.warp_specialize:
+            return None
+        return (2 * self.consumer_regs + self.producer_regs) // 3 // 8 * 8
 
     @property
     def name(self) -> str:
-        return f"gluon-m{self.block_m}n{self.block_n}w{self.num_warps}s{self.stages}"
+        if not self.warp_specialize:
+            return f"gluon-m{self.block_m}n{self.block_n}w{self.num_warps}s{self.stages}"
+        regs = "" if (self.consumer_regs, self.producer_regs) == (240, 24) else f"r{self.consumer_regs}"
+        return f"gluon-ws{'pp' if self.pingpong else ''}-m{self.block_m}n{self.block_n}s{self.stages}{regs}"
 
 
 DEFAULT = GluonConfig()
+PINGPONG = GluonConfig(stages=3, warp_specialize=True)  # FA3's schedule: producer warp, two consumers taking turns
 CONFIGS = {c.name: c for c in (DEFAULT, GluonConfig(stages=3), GluonConfig(num_warps=8), GluonConfig(block_n=64,
-                                                                                                        stages=3))}
+                                                                                                        stages=3),
+                               PINGPONG, GluonConfig(stages=2, warp_specialize=True),
+                               GluonConfig(stages=4, warp_specialize=True),
+                               GluonConfig(stages=3, warp_specialize=True, pingpong=False))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,15 +245,189 @@ def _store_out(acc, l_i, vs, Out, bh, H, start_m, Lq, sob, soh, sol, o_layout: g
 
 
 # ---------------------------------------------------------------------------------------------
+# the ping-pong kernel: a producer warp and two consumer warpgroups (FlashAttention-3 parts 1-3)
+
+
+@gluon.jit
+def _pp_load(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_full, v_full, k_empty, v_empty,
+             qrow0, row0, vrow0, n, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    """The producer (one warp): both consumers' Q tiles, then key block j's K and V^T into ring stage
+    j % STAGES as soon as both consumers have released what the stage held (block j - STAGES)."""
+    for c in gl.static_range(2):
+        mbarrier.expect(q_bars.index(c), q_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(q_desc, [qrow0 + c * q_desc.block_type.shape[0], 0], q_bars.index(c),
+                                        q_smem.index(c))
+    for j in range(n):
+        s = j % STAGES
+        free = ((j // STAGES) & 1) ^ 1  # a fresh barrier passes parity 1: the first STAGES blocks go at once
+        mbarrier.wait(k_empty.index(s), free)
+        mbarrier.expect(k_full.index(s), k_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(k_desc, [row0 + j * BLOCK_N, 0], k_full.index(s), k_smem.index(s))
+        mbarrier.wait(v_empty.index(s), free)
+        mbarrier.expect(v_full.index(s), v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(v_desc, [vrow0, j * BLOCK_N], v_full.index(s), v_smem.index(s))
+
+
+@gluon.jit
+def _pp_turn(turn, c, k, PINGPONG: gl.constexpr):
+    """Wait until consumer c may issue its k-th group of wgmma: consumer 0 goes first, then they alternate
+    (the other consumer arrives on `turn[c]` after issuing its group k - 1 + c)."""
+    if PINGPONG:
+        mbarrier.wait(turn.index(c), (k & 1) ^ (1 - c))
+
+
+@gluon.jit
+def _pp_pass(turn, c, PINGPONG: gl.constexpr):
+    """Hand the tensor cores to the other consumer (one arrival on its turn barrier)."""
+    if PINGPONG:
+        mbarrier.arrive(turn.index(1 - c), count=1)
+
+
+@gluon.jit
+def _pp_consume(q_smem, k_smem, v_smem, q_bars, k_full, v_full, k_empty, v_empty, turn, c, qs, ks, vs, Out, H,
+                Lq, Lqp, Lk, Lkp, sob, soh, sol, D: gl.constexpr, BLOCK_N: gl.constexpr, Q_BLOCK: gl.constexpr,
+                STAGES: gl.constexpr, P_SHIFT: gl.constexpr, PINGPONG: gl.constexpr):
+    """Consumer c (one warpgroup): query rows 64 c .. 64 c + 63 of the program's 128 over all key blocks.
+
+    Turn 0 issues S_0; turn j + 1 (j < n - 1) issues PV_j and S_{j+1} back to back, after block j's softmax;
+    turn n issues PV_{n-1}: n + 1 turns for either consumer. While one consumer runs its softmax the other's
+    pair runs on the tensor cores (within a consumer the softmax waits for its own S: registers for a
+    second S tile in flight are not there at 240 per thread). Only the last block is masked."""
+    BLOCK_M: gl.constexpr = q_smem.type.shape[1]
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, BLOCK_N, 32])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                       instr_shape=[16, D, 32])
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+    start_m = gl.program_id(0)
+    bh = gl.program_id(1)
+    n = gl.cdiv(Lk, BLOCK_N)
+    c_q = gl.load(qs + bh * (Lqp // Q_BLOCK) + (start_m * 2 * BLOCK_M) // Q_BLOCK)  # both halves: one Q block
+    ks_h = ks + bh * (Lkp // BLOCK_N)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)  # use_acc=False: never read
+    o_zero = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
+    q = q_smem.index(c)
+
+    mbarrier.wait(q_bars.index(c), 0)
+    mbarrier.wait(k_full.index(0), 0)
+    _pp_turn(turn, c, 0, PINGPONG)
+    s_tok = warpgroup_mma(q, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    _pp_pass(turn, c, PINGPONG)
+    s = warpgroup_mma_wait(0, deps=[s_tok])
+    mbarrier.arrive(k_empty.index(0), count=1)
+    for j in range(0, n - 1):  # every block but the last: unmasked, S_{j+1} issued with PV_j
+        p, alpha, l_i, m_i = _softmax(s, m_i, l_i, c_q * gl.load(ks_h + j), j * BLOCK_N, Lk, s_layout, BLOCK_N,
+                                      False, P_SHIFT)
+        p8 = gl.convert_layout(p.to(gl.float8e4nv), p_layout)
+        s_v = j % STAGES
+        s_k = (j + 1) % STAGES
+        mbarrier.wait(v_full.index(s_v), (j // STAGES) & 1)
+        mbarrier.wait(k_full.index(s_k), ((j + 1) // STAGES) & 1)
+        _pp_turn(turn, c, j + 1, PINGPONG)
+        pv_tok = warpgroup_mma(p8, v_smem.index(s_v).permute((1, 0)), o_zero, use_acc=False, is_async=True)
+        s_tok = warpgroup_mma(q, k_smem.index(s_k).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        _pp_pass(turn, c, PINGPONG)
+        pv = warpgroup_mma_wait(1, deps=[pv_tok])  # groups retire in order: PV_j is done, S_{j+1} may run on
+        mbarrier.arrive(v_empty.index(s_v), count=1)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1) + pv
+        s = warpgroup_mma_wait(0, deps=[s_tok])
+        mbarrier.arrive(k_empty.index(s_k), count=1)
+    last = n - 1
+    p, alpha, l_i, m_i = _softmax(s, m_i, l_i, c_q * gl.load(ks_h + last), last * BLOCK_N, Lk, s_layout, BLOCK_N,
+                                  True, P_SHIFT)
+    p8 = gl.convert_layout(p.to(gl.float8e4nv), p_layout)
+    s_v = last % STAGES
+    mbarrier.wait(v_full.index(s_v), (last // STAGES) & 1)
+    _pp_turn(turn, c, n, PINGPONG)
+    pv_tok = warpgroup_mma(p8, v_smem.index(s_v).permute((1, 0)), o_zero, use_acc=False, is_async=True)
+    _pp_pass(turn, c, PINGPONG)
+    pv = warpgroup_mma_wait(0, deps=[pv_tok])
+    mbarrier.arrive(v_empty.index(s_v), count=1)
+    acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1) + pv
+    _store_out(acc, l_i, vs, Out, bh, H, start_m * 2 + c, Lq, sob, soh, sol, o_layout, BLOCK_M, D)
+
+
+@gluon.jit
+def _attn_fwd_pingpong(q_desc, k_desc, v_desc, qs, ks, vs, Out, H, Lq, Lqp, Lk, Lkp, sob, soh, sol,
+                       D: gl.constexpr, BLOCK_N: gl.constexpr, Q_BLOCK: gl.constexpr, STAGES: gl.constexpr,
+                       P_SHIFT: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                       PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
+    """One program: 128 queries of one (batch, head), two consumer warpgroups of 64 rows and a producer warp.
+
+    Synchronization (every mbarrier counts phases; a fresh one has its parity-1 phase complete):
+      q_bars[c]  (count 1): Q tile c landed (TMA transaction bytes), waited with parity 0 once.
+      k_full[s], v_full[s] (count 1): block j's K / V^T landed in stage s = j % STAGES; consumers wait
+                 parity (j // STAGES) & 1.
+      k_empty[s], v_empty[s] (count 2): each consumer arrives once per block when its wgmma reading the
+                 stage has retired (S_j for K, PV_j for V); the producer waits parity ((j // STAGES) & 1) ^ 1
+                 before refilling s with block j, so the first STAGES fills do not wait.
+      turn[c]    (count 1, PINGPONG only): consumer c waits parity (k & 1) ^ (1 - c) before its k-th group
+                 of wgmma issues and then arrives on turn[1 - c]: 0 issues group 0, then 1 its group 0,
+                 then 0 its group 1, ...; neither can run two phases ahead of the other's wait, since each
+                 arrival follows its own wait.
+    No wait depends on a later arrival of the waiter's own partition, and the producer runs ahead of the
+    consumers by at most STAGES blocks, so the three partitions cannot deadlock for any n >= 1.
+    """
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[0]  # 64 rows per consumer
+    start_m = gl.program_id(0)
+    bh = gl.program_id(1)
+    n = gl.cdiv(Lk, BLOCK_N)
+
+    q_smem = gl.allocate_shared_memory(q_desc.dtype, [2] + q_desc.block_type.shape, q_desc.layout)
+    k_smem = gl.allocate_shared_memory(k_desc.dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(v_desc.dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_full = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(q_bars.index(i), count=1)
+        mbarrier.init(turn.index(i), count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_full.index(i), count=1)
+        mbarrier.init(v_full.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)
+        mbarrier.init(v_empty.index(i), count=2)
+
+    gl.warp_specialize([
+        (_pp_consume, (q_smem, k_smem, v_smem, q_bars, k_full, v_full, k_empty, v_empty, turn, 0, qs, ks, vs, Out,
+                       H, Lq, Lqp, Lk, Lkp, sob, soh, sol, D, BLOCK_N, Q_BLOCK, STAGES, P_SHIFT, PINGPONG)),
+        (_pp_consume, (q_smem, k_smem, v_smem, q_bars, k_full, v_full, k_empty, v_empty, turn, 1, qs, ks, vs, Out,
+                       H, Lq, Lqp, Lk, Lkp, sob, soh, sol, D, BLOCK_N, Q_BLOCK, STAGES, P_SHIFT, PINGPONG)),
+        (_pp_load, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_full, v_full, k_empty, v_empty,
+                    bh * Lqp + start_m * 2 * BLOCK_M, bh * Lkp, bh * D, n, BLOCK_N, STAGES)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+    for i in gl.static_range(2):
+        mbarrier.invalidate(q_bars.index(i))
+        mbarrier.invalidate(turn.index(i))
+    for i in gl.static_range(STAGES):
+        mbarrier.invalidate(k_full.index(i))
+        mbarrier.invalidate(v_full.index(i))
+        mbarrier.invalidate(k_empty.index(i))
+        mbarrier.invalidate(v_empty.index(i))
+
+
+# ---------------------------------------------------------------------------------------------
 # torch entry points
 
 
 def _layouts(cfg: GluonConfig, D: int):
     """NVMMA shared layouts of the Q, K and V^T tiles (fp8, 128-byte swizzle for 128-byte rows)."""
     f8 = gl.float8e4nv
-    return (gl.NVMMASharedLayout.get_default_for([cfg.block_m, D], f8),
+    return (gl.NVMMASharedLayout.get_default_for([cfg.tile_m, D], f8),
             gl.NVMMASharedLayout.get_default_for([cfg.block_n, D], f8),
             gl.NVMMASharedLayout.get_default_for([D, cfg.block_n], f8))
+
+
+def _pingpong_constexprs(cfg: GluonConfig, D: int) -> dict:
+    return dict(D=D, BLOCK_N=cfg.block_n, Q_BLOCK=A8.Q_BLOCK, STAGES=cfg.stages, P_SHIFT=A8.P_SHIFT,
+                PINGPONG=cfg.pingpong, CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs)
 
 
 def launch(x: A8.Quantized, out: torch.Tensor, config: GluonConfig = DEFAULT):
@@ -234,10 +437,14 @@ def launch(x: A8.Quantized, out: torch.Tensor, config: GluonConfig = DEFAULT):
     if cfg.block_n != x.block_n:
         raise ValueError(f"the pre-pass ran with block_n {x.block_n}, the config has {cfg.block_n}")
     ql, kl, vl = _layouts(cfg, D)
-    q_desc = TensorDescriptor.from_tensor(x.q8, [cfg.block_m, D], ql)
+    q_desc = TensorDescriptor.from_tensor(x.q8, [cfg.tile_m, D], ql)
     k_desc = TensorDescriptor.from_tensor(x.k8, [cfg.block_n, D], kl)
     v_desc = TensorDescriptor.from_tensor(x.vt8, [D, cfg.block_n], vl)
     grid = (triton.cdiv(Lq, cfg.block_m), B * H)  # queries fastest: neighbouring programs share K and V in L2
+    if cfg.warp_specialize:
+        return _attn_fwd_pingpong[grid](q_desc, k_desc, v_desc, x.qs, x.ks, x.vs, out, H, Lq, x.lqp, x.lk, x.lkp,
+                                        *out.stride()[:3], **_pingpong_constexprs(cfg, D), num_warps=4,
+                                        maxnreg=cfg.maxnreg)
     return _attn_fwd_gluon[grid](q_desc, k_desc, v_desc, x.qs, x.ks, x.vs, out, H, Lq, x.lqp, x.lk, x.lkp,
                                  *out.stride()[:3], D=D, BLOCK_N=cfg.block_n, Q_BLOCK=A8.Q_BLOCK, STAGES=cfg.stages,
                                  P_SHIFT=A8.P_SHIFT, num_warps=cfg.num_warps)
@@ -287,17 +494,23 @@ def compile_sm90(config: GluonConfig = DEFAULT, D: int = A8.HEAD_DIM, out_dtype:
     from triton.experimental.gluon._runtime import GluonASTSource
 
     descs = [f"tensordesc<fp8e4nv[{s[0]}, {s[1]}],{lay!r}>"
-             for s, lay in zip(([config.block_m, D], [config.block_n, D], [D, config.block_n]), _layouts(config, D))]
+             for s, lay in zip(([config.tile_m, D], [config.block_n, D], [D, config.block_n]), _layouts(config, D))]
     signature = dict(zip(["q_desc", "k_desc", "v_desc"], descs))
     signature.update(qs="*fp32", ks="*fp32", vs="*fp32", Out=f"*{out_dtype}", H="i32", Lq="i32", Lqp="i32",
                      Lk="i32", Lkp="i32", sob="i64", soh="i64", sol="i64")
-    constexprs = dict(D=D, BLOCK_N=config.block_n, Q_BLOCK=A8.Q_BLOCK, STAGES=config.stages, P_SHIFT=A8.P_SHIFT,
-                      num_warps=config.num_warps)
+    if config.warp_specialize:
+        kernel, constexprs = _attn_fwd_pingpong, _pingpong_constexprs(config, D)
+    else:
+        kernel = _attn_fwd_gluon
+        constexprs = dict(D=D, BLOCK_N=config.block_n, Q_BLOCK=A8.Q_BLOCK, STAGES=config.stages, P_SHIFT=A8.P_SHIFT)
+    constexprs["num_warps"] = config.num_warps
     for name in constexprs:
         signature[name] = "constexpr"
-    src = GluonASTSource(_attn_fwd_gluon, signature, constexprs={(list(signature).index(k),): v
-                                                                   for k, v in constexprs.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": config.num_warps})
+    src = GluonASTSource(kernel, signature, constexprs={(list(signature).index(k),): v for k, v in constexprs.items()})
+    options = {"num_warps": config.num_warps}
+    if config.maxnreg:
+        options["maxnreg"] = config.maxnreg
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 # ---------------------------------------------------------------------------------------------
