@@ -28,6 +28,8 @@ Imported only where Triton is installed (CUDA builds).
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -513,15 +515,49 @@ def compile_sm90(config: GluonConfig = DEFAULT, D: int = A8.HEAD_DIM, out_dtype:
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
+def sass(config: GluonConfig = DEFAULT) -> str:
+    """The SASS of `compile_sm90(config)`, disassembled by the nvdisasm bundled with Triton's CUDA backend."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import triton.backends.nvidia as nv
+
+    with tempfile.TemporaryDirectory() as d:
+        cubin = Path(d) / "k.cubin"
+        cubin.write_bytes(compile_sm90(config).asm["cubin"])
+        return subprocess.run([str(Path(nv.__file__).parent / "bin" / "nvdisasm"), "-c", str(cubin)],
+                              capture_output=True, text=True, check=True).stdout
+
+
+def loop_mix(sass_text: str) -> Counter:
+    """Opcode counts (first mnemonic part: FFMA, MUFU, ...) of the key-block loop in `sass_text`: the shortest
+    span from a label to a branch back to it holding a block's wgmma (>= 4 QGMMA) and softmax (>= 32 MUFU);
+    per warp per key block. Empty when there is none."""
+    lines = sass_text.splitlines()
+    labels = {m.group(1): i for i, ln in enumerate(lines) if (m := re.match(r"\s*(\.L_x_\d+):", ln))}
+    best = Counter()
+    for i, ln in enumerate(lines):
+        m = re.search(r"\bBRA\b.*\((\.L_x_\d+)\)", ln)
+        if not m or labels.get(m.group(1), i) >= i:
+            continue
+        ops = Counter(m2.group(1).split(".")[0] for body in lines[labels[m.group(1)]:i + 1]
+                      if (m2 := re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", body)))
+        if ops["QGMMA"] >= 4 and ops["MUFU"] >= 32 and (not best or ops.total() < best.total()):
+            best = ops
+    return best
+
+
 # ---------------------------------------------------------------------------------------------
 # python -m wan_lite.attention8_gluon: the loop alone, every Gluon config beside attention8's
 
 
 def sweep(lengths=(32760, 75600), heads: int = 40, rep_ms: int = 400, log=print) -> list[dict]:
-    """Time the attention loops alone (pre-pass excluded) on one pre-pass result per block_n at B=1, D=128:
-    attention8's DEFAULT Triton loop and each Gluon config; per row ms, TFLOP/s (4 B H L^2 D / t), speed-up
-    over the Triton loop, relative difference to its output, registers and spills. A config that fails to
-    compile or run is reported and the rest still run."""
+    """Time the attention loops alone (pre-pass excluded) on one pre-pass result per block_n at B=1, D=128,
+    beside cuDNN's bf16 SDPA on the same q, k, v: per row ms, TFLOP/s (4 B H L^2 D / t), speed-up over
+    attention8's DEFAULT Triton loop and over cuDNN, relative difference to the Triton loop's output,
+    registers (per consumer thread for warp-specialized configs) and spills. A config that fails to compile
+    or run is reported and the rest still run."""
     rows = []
     for L in lengths:
         rows += _sweep_length(L, heads, rep_ms, log)
@@ -529,16 +565,36 @@ def sweep(lengths=(32760, 75600), heads: int = 40, rep_ms: int = 400, log=print)
     return rows
 
 
+def _cudnn_ms(q, k, v, rep_ms: int) -> float:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def run():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    return triton.testing.do_bench(run, warmup=1, rep=rep_ms, return_mode="median")
+
+
 def _sweep_length(L: int, heads: int, rep_ms: int, log) -> list[dict]:
     g = torch.Generator(device="cuda").manual_seed(L)
     q, k, v = (torch.randn(1, heads, L, A8.HEAD_DIM, device="cuda", generator=g, dtype=torch.bfloat16)
                for _ in range(3))
     flops = 4 * heads * L * L * A8.HEAD_DIM
+    rows = []
+    try:
+        cudnn = _cudnn_ms(q, k, v, rep_ms)
+        rows.append({"L": L, "variant": "cudnn sdpa bf16", "ms": cudnn, "tflops": flops / cudnn / 1e9})
+    except Exception as e:  # noqa: BLE001 - reported; the fp8 rows still run
+        cudnn = None
+        rows.append({"L": L, "variant": "cudnn sdpa bf16", "error": f"{type(e).__name__}: {e}"[:400]})
+    log(rows[-1])
     xs = {n: A8.quantize(q, k, v, n) for n in {c.block_n for c in CONFIGS.values()} | {A8.DEFAULT.block_n}}
     x0, out = xs[A8.DEFAULT.block_n], torch.empty_like(q)
     ref = A8.attention_quantized(x0, torch.empty_like(q)).float()
     base = triton.testing.do_bench(lambda: A8.launch(x0, out), warmup=1, rep=rep_ms, return_mode="median")
-    rows = [{"L": L, "variant": f"triton {A8.DEFAULT.name}", "ms": base, "tflops": flops / base / 1e9}]
+    rows.append({"L": L, "variant": f"triton {A8.DEFAULT.name}", "ms": base, "tflops": flops / base / 1e9})
+    if cudnn:
+        rows[-1]["vs_cudnn"] = cudnn / base
     log(rows[-1])
     for cfg in CONFIGS.values():
         row = {"L": L, "variant": cfg.name}
@@ -547,7 +603,10 @@ def _sweep_length(L: int, heads: int, rep_ms: int, log) -> list[dict]:
             row["diff_vs_triton"] = ((out.float() - ref).norm() / ref.norm()).item()
             row["ms"] = triton.testing.do_bench(lambda cfg=cfg: launch(xs[cfg.block_n], out, cfg), warmup=1,
                                                 rep=rep_ms, return_mode="median")
-            row.update(tflops=flops / row["ms"] / 1e9, vs_triton=base / row["ms"], regs=ck.n_regs, spills=ck.n_spills)
+            row.update(tflops=flops / row["ms"] / 1e9, vs_triton=base / row["ms"],
+                       regs=cfg.consumer_regs if cfg.warp_specialize else ck.n_regs, spills=ck.n_spills)
+            if cudnn:
+                row["vs_cudnn"] = cudnn / row["ms"]
         except Exception as e:  # noqa: BLE001 - a failing config is reported, the rest still run
             row["error"] = f"{type(e).__name__}: {e}"[:400]
         rows.append(row)
