@@ -115,6 +115,18 @@ def test_warp_specialized_sass_fits_the_consumer_budget_without_spills(name):
     assert G.loop_mix(sass)["QGMMA"] == cfg.block_n // 32 + 128 // 32  # PV_j and S_{j+1}: one turn per block
 
 
+def test_wgmma_key_columns_match_the_kernels_relabelling():
+    """The pre-pass puts key c of each block at V^T column wgmma_key_columns[c]; the kernel (_a_operand) moves
+    score column c to column a by the reshape-permute-reshape below: the two must be the same map, a
+    permutation within each 32 keys (so block_n 64 and 128 blocks keep their own keys)."""
+    for n in (64, 128):
+        relabelled = torch.arange(n).reshape(n // 32, 2, 2, 4, 2).permute(0, 1, 3, 2, 4).reshape(n)  # [a] = c
+        cols = A8.wgmma_key_columns(n)
+        assert torch.equal(cols[relabelled], torch.arange(n))
+        assert torch.equal(cols // 32, torch.arange(n) // 32)
+    assert torch.equal(A8.wgmma_key_columns(256)[128:] - 128, A8.wgmma_key_columns(128))
+
+
 def test_refuses_cpu_tensors_naming_the_way_out():
     q, k, v = (torch.randn(1, 2, 16, 128, dtype=torch.bfloat16) for _ in range(3))
     with pytest.raises(ValueError, match=r"needs a CUDA GPU.*attention8.attention_fp8"):
@@ -148,11 +160,11 @@ def test_kernel_matches_the_triton_kernel_and_the_emulation(name, B, H, Lq, Lk, 
     so only tensor-core accumulation order (and with it a few e4m3 roundings of P) may differ."""
     cfg = G.CONFIGS[name]
     q, k, v = _rand_inputs(B, H, Lq, Lk, layout, Lq + Lk)
-    x = A8.quantize(q, k, v, cfg.block_n)
+    x = A8.quantize(q, k, v, cfg.block_n, cfg.permute_v)
     out = torch.full(q.shape, float("nan"), device="cuda")  # fp32 out, poisoned: every element must be written
     G.attention_quantized(x, out, cfg)
     triton_cfg = A8.KernelConfig(64, cfg.block_n, 4, 2)
-    ref_triton = A8.attention_quantized(x, torch.empty_like(out), triton_cfg)
+    ref_triton = A8.attention_quantized(A8.quantize(q, k, v, cfg.block_n), torch.empty_like(out), triton_cfg)
     ref = emulate(x, B, H, Lq, Lk, cfg.block_m, cfg.block_n)
     err_t = ((out - ref_triton).norm() / ref_triton.norm()).item()
     err_e = ((out - ref).norm() / ref.norm()).item()
@@ -171,6 +183,21 @@ def test_concentrated_attention_within_one_percent(name):
     print(f"fp8 gluon attention ({name}) relative error vs exact:", {k: f"{e:.2e}" for k, e in errs.items()})
     assert errs["conc"] <= 0.01
     assert errs["uniform"] < 0.1 and errs["conc-iid"] < 0.15
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_prepass_permute_v_only_moves_v_columns():
+    """quantize(permute_v=True): the same 8-bit tensors but V^T's keys at wgmma_key_columns; the Triton loop
+    refuses it (its P.V runs over keys in order)."""
+    q, k, v = _rand_inputs(2, 3, 300, 1000, "blhd", 5)
+    x, xp = A8.quantize(q, k, v, 128), A8.quantize(q, k, v, 128, permute_v=True)
+    for name in ("q8", "k8", "qs", "ks", "vs"):
+        assert torch.equal(getattr(x, name).float(), getattr(xp, name).float()), name
+    cols = A8.wgmma_key_columns(x.lkp, "cuda")
+    assert torch.equal(xp.vt8.float()[:, cols], x.vt8.float())
+    with pytest.raises(ValueError, match="permute_v"):
+        A8.attention_quantized(xp, torch.empty_like(q))
 
 
 @pytest.mark.gpu
