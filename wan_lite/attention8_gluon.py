@@ -16,13 +16,42 @@ schedule, written out by hand because Triton 3.6 waits on every wgmma right afte
         refill the shared-memory stage of block j with block j + STAGES (TMA, mbarrier per stage)
     the last block (masked when L is not a multiple of BLOCK_N) without a next S
 
-This is FlashAttention-3's intra-warpgroup pipelining (its part 1); its ping-pong of two consumer
-warpgroups and a producer warp (parts 2 and 3) are not built. One warpgroup (4 warps) owns 64 query rows;
-`num_warps=8` puts two warpgroups on 128 rows sharing the K/V tiles. K and V tiles arrive by TMA into a
-STAGES-deep ring, issued by the same warps STAGES blocks ahead.
+This is FlashAttention-3's intra-warpgroup pipelining (its part 1). One warpgroup (4 warps) owns 64 query
+rows; `num_warps=8` puts two warpgroups on 128 rows sharing the K/V tiles. K and V tiles arrive by TMA into
+a STAGES-deep ring, issued by the same warps STAGES blocks ahead.
+
+`warp_specialize` configs run `_attn_fwd_pingpong` instead, FlashAttention-3's parts 2 and 3: one producer
+warp (24 registers) issues every TMA load; two consumer warpgroups (240 registers each, one program per SM)
+own 64 query rows each of a 128-row program and share one K/V ring (a stage is refilled once both have
+released it). With `pingpong` they take turns at the tensor cores, so one's softmax runs while the other's
+matrix products do:
+
+    consumer c:  S_0 = Q_c.K_0^T                                  (turn 0)
+                 for j in 0 .. n-2:
+                     softmax(S_j) -> P_j, alpha_j
+                     issue PV_j = P_j . V_j, S_{j+1} = Q_c.K_{j+1}^T  (turn j + 1, then hand over)
+                     wait PV_j; acc = acc * alpha_j + PV_j; wait S_{j+1}
+                 softmax(S_{n-1}) (masked), PV_{n-1}              (turn n)
+
+A consumer's softmax waits for its own S here (a second 64x128 fp32 S tile in flight does not fit 240
+registers beside acc and PV); FA3's order (S_j and PV_{j-1} issued together, P_{j-1} carried over the loop)
+compiled to 744 SASS instructions per block against 505: Triton carries an fp8 tensor across a loop as
+bytes and repacks it (192 PRMT). `_attn_fwd_pingpong`'s docstring gives the barrier protocol.
+
+`permute_v` configs take the e4m3 P straight from the registers the Q.K^T accumulator left it in: the
+pre-pass stores V^T's keys in that order (attention8.wgmma_key_columns), which removes the 48 SHFL/SEL/PRMT
+per block that move bytes between the lanes of a quad. SASS per warp per 64x128 block (`loop_mix`, sm90,
+ptxas of Triton 3.6): DEFAULT 591 instructions, ping-pong 505, ping-pong + permute_v 472 (FFMA 130, FADD 70,
+FMNMX 68, MUFU 66, F2FP 32, PRMT 16, SHFL 8, the rest barriers and addresses).
+
+Not built: FlashAttention-4's lazy rescaling. With the fresh P.V accumulator per block (the accuracy
+choice above) acc = acc * alpha + PV is one FFMA per element whether or not alpha is 1, so skipping the
+rescale saves no instruction on the accumulator (only alpha's 2 exp2 per row pair) and needs P_SHIFT + a
+threshold <= log2(448).
 
 Needs Triton >= 3.6 (triton.experimental.gluon) and an sm90 GPU (wgmma): `unsupported_device` says why
-not elsewhere. Without a GPU, `compile_sm90` compiles the kernel for sm90 and counts its wgmma and waits.
+not elsewhere. Without a GPU, `compile_sm90` compiles the kernel for sm90 (`sass` and `loop_mix` read ptxas's
+output).
 Imported only where Triton is installed (CUDA builds).
 """
 
@@ -582,15 +611,16 @@ def loop_mix(sass_text: str) -> Counter:
 # python -m wan_lite.attention8_gluon: the loop alone, every Gluon config beside attention8's
 
 
-def sweep(lengths=(32760, 75600), heads: int = 40, rep_ms: int = 400, log=print) -> list[dict]:
+def sweep(lengths=(32760, 75600), heads: int = 40, rep_ms: int = 400, log=print, watchdog_s: float = 0) -> list[dict]:
     """Time the attention loops alone (pre-pass excluded) on one pre-pass result per block_n at B=1, D=128,
     beside cuDNN's bf16 SDPA on the same q, k, v: per row ms, TFLOP/s (4 B H L^2 D / t), speed-up over
     attention8's DEFAULT Triton loop and over cuDNN, relative difference to the Triton loop's output,
     registers (per consumer thread for warp-specialized configs) and spills. A config that fails to compile
-    or run is reported and the rest still run."""
+    or run is reported and the rest still run; one that runs longer than watchdog_s (> 0) ends the process
+    (a hung kernel cannot be interrupted), after the rows so far were logged."""
     rows = []
     for L in lengths:
-        rows += _sweep_length(L, heads, rep_ms, log)
+        rows += _sweep_length(L, heads, rep_ms, log, watchdog_s)
         torch.cuda.empty_cache()
     return rows
 
@@ -605,7 +635,23 @@ def _cudnn_ms(q, k, v, rep_ms: int) -> float:
     return triton.testing.do_bench(run, warmup=1, rep=rep_ms, return_mode="median")
 
 
-def _sweep_length(L: int, heads: int, rep_ms: int, log) -> list[dict]:
+def _watchdog(seconds: float, what: str):
+    """A started timer that ends the process if not cancelled within `seconds` (0: none)."""
+    import os
+    import threading
+
+    def fire():
+        print(f"{what} ran over {seconds} s (a hung kernel?): exiting", flush=True)
+        os._exit(3)
+
+    timer = threading.Timer(seconds, fire)
+    timer.daemon = True
+    if seconds > 0:
+        timer.start()
+    return timer
+
+
+def _sweep_length(L: int, heads: int, rep_ms: int, log, watchdog_s: float = 0) -> list[dict]:
     g = torch.Generator(device="cuda").manual_seed(L)
     q, k, v = (torch.randn(1, heads, L, A8.HEAD_DIM, device="cuda", generator=g, dtype=torch.bfloat16)
                for _ in range(3))
@@ -629,6 +675,7 @@ def _sweep_length(L: int, heads: int, rep_ms: int, log) -> list[dict]:
     log(rows[-1])
     for cfg in CONFIGS.values():
         row = {"L": L, "variant": cfg.name}
+        timer = _watchdog(watchdog_s, f"{cfg.name} at L={L}")
         try:
             x = xs[cfg.block_n, cfg.permute_v]
             ck = launch(x, out, cfg)
@@ -641,6 +688,7 @@ def _sweep_length(L: int, heads: int, rep_ms: int, log) -> list[dict]:
                 row["vs_cudnn"] = cudnn / row["ms"]
         except Exception as e:  # noqa: BLE001 - a failing config is reported, the rest still run
             row["error"] = f"{type(e).__name__}: {e}"[:400]
+        timer.cancel()
         rows.append(row)
         log(row)
     return rows
@@ -654,11 +702,13 @@ if __name__ == "__main__":
     p.add_argument("--lengths", default="32760,75600", help="comma list of sequence lengths")
     p.add_argument("--rep-ms", type=int, default=400, help="do_bench repetition time per measurement")
     p.add_argument("--json", help="write the rows here")
+    p.add_argument("--watchdog-s", type=float, default=90, help="end the sweep if one config runs longer (0: never)")
     a = p.parse_args()
     problem = unsupported_device(torch.device("cuda")) if torch.cuda.is_available() else "no CUDA GPU"
     if problem:
         raise SystemExit(f"the Gluon sweep needs an sm90 GPU: {problem}")
-    result = sweep(tuple(int(t) for t in a.lengths.split(",")), rep_ms=a.rep_ms)
+    result = sweep(tuple(int(t) for t in a.lengths.split(",")), rep_ms=a.rep_ms,
+                   log=lambda row: print(row, flush=True), watchdog_s=a.watchdog_s)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=1)
