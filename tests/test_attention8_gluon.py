@@ -112,7 +112,24 @@ def test_warp_specialized_sass_fits_the_consumer_budget_without_spills(name):
     used = max(int(r) for r in re.findall(r"\bR(\d+)\b", sass))
     assert used < cfg.consumer_regs, f"R{used} used, the consumers have {cfg.consumer_regs}"
     print(name, "highest register", used, "loop mix", G.loop_mix(sass))
-    assert G.loop_mix(sass)["QGMMA"] == cfg.block_n // 32 + 128 // 32  # PV_j and S_{j+1}: one turn per block
+    assert G.loop_mix(sass)["QGMMA"] == cfg.block_n // 32 + 128 // 32  # PV_j and S_{j+1} once per block
+    if cfg.permute_v:
+        assert G.loop_mix(sass)["SEL"] == 0  # P stays in its lanes: no byte exchange within a quad
+    exp2_after_issue = [seg.split("QGMMA", 1)[1].count("MUFU.EX2") for seg in sass.split("WARPGROUP.DEPBAR")
+                        if "QGMMA" in seg]
+    if cfg.overlap:  # a consumer's softmax runs while its own next S is on the tensor cores
+        assert max(exp2_after_issue) >= 3 * (cfg.tile_m * cfg.block_n // 128) // 4
+    else:  # it waits for its S; the other consumer's wgmma fill the gap
+        assert max(exp2_after_issue) < 8
+
+
+def test_every_variant_has_its_own_name_and_bad_combinations_raise():
+    assert len(G.CONFIGS) == len(G.VARIANTS)
+    assert G.CONFIGS[G.DEFAULT.name] == G.GluonConfig()  # the default is the lead's to switch
+    with pytest.raises(ValueError, match="two consumer warpgroups"):
+        G.GluonConfig(num_warps=8, warp_specialize=True)
+    with pytest.raises(ValueError, match="overlap"):
+        G.GluonConfig(overlap=True)
 
 
 def test_wgmma_key_columns_match_the_kernels_relabelling():

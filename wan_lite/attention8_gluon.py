@@ -36,13 +36,16 @@ matrix products do:
 A consumer's softmax waits for its own S here (a second 64x128 fp32 S tile in flight does not fit 240
 registers beside acc and PV); FA3's order (S_j and PV_{j-1} issued together, P_{j-1} carried over the loop)
 compiled to 744 SASS instructions per block against 505: Triton carries an fp8 tensor across a loop as
-bytes and repacks it (192 PRMT). `_attn_fwd_pingpong`'s docstring gives the barrier protocol.
+bytes and repacks it (192 PRMT). `overlap` configs keep part 1 inside each consumer in the plain loop's
+order instead (S_{j+1} issued before block j's softmax, PV_j after it; turns for the S issues only): 64
+more instructions per block copying the carried S (unrolled by 2 to avoid them, it spilled at 240).
+`_attn_fwd_pingpong`'s docstring gives the barrier protocol.
 
 `permute_v` configs take the e4m3 P straight from the registers the Q.K^T accumulator left it in: the
 pre-pass stores V^T's keys in that order (attention8.wgmma_key_columns), which removes the 48 SHFL/SEL/PRMT
 per block that move bytes between the lanes of a quad. SASS per warp per 64x128 block (`loop_mix`, sm90,
 ptxas of Triton 3.6): DEFAULT 591 instructions, ping-pong 505, ping-pong + permute_v 472 (FFMA 130, FADD 70,
-FMNMX 68, MUFU 66, F2FP 32, PRMT 16, SHFL 8, the rest barriers and addresses).
+FMNMX 68, MUFU 66, F2FP 32, PRMT 16, SHFL 8, the rest barriers and addresses); overlap + permute_v 536.
 
 Not built: FlashAttention-4's lazy rescaling. With the fresh P.V accumulator per block (the accuracy
 choice above) acc = acc * alpha + PV is one FFMA per element whether or not alpha is 1, so skipping the
@@ -83,11 +86,14 @@ class GluonConfig:
     stages: int = 2  # K/V tiles in the TMA ring
     warp_specialize: bool = False  # a producer warp issues the TMA loads, two consumer warpgroups compute
     pingpong: bool = True  # warp_specialize: the consumers take turns issuing their wgmma (FA3's ping-pong)
+    overlap: bool = False  # warp_specialize: S_{j+1} issued before block j's softmax (FA3 part 1 in each consumer)
     permute_v: bool = False  # the pre-pass stores V^T's keys in the wgmma order: P needs no shuffles (_a_operand)
     consumer_regs: int = 240  # warp_specialize: registers per consumer thread (setmaxnreg)
     producer_regs: int = 24  # warp_specialize: registers per producer thread
 
     def __post_init__(self):
+        if self.overlap and not self.warp_specialize:
+            raise ValueError("overlap is the warp-specialized consumers' option (the plain loop always overlaps)")
         if self.warp_specialize and self.num_warps != 4:
             raise ValueError(f"warp_specialize runs two consumer warpgroups of 4 warps, got num_warps {self.num_warps}")
 
@@ -114,19 +120,23 @@ class GluonConfig:
         if not self.warp_specialize:
             return f"gluon-m{self.block_m}n{self.block_n}w{self.num_warps}s{self.stages}{perm}"
         regs = "" if (self.consumer_regs, self.producer_regs) == (240, 24) else f"r{self.consumer_regs}"
-        return f"gluon-ws{'pp' if self.pingpong else ''}-m{self.block_m}n{self.block_n}s{self.stages}{regs}{perm}"
+        ov = "ov" if self.overlap else ""
+        return f"gluon-ws{'pp' if self.pingpong else ''}{ov}-m{self.block_m}n{self.block_n}s{self.stages}{regs}{perm}"
 
 
 DEFAULT = GluonConfig()
 PINGPONG = GluonConfig(stages=3, warp_specialize=True)  # FA3's schedule: producer warp, two consumers taking turns
-CONFIGS = {c.name: c for c in (DEFAULT, GluonConfig(stages=3), GluonConfig(num_warps=8), GluonConfig(block_n=64,
-                                                                                                        stages=3),
-                               PINGPONG, GluonConfig(stages=2, warp_specialize=True),
-                               GluonConfig(stages=4, warp_specialize=True),
-                               GluonConfig(stages=3, warp_specialize=True, pingpong=False),
-                               GluonConfig(stages=3, warp_specialize=True, permute_v=True),
-                               GluonConfig(stages=2, warp_specialize=True, permute_v=True),
-                               GluonConfig(permute_v=True))}
+VARIANTS = (
+    DEFAULT, GluonConfig(stages=3), GluonConfig(num_warps=8), GluonConfig(block_n=64, stages=3),
+    GluonConfig(permute_v=True),
+    PINGPONG, GluonConfig(stages=2, warp_specialize=True), GluonConfig(stages=4, warp_specialize=True),
+    GluonConfig(stages=3, warp_specialize=True, pingpong=False),  # the consumers unordered
+    GluonConfig(stages=3, warp_specialize=True, permute_v=True),
+    GluonConfig(stages=2, warp_specialize=True, permute_v=True),
+    GluonConfig(stages=3, warp_specialize=True, permute_v=True, overlap=True),
+    GluonConfig(stages=3, warp_specialize=True, permute_v=True, overlap=True, pingpong=False),
+)
+CONFIGS = {c.name: c for c in VARIANTS}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,15 +349,42 @@ def _pp_pass(turn, c, PINGPONG: gl.constexpr):
 
 
 @gluon.jit
+def _pp_overlapped_block(s, q, k_smem, v_smem, k_full, v_full, k_empty, v_empty, turn, c, j, acc, l_i, m_i, c_q,
+                         ks_h, Lk, s_zero, o_zero, s_layout: gl.constexpr, p_layout: gl.constexpr,
+                         o_layout: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+                         P_SHIFT: gl.constexpr, PINGPONG: gl.constexpr, PERMUTE_V: gl.constexpr):
+    """Block j < n - 1 with the intra-warpgroup overlap (`overlap` configs): S_{j+1} is issued (turn j + 1)
+    before block j's softmax, PV_j after it; returns S_{j+1}, acc, l, m."""
+    s_k = (j + 1) % STAGES
+    s_v = j % STAGES
+    mbarrier.wait(k_full.index(s_k), ((j + 1) // STAGES) & 1)
+    _pp_turn(turn, c, j + 1, PINGPONG)
+    s_tok = warpgroup_mma(q, k_smem.index(s_k).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+    _pp_pass(turn, c, PINGPONG)
+    p, alpha, l_i, m_i = _softmax(s, m_i, l_i, c_q * gl.load(ks_h + j), j * BLOCK_N, Lk, s_layout, BLOCK_N, False,
+                                  P_SHIFT)
+    p8 = _a_operand(p, p_layout, BLOCK_N, PERMUTE_V)
+    mbarrier.wait(v_full.index(s_v), (j // STAGES) & 1)
+    pv_tok = warpgroup_mma(p8, v_smem.index(s_v).permute((1, 0)), o_zero, use_acc=False, is_async=True)
+    s, pv = warpgroup_mma_wait(0, deps=[s_tok, pv_tok])
+    mbarrier.arrive(k_empty.index(s_k), count=1)
+    mbarrier.arrive(v_empty.index(s_v), count=1)
+    acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1) + pv
+    return s, acc, l_i, m_i
+
+
+@gluon.jit
 def _pp_consume(q_smem, k_smem, v_smem, q_bars, k_full, v_full, k_empty, v_empty, turn, c, qs, ks, vs, Out, H,
                 Lq, Lqp, Lk, Lkp, sob, soh, sol, D: gl.constexpr, BLOCK_N: gl.constexpr, Q_BLOCK: gl.constexpr,
-                STAGES: gl.constexpr, P_SHIFT: gl.constexpr, PINGPONG: gl.constexpr, PERMUTE_V: gl.constexpr):
+                STAGES: gl.constexpr, P_SHIFT: gl.constexpr, PINGPONG: gl.constexpr, PERMUTE_V: gl.constexpr,
+                OVERLAP: gl.constexpr):
     """Consumer c (one warpgroup): query rows 64 c .. 64 c + 63 of the program's 128 over all key blocks.
 
     Turn 0 issues S_0; turn j + 1 (j < n - 1) issues PV_j and S_{j+1} back to back, after block j's softmax;
     turn n issues PV_{n-1}: n + 1 turns for either consumer. While one consumer runs its softmax the other's
     pair runs on the tensor cores (within a consumer the softmax waits for its own S: registers for a
-    second S tile in flight are not there at 240 per thread). Only the last block is masked."""
+    second S tile in flight are not there at 240 per thread). Only the last block is masked.
+    OVERLAP: the blocks run `_pp_overlapped_block` instead (S_{j+1} in flight during block j's softmax)."""
     BLOCK_M: gl.constexpr = q_smem.type.shape[1]
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                        instr_shape=[16, BLOCK_N, 32])
@@ -373,32 +410,39 @@ def _pp_consume(q_smem, k_smem, v_smem, q_bars, k_full, v_full, k_empty, v_empty
     _pp_pass(turn, c, PINGPONG)
     s = warpgroup_mma_wait(0, deps=[s_tok])
     mbarrier.arrive(k_empty.index(0), count=1)
-    for j in range(0, n - 1):  # every block but the last: unmasked, S_{j+1} issued with PV_j
-        p, alpha, l_i, m_i = _softmax(s, m_i, l_i, c_q * gl.load(ks_h + j), j * BLOCK_N, Lk, s_layout, BLOCK_N,
-                                      False, P_SHIFT)
-        p8 = _a_operand(p, p_layout, BLOCK_N, PERMUTE_V)
-        s_v = j % STAGES
-        s_k = (j + 1) % STAGES
-        mbarrier.wait(v_full.index(s_v), (j // STAGES) & 1)
-        mbarrier.wait(k_full.index(s_k), ((j + 1) // STAGES) & 1)
-        _pp_turn(turn, c, j + 1, PINGPONG)
-        pv_tok = warpgroup_mma(p8, v_smem.index(s_v).permute((1, 0)), o_zero, use_acc=False, is_async=True)
-        s_tok = warpgroup_mma(q, k_smem.index(s_k).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        _pp_pass(turn, c, PINGPONG)
-        pv = warpgroup_mma_wait(1, deps=[pv_tok])  # groups retire in order: PV_j is done, S_{j+1} may run on
-        mbarrier.arrive(v_empty.index(s_v), count=1)
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1) + pv
-        s = warpgroup_mma_wait(0, deps=[s_tok])
-        mbarrier.arrive(k_empty.index(s_k), count=1)
+    if OVERLAP:  # the carried S costs 64 register copies per block (unrolled by 2 it spilled at 240)
+        for j in range(0, n - 1):
+            s, acc, l_i, m_i = _pp_overlapped_block(s, q, k_smem, v_smem, k_full, v_full, k_empty, v_empty, turn, c,
+                                                    j, acc, l_i, m_i, c_q, ks_h, Lk, s_zero, o_zero, s_layout,
+                                                    p_layout, o_layout, BLOCK_N, STAGES, P_SHIFT, PINGPONG,
+                                                    PERMUTE_V)
+    else:
+        for j in range(0, n - 1):  # every block but the last: unmasked, S_{j+1} issued with PV_j
+            p, alpha, l_i, m_i = _softmax(s, m_i, l_i, c_q * gl.load(ks_h + j), j * BLOCK_N, Lk, s_layout, BLOCK_N,
+                                          False, P_SHIFT)
+            p8 = _a_operand(p, p_layout, BLOCK_N, PERMUTE_V)
+            s_v = j % STAGES
+            s_k = (j + 1) % STAGES
+            mbarrier.wait(v_full.index(s_v), (j // STAGES) & 1)
+            mbarrier.wait(k_full.index(s_k), ((j + 1) // STAGES) & 1)
+            _pp_turn(turn, c, j + 1, PINGPONG)
+            pv_tok = warpgroup_mma(p8, v_smem.index(s_v).permute((1, 0)), o_zero, use_acc=False, is_async=True)
+            s_tok = warpgroup_mma(q, k_smem.index(s_k).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            _pp_pass(turn, c, PINGPONG)
+            pv = warpgroup_mma_wait(1, deps=[pv_tok])  # groups retire in order: PV_j is done, S_{j+1} may run on
+            mbarrier.arrive(v_empty.index(s_v), count=1)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1) + pv
+            s = warpgroup_mma_wait(0, deps=[s_tok])
+            mbarrier.arrive(k_empty.index(s_k), count=1)
     last = n - 1
     p, alpha, l_i, m_i = _softmax(s, m_i, l_i, c_q * gl.load(ks_h + last), last * BLOCK_N, Lk, s_layout, BLOCK_N,
                                   True, P_SHIFT)
     p8 = _a_operand(p, p_layout, BLOCK_N, PERMUTE_V)
     s_v = last % STAGES
     mbarrier.wait(v_full.index(s_v), (last // STAGES) & 1)
-    _pp_turn(turn, c, n, PINGPONG)
+    _pp_turn(turn, c, n, PINGPONG and not OVERLAP)  # overlap configs take turns for the S issues only
     pv_tok = warpgroup_mma(p8, v_smem.index(s_v).permute((1, 0)), o_zero, use_acc=False, is_async=True)
-    _pp_pass(turn, c, PINGPONG)
+    _pp_pass(turn, c, PINGPONG and not OVERLAP)
     pv = warpgroup_mma_wait(0, deps=[pv_tok])
     mbarrier.arrive(v_empty.index(s_v), count=1)
     acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1) + pv
@@ -409,7 +453,7 @@ def _pp_consume(q_smem, k_smem, v_smem, q_bars, k_full, v_full, k_empty, v_empty
 def _attn_fwd_pingpong(q_desc, k_desc, v_desc, qs, ks, vs, Out, H, Lq, Lqp, Lk, Lkp, sob, soh, sol,
                        D: gl.constexpr, BLOCK_N: gl.constexpr, Q_BLOCK: gl.constexpr, STAGES: gl.constexpr,
                        P_SHIFT: gl.constexpr, PINGPONG: gl.constexpr, PERMUTE_V: gl.constexpr,
-                       CONSUMER_REGS: gl.constexpr,
+                       OVERLAP: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                        PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """One program: 128 queries of one (batch, head), two consumer warpgroups of 64 rows and a producer warp.
 
@@ -423,7 +467,8 @@ def _attn_fwd_pingpong(q_desc, k_desc, v_desc, qs, ks, vs, Out, H, Lq, Lqp, Lk, 
       turn[c]    (count 1, PINGPONG only): consumer c waits parity (k & 1) ^ (1 - c) before its k-th group
                  of wgmma issues and then arrives on turn[1 - c]: 0 issues group 0, then 1 its group 0,
                  then 0 its group 1, ...; neither can run two phases ahead of the other's wait, since each
-                 arrival follows its own wait.
+                 arrival follows its own wait. Groups: S_0, then PV_j with S_{j+1}, then PV_{n-1} (n + 1
+                 turns each); with OVERLAP the S issues alone, S_0 .. S_{n-1} (n turns each).
     No wait depends on a later arrival of the waiter's own partition, and the producer runs ahead of the
     consumers by at most STAGES blocks, so the three partitions cannot deadlock for any n >= 1.
     """
@@ -453,10 +498,10 @@ def _attn_fwd_pingpong(q_desc, k_desc, v_desc, qs, ks, vs, Out, H, Lq, Lqp, Lk, 
     gl.warp_specialize([
         (_pp_consume, (q_smem, k_smem, v_smem, q_bars, k_full, v_full, k_empty, v_empty, turn, 0, qs, ks, vs, Out,
                        H, Lq, Lqp, Lk, Lkp, sob, soh, sol, D, BLOCK_N, Q_BLOCK, STAGES, P_SHIFT, PINGPONG,
-                       PERMUTE_V)),
+                       PERMUTE_V, OVERLAP)),
         (_pp_consume, (q_smem, k_smem, v_smem, q_bars, k_full, v_full, k_empty, v_empty, turn, 1, qs, ks, vs, Out,
                        H, Lq, Lqp, Lk, Lkp, sob, soh, sol, D, BLOCK_N, Q_BLOCK, STAGES, P_SHIFT, PINGPONG,
-                       PERMUTE_V)),
+                       PERMUTE_V, OVERLAP)),
         (_pp_load, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bars, k_full, v_full, k_empty, v_empty,
                     bh * Lqp + start_m * 2 * BLOCK_M, bh * Lkp, bh * D, n, BLOCK_N, STAGES)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -485,7 +530,7 @@ def _layouts(cfg: GluonConfig, D: int):
 
 def _pingpong_constexprs(cfg: GluonConfig, D: int) -> dict:
     return dict(D=D, BLOCK_N=cfg.block_n, Q_BLOCK=A8.Q_BLOCK, STAGES=cfg.stages, P_SHIFT=A8.P_SHIFT,
-                PINGPONG=cfg.pingpong, PERMUTE_V=cfg.permute_v, CONSUMER_REGS=cfg.consumer_regs,
+                PINGPONG=cfg.pingpong, PERMUTE_V=cfg.permute_v, OVERLAP=cfg.overlap, CONSUMER_REGS=cfg.consumer_regs,
                 PRODUCER_REGS=cfg.producer_regs)
 
 
