@@ -656,7 +656,8 @@ def loop_mix(sass_text: str) -> Counter:
 # python -m wan_lite.attention8_gluon: the loop alone, every Gluon config beside attention8's
 
 
-def sweep(lengths=(32760, 75600), heads: int = 40, rep_ms: int = 400, log=print, watchdog_s: float = 0) -> list[dict]:
+def sweep(lengths=(32760, 75600), heads: int = 40, rep_ms: int = 400, log=print, watchdog_s: float = 0,
+          configs: tuple[GluonConfig, ...] = VARIANTS) -> list[dict]:
     """Time the attention loops alone (pre-pass excluded) on one pre-pass result per block_n at B=1, D=128,
     beside cuDNN's bf16 SDPA on the same q, k, v: per row ms, TFLOP/s (4 B H L^2 D / t), speed-up over
     attention8's DEFAULT Triton loop and over cuDNN, relative difference to the Triton loop's output,
@@ -665,7 +666,7 @@ def sweep(lengths=(32760, 75600), heads: int = 40, rep_ms: int = 400, log=print,
     (a hung kernel cannot be interrupted), after the rows so far were logged."""
     rows = []
     for L in lengths:
-        rows += _sweep_length(L, heads, rep_ms, log, watchdog_s)
+        rows += _sweep_length(L, heads, rep_ms, log, watchdog_s, configs)
         torch.cuda.empty_cache()
     return rows
 
@@ -696,7 +697,7 @@ def _watchdog(seconds: float, what: str):
     return timer
 
 
-def _sweep_length(L: int, heads: int, rep_ms: int, log, watchdog_s: float = 0) -> list[dict]:
+def _sweep_length(L: int, heads: int, rep_ms: int, log, watchdog_s: float, configs) -> list[dict]:
     g = torch.Generator(device="cuda").manual_seed(L)
     q, k, v = (torch.randn(1, heads, L, A8.HEAD_DIM, device="cuda", generator=g, dtype=torch.bfloat16)
                for _ in range(3))
@@ -710,7 +711,7 @@ def _sweep_length(L: int, heads: int, rep_ms: int, log, watchdog_s: float = 0) -
         rows.append({"L": L, "variant": "cudnn sdpa bf16", "error": f"{type(e).__name__}: {e}"[:400]})
     log(rows[-1])
     xs = {(n, pv): A8.quantize(q, k, v, n, pv)
-          for n, pv in {(c.block_n, c.permute_v) for c in CONFIGS.values()} | {(A8.DEFAULT.block_n, False)}}
+          for n, pv in {(c.block_n, c.permute_v) for c in configs} | {(A8.DEFAULT.block_n, False)}}
     x0, out = xs[A8.DEFAULT.block_n, False], torch.empty_like(q)
     ref = A8.attention_quantized(x0, torch.empty_like(q)).float()
     base = triton.testing.do_bench(lambda: A8.launch(x0, out), warmup=1, rep=rep_ms, return_mode="median")
@@ -718,7 +719,7 @@ def _sweep_length(L: int, heads: int, rep_ms: int, log, watchdog_s: float = 0) -
     if cudnn:
         rows[-1]["vs_cudnn"] = cudnn / base
     log(rows[-1])
-    for cfg in CONFIGS.values():
+    for cfg in configs:
         row = {"L": L, "variant": cfg.name}
         timer = _watchdog(watchdog_s, f"{cfg.name} at L={L}")
         try:
@@ -747,13 +748,23 @@ if __name__ == "__main__":
     p.add_argument("--lengths", default="32760,75600", help="comma list of sequence lengths")
     p.add_argument("--rep-ms", type=int, default=400, help="do_bench repetition time per measurement")
     p.add_argument("--json", help="write the rows here")
+    p.add_argument("--configs", default=",".join(CONFIGS), help="comma list of config names (default: all)")
     p.add_argument("--watchdog-s", type=float, default=90, help="end the sweep if one config runs longer (0: never)")
     a = p.parse_args()
+    unknown = set(a.configs.split(",")) - set(CONFIGS)
+    if unknown:
+        raise SystemExit(f"unknown configs {sorted(unknown)}; known: {', '.join(CONFIGS)}")
     problem = unsupported_device(torch.device("cuda")) if torch.cuda.is_available() else "no CUDA GPU"
     if problem:
         raise SystemExit(f"the Gluon sweep needs an sm90 GPU: {problem}")
-    result = sweep(tuple(int(t) for t in a.lengths.split(",")), rep_ms=a.rep_ms,
-                   log=lambda row: print(row, flush=True), watchdog_s=a.watchdog_s)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(result, f, indent=1)
+    logged = []
+
+    def log(row):  # printed and written as it comes: a watchdog exit keeps the rows so far
+        print(row, flush=True)
+        logged.append(row)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(logged, f, indent=1)
+
+    sweep(tuple(int(t) for t in a.lengths.split(",")), rep_ms=a.rep_ms, log=log, watchdog_s=a.watchdog_s,
+          configs=tuple(CONFIGS[n] for n in a.configs.split(",")))
