@@ -130,6 +130,8 @@ def test_every_variant_has_its_own_name_and_bad_combinations_raise():
         G.GluonConfig(num_warps=8, warp_specialize=True)
     with pytest.raises(ValueError, match="overlap"):
         G.GluonConfig(overlap=True)
+    with pytest.raises(ValueError, match="<= 512"):
+        G.GluonConfig(warp_specialize=True, consumer_regs=248)
 
 
 def test_wgmma_key_columns_match_the_kernels_relabelling():

@@ -96,6 +96,9 @@ class GluonConfig:
             raise ValueError("overlap is the warp-specialized consumers' option (the plain loop always overlaps)")
         if self.warp_specialize and self.num_warps != 4:
             raise ValueError(f"warp_specialize runs two consumer warpgroups of 4 warps, got num_warps {self.num_warps}")
+        if 2 * self.consumer_regs + self.producer_regs > 512:  # 3 warpgroups x 128 threads share 64 K registers
+            raise ValueError(f"2 x consumer_regs + producer_regs must be <= 512, got {self.consumer_regs}, "
+                             f"{self.producer_regs}")
 
     @property
     def block_m(self) -> int:
@@ -119,7 +122,8 @@ class GluonConfig:
         perm = "-pv" if self.permute_v else ""
         if not self.warp_specialize:
             return f"gluon-m{self.block_m}n{self.block_n}w{self.num_warps}s{self.stages}{perm}"
-        regs = "" if (self.consumer_regs, self.producer_regs) == (240, 24) else f"r{self.consumer_regs}"
+        regs = "" if (self.consumer_regs, self.producer_regs) == (240, 24) else \
+            f"r{self.consumer_regs}p{self.producer_regs}"
         ov = "ov" if self.overlap else ""
         return f"gluon-ws{'pp' if self.pingpong else ''}{ov}-m{self.block_m}n{self.block_n}s{self.stages}{regs}{perm}"
 
