@@ -70,6 +70,10 @@ def emulate(x, B, H, Lq, Lk, block_m, block_n):
     q8 = x.q8.float().view(B * H, x.lqp, D)[:, :Lq] * x.qs.repeat_interleave(128, 1)[:, :Lq, None]  # sq folded
     k8 = x.k8.float().view(B * H, x.lkp, D)
     vt8 = x.vt8.float().view(B * H, D, x.lkp)
+    if x.permute_v:  # the Gluon loop's key order: back to key order
+        from wan_lite.attention8 import wgmma_key_columns
+
+        vt8 = vt8[:, :, wgmma_key_columns(x.lkp, vt8.device)]
     m = torch.full((B * H, Lq), float("-inf"), device=q8.device)
     denom = torch.zeros(B * H, Lq, device=q8.device)
     acc = torch.zeros(B * H, Lq, D, device=q8.device)

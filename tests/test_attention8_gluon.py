@@ -5,8 +5,8 @@ Needs Triton with Gluon (3.6+; CPU builds of torch lack Triton: the module's tes
 an sm90 card: `python -m pytest -q -m gpu tests/test_attention8_gluon.py`.
 """
 
+import dataclasses
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -32,7 +32,21 @@ def _scores_per_thread(cfg):
     return cfg.block_m * cfg.block_n // (32 * cfg.num_warps)
 
 
-@pytest.mark.parametrize("name", list(G.CONFIGS))
+PIPELINED = [n for n, c in G.CONFIGS.items() if not c.warp_specialize]
+SPECIALIZED = [n for n, c in G.CONFIGS.items() if c.warp_specialize]
+
+
+def _sass(cfg):
+    """The SASS ptxas made for cfg (Triton's bundled nvdisasm); skips where the wheel lacks it."""
+    import triton.backends.nvidia as nv
+
+    nvdisasm = Path(nv.__file__).parent / "bin" / "nvdisasm"
+    if not nvdisasm.exists():
+        pytest.skip(f"no nvdisasm at {nvdisasm}")
+    return G.sass(cfg)
+
+
+@pytest.mark.parametrize("name", PIPELINED)
 def test_compiles_for_sm90_with_the_softmax_between_issue_and_wait(name):
     """Every config compiles for sm90 on this machine; in the PTX the asynchronous Q.K^T of the next block is
     committed, then this block's exp2 run, and only then comes a wgmma wait (Triton's own loop waits right
@@ -54,25 +68,82 @@ def test_compiles_for_sm90_with_the_softmax_between_issue_and_wait(name):
     assert ".local" not in ptx  # no local memory (spills) at the PTX level
 
 
-@pytest.mark.parametrize("name", list(G.CONFIGS))
-def test_sass_runs_the_exp2_between_the_tensor_core_issue_and_its_wait(name, tmp_path):
-    """The same in the SASS ptxas made (Triton's bundled nvdisasm): some QGMMA issue is followed by most of a
-    block's MUFU.EX2 (3/4 of a thread's exp2: ptxas hoists a few) before the next WARPGROUP.DEPBAR, and
-    nothing spills to local memory."""
-    import triton.backends.nvidia as nv
-
-    nvdisasm = Path(nv.__file__).parent / "bin" / "nvdisasm"
-    if not nvdisasm.exists():
-        pytest.skip(f"no nvdisasm at {nvdisasm}")
+@pytest.mark.parametrize("name", PIPELINED)
+def test_sass_runs_the_exp2_between_the_tensor_core_issue_and_its_wait(name):
+    """The same in the SASS: some QGMMA issue is followed by most of a block's MUFU.EX2 (3/4 of a thread's
+    exp2: ptxas hoists a few) before the next WARPGROUP.DEPBAR, and nothing spills to local memory."""
     cfg = G.CONFIGS[name]
-    cubin = tmp_path / "k.cubin"
-    cubin.write_bytes(G.compile_sm90(cfg).asm["cubin"])
-    sass = subprocess.run([str(nvdisasm), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+    sass = _sass(cfg)
     exp2_after_issue = [seg.split("QGMMA", 1)[1].count("MUFU.EX2") for seg in sass.split("WARPGROUP.DEPBAR")
                         if "QGMMA" in seg]
     print(name, "MUFU.EX2 between a QGMMA issue and the next wait, per wait:", exp2_after_issue)
     assert max(exp2_after_issue) >= 3 * _scores_per_thread(cfg) // 4
     assert "STL" not in sass and "LDL" not in sass
+
+
+@pytest.mark.parametrize("name", SPECIALIZED)
+def test_warp_specialized_configs_compile_with_their_register_split(name):
+    """The ping-pong kernel compiles for sm90: the consumer code (twice: the default partition and a worker)
+    issues S_0, then PV_j with S_{j+1} in the loop, then the last PV, all e4m3; setmaxnreg gives the
+    consumers and the producer their budgets; K/V/Q arrive by TMA; no local memory."""
+    cfg = G.CONFIGS[name]
+    ptx = G.compile_sm90(cfg).asm["ptx"]
+    n_k, n_pv = 128 // 32, cfg.block_n // 32
+    assert ptx.count("wgmma.mma_async") == 2 * (2 * n_k + 2 * n_pv)
+    assert ptx.count("wgmma.mma_async") == ptx.count("e4m3.e4m3")
+    regs = {int(r) for r in re.findall(r"setmaxnreg\.\w+\.sync\.aligned\.u32\s+(\d+);", ptx)}
+    assert {cfg.consumer_regs, cfg.producer_regs} <= regs
+    assert "cp.async.bulk.tensor" in ptx
+    assert ".local" not in ptx
+    # consumer 0 takes its first turn at once (parity 1 of a fresh barrier), so the turn waits exist
+    # only with pingpong: count the mbarrier waits against the variant without it
+    if cfg.pingpong:
+        plain = G.compile_sm90(dataclasses.replace(cfg, pingpong=False)).asm["ptx"]
+        assert ptx.count("mbarrier.try_wait") > plain.count("mbarrier.try_wait")
+
+
+@pytest.mark.parametrize("name", SPECIALIZED)
+def test_warp_specialized_sass_fits_the_consumer_budget_without_spills(name):
+    """ptxas kept every consumer loop within consumer_regs registers, without local memory; printed: the
+    SASS instruction mix of the hottest loop (notes/attention8.md compares it with DEFAULT's)."""
+    cfg = G.CONFIGS[name]
+    sass = _sass(cfg)
+    assert "STL" not in sass and "LDL" not in sass
+    used = max(int(r) for r in re.findall(r"\bR(\d+)\b", sass))
+    assert used < cfg.consumer_regs, f"R{used} used, the consumers have {cfg.consumer_regs}"
+    print(name, "highest register", used, "loop mix", G.loop_mix(sass))
+    assert G.loop_mix(sass)["QGMMA"] == cfg.block_n // 32 + 128 // 32  # PV_j and S_{j+1} once per block
+    if cfg.permute_v:
+        assert G.loop_mix(sass)["SEL"] == 0  # P stays in its lanes: no byte exchange within a quad
+    exp2_after_issue = [seg.split("QGMMA", 1)[1].count("MUFU.EX2") for seg in sass.split("WARPGROUP.DEPBAR")
+                        if "QGMMA" in seg]
+    if cfg.overlap:  # a consumer's softmax runs while its own next S is on the tensor cores
+        assert max(exp2_after_issue) >= 3 * (cfg.tile_m * cfg.block_n // 128) // 4
+    else:  # it waits for its S; the other consumer's wgmma fill the gap
+        assert max(exp2_after_issue) < 8
+
+
+def test_every_variant_has_its_own_name_and_bad_combinations_raise():
+    assert len(G.CONFIGS) == len(G.VARIANTS)
+    assert G.CONFIGS[G.DEFAULT.name] == G.GluonConfig()  # the default is the lead's to switch
+    with pytest.raises(ValueError, match="two consumer warpgroups"):
+        G.GluonConfig(num_warps=8, warp_specialize=True)
+    with pytest.raises(ValueError, match="overlap"):
+        G.GluonConfig(overlap=True)
+    with pytest.raises(ValueError, match="<= 512"):
+        G.GluonConfig(warp_specialize=True, consumer_regs=248)
+
+
+def test_wgmma_key_columns_match_the_kernels_relabelling():
+    """The pre-pass puts key c of each block at V^T column wgmma_key_columns[c]; the kernel (_a_operand) moves
+    score column c to column a by the reshape-permute-reshape below: the two must be the same map, a
+    permutation within each 32 keys (so block_n 64 and 128 blocks keep their own keys)."""
+    for n in (64, 128):
+        relabelled = torch.arange(n).reshape(n // 32, 2, 2, 4, 2).permute(0, 1, 3, 2, 4).reshape(n)  # [a] = c
+        cols = A8.wgmma_key_columns(n)
+        assert torch.equal(cols[relabelled], torch.arange(n))
+        assert torch.equal(cols // 32, torch.arange(n) // 32)
+    assert torch.equal(A8.wgmma_key_columns(256)[128:] - 128, A8.wgmma_key_columns(128))
 
 
 def test_refuses_cpu_tensors_naming_the_way_out():
@@ -99,7 +170,8 @@ def _rand_inputs(B, H, Lq, Lk, layout, seed):
 
 @pytest.mark.parametrize("name", list(G.CONFIGS))
 @pytest.mark.parametrize("B,H,Lq,Lk,layout", [(1, 2, 1000, 1000, "bhld"), (2, 3, 777, 300, "blhd"),
-                                              (1, 1, 130, 77, "bhld"), (1, 2, 512, 1024, "bhld")])
+                                              (1, 1, 130, 77, "bhld"), (1, 2, 512, 1024, "bhld"),
+                                              (1, 2, 200, 129, "bhld"), (1, 1, 64, 1700, "bhld")])
 @pytest.mark.gpu
 @needs_sm90
 def test_kernel_matches_the_triton_kernel_and_the_emulation(name, B, H, Lq, Lk, layout):
@@ -107,11 +179,11 @@ def test_kernel_matches_the_triton_kernel_and_the_emulation(name, B, H, Lq, Lk, 
     so only tensor-core accumulation order (and with it a few e4m3 roundings of P) may differ."""
     cfg = G.CONFIGS[name]
     q, k, v = _rand_inputs(B, H, Lq, Lk, layout, Lq + Lk)
-    x = A8.quantize(q, k, v, cfg.block_n)
+    x = A8.quantize(q, k, v, cfg.block_n, cfg.permute_v)
     out = torch.full(q.shape, float("nan"), device="cuda")  # fp32 out, poisoned: every element must be written
     G.attention_quantized(x, out, cfg)
     triton_cfg = A8.KernelConfig(64, cfg.block_n, 4, 2)
-    ref_triton = A8.attention_quantized(x, torch.empty_like(out), triton_cfg)
+    ref_triton = A8.attention_quantized(A8.quantize(q, k, v, cfg.block_n), torch.empty_like(out), triton_cfg)
     ref = emulate(x, B, H, Lq, Lk, cfg.block_m, cfg.block_n)
     err_t = ((out - ref_triton).norm() / ref_triton.norm()).item()
     err_e = ((out - ref).norm() / ref.norm()).item()
@@ -120,7 +192,7 @@ def test_kernel_matches_the_triton_kernel_and_the_emulation(name, B, H, Lq, Lk, 
     assert err_t < 1e-2 and err_e < 1e-2  # tests/test_attention8.py's kernel-vs-emulation bound
 
 
-@pytest.mark.parametrize("name", [G.DEFAULT.name, "gluon-m128n128w8s2"])
+@pytest.mark.parametrize("name", list(G.CONFIGS))
 @pytest.mark.gpu
 @needs_sm90
 def test_concentrated_attention_within_one_percent(name):
@@ -130,6 +202,21 @@ def test_concentrated_attention_within_one_percent(name):
     print(f"fp8 gluon attention ({name}) relative error vs exact:", {k: f"{e:.2e}" for k, e in errs.items()})
     assert errs["conc"] <= 0.01
     assert errs["uniform"] < 0.1 and errs["conc-iid"] < 0.15
+
+
+@pytest.mark.gpu
+@needs_sm90
+def test_prepass_permute_v_only_moves_v_columns():
+    """quantize(permute_v=True): the same 8-bit tensors but V^T's keys at wgmma_key_columns; the Triton loop
+    refuses it (its P.V runs over keys in order)."""
+    q, k, v = _rand_inputs(2, 3, 300, 1000, "blhd", 5)
+    x, xp = A8.quantize(q, k, v, 128), A8.quantize(q, k, v, 128, permute_v=True)
+    for name in ("q8", "k8", "qs", "ks", "vs"):
+        assert torch.equal(getattr(x, name).float(), getattr(xp, name).float()), name
+    cols = A8.wgmma_key_columns(x.lkp, "cuda")
+    assert torch.equal(xp.vt8.float()[:, cols], x.vt8.float())
+    with pytest.raises(ValueError, match="permute_v"):
+        A8.attention_quantized(xp, torch.empty_like(q))
 
 
 @pytest.mark.gpu

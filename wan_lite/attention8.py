@@ -153,9 +153,17 @@ def _quant_q(Q, q8, qs, H, L, Lp, sqb, sqh, sql, scale, D: tl.constexpr, ROWS: t
 
 
 @triton.jit
+def _wgmma_key_column(key):
+    """Where V^T stores `key` in the wgmma order (`quantize(permute_v=True)`): within each 32 keys, key
+    32b + 16h + 8q + 2t + e goes to column 32b + 16h + 4t + 2q + e (the two fields q and t swapped)."""
+    return (key & ~15) | (((key >> 1) & 3) << 2) | (((key >> 3) & 1) << 1) | (key & 1)
+
+
+@triton.jit
 def _quant_kv(K, V, kmean, vscale, k8, vt8, ks, H, L, Lp, skb, skh, skl, svb, svh, svl,
-              D: tl.constexpr, ROWS: tl.constexpr):
-    """k8 = (k - mean) / sk (sk per ROWS keys), vt8 = (v / sv)^T (sv per channel) for ROWS keys of one head."""
+              D: tl.constexpr, ROWS: tl.constexpr, PERMUTE_V: tl.constexpr):
+    """k8 = (k - mean) / sk (sk per ROWS keys), vt8 = (v / sv)^T (sv per channel) for ROWS keys of one head
+    (PERMUTE_V: each key's V^T column in the wgmma order, `_wgmma_key_column`)."""
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -169,7 +177,8 @@ def _quant_kv(K, V, kmean, vscale, k8, vt8, ks, H, L, Lp, skb, skh, skl, svb, sv
     _store_fp8(k, k8 + (bh * Lp + roff) * D + d[None, :], ks + bh * (Lp // ROWS) + blk)
     v = tl.load(V + b.to(tl.int64) * svb + h.to(tl.int64) * svh + roff * svl + d[None, :], mask=ok, other=0.0)
     v8 = (v.to(tl.float32) / tl.load(vscale + bh * D + d)[None, :]).to(tl.float8e4nv)  # (ROWS, D)
-    tl.store(vt8 + (bh * D + d[None, :]).to(tl.int64) * Lp + roff, v8)  # stored (D, Lp): tokens contiguous
+    col = _wgmma_key_column(roff) if PERMUTE_V else roff
+    tl.store(vt8 + (bh * D + d[None, :]).to(tl.int64) * Lp + col, v8)  # stored (D, Lp): tokens contiguous
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,6 +284,7 @@ class Quantized:
     lq: int
     lk: int
     block_n: int
+    permute_v: bool = False  # vt8's keys in the wgmma order within each 32 (wgmma_key_columns); Gluon loop only
 
     @property
     def lqp(self) -> int:
@@ -285,10 +295,20 @@ class Quantized:
         return self.vt8.shape[1]
 
 
-def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int) -> Quantized:
+def wgmma_key_columns(n: int, device=None) -> torch.Tensor:
+    """Column of each of n keys (n a multiple of 32) in a `permute_v` V^T: Hopper's fp32 wgmma accumulator
+    gives lane t of a quad the score columns 2t, 2t+1, 8+2t, 9+2t (+16) of each 32, the fp8 A operand wants
+    4t .. 4t+3 (+16): storing V^T's keys in that order makes the P.V contraction run over the same keys
+    while P stays in the registers it was computed in (attention8_gluon's `permute_v` configs)."""
+    key = torch.arange(n, device=device)
+    return (key & ~15) | (((key >> 1) & 3) << 2) | (((key >> 3) & 1) << 1) | (key & 1)
+
+
+def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int, permute_v: bool = False) -> Quantized:
     """The three pre-pass kernels (plus two tiny torch reductions over the per-chunk statistics).
 
     q (B, H, Lq, D), k and v (B, H, Lk, D), bf16/fp16 with the last axis contiguous (any other strides).
+    permute_v: V^T's keys in the wgmma order (`wgmma_key_columns`), for the Gluon loop's `permute_v` configs.
     """
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
@@ -309,8 +329,8 @@ def quantize(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_n: int) ->
     _quant_q[(Lqp // Q_BLOCK, BH)](q, q8, qs, H, Lq, Lqp, *q.stride()[:3], LOG2E / D**0.5,
                                    D=D, ROWS=Q_BLOCK, num_warps=8)
     _quant_kv[(Lkp // block_n, BH)](k, v, kmean, vs, k8, vt8, ks, H, Lk, Lkp, *k.stride()[:3], *v.stride()[:3],
-                                    D=D, ROWS=block_n, num_warps=8)
-    return Quantized(q8, k8, vt8, qs, ks, vs, Lq, Lk, block_n)
+                                    D=D, ROWS=block_n, PERMUTE_V=permute_v, num_warps=8)
+    return Quantized(q8, k8, vt8, qs, ks, vs, Lq, Lk, block_n, permute_v)
 
 
 def attention_quantized(x: Quantized, out: torch.Tensor, config: KernelConfig = DEFAULT) -> torch.Tensor:
@@ -325,6 +345,8 @@ def launch(x: Quantized, out: torch.Tensor, config: KernelConfig):
     cfg = config
     if cfg.block_n != x.block_n:
         raise ValueError(f"the pre-pass ran with block_n {x.block_n}, the config has {cfg.block_n}")
+    if x.permute_v:
+        raise ValueError("the pre-pass ran with permute_v (attention8_gluon's order); quantize without it")
     q_desc = TensorDescriptor.from_tensor(x.q8, [cfg.block_m, D])
     k_desc = TensorDescriptor.from_tensor(x.k8, [cfg.block_n, D])
     v_desc = TensorDescriptor.from_tensor(x.vt8, [D, cfg.block_n])
