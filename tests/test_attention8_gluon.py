@@ -243,3 +243,6 @@ def test_attention_fp8_runs_the_gluon_loop_from_gluon_min_keys(monkeypatch):
     monkeypatch.setattr(A8, "GLUON_MIN_KEYS", 1000)
     assert torch.equal(A8.attention_fp8(q, k, v), gluon)
     assert torch.equal(A8.attention_fp8(q, k, v, config=A8.DEFAULT), triton_loop)
+    pingpong = G.CONFIGS["gluon-wspp-m128n128s3-pv"]  # RUNTIME picks the Gluon config, with its own pre-pass
+    monkeypatch.setattr(G, "RUNTIME", pingpong)
+    assert torch.equal(A8.attention_fp8(q, k, v), G.attention_fp8_gluon(q, k, v, config=pingpong))

@@ -362,7 +362,7 @@ def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     """softmax(q k^T / sqrt(D)) v in FP8 on an sm89+ GPU: (B, H, Lq, D) x (B, H, Lk, D) x2 -> (B, H, Lq, D).
 
     bf16 or fp16 in, q's dtype out. `config`: this Triton launch shape; None: DEFAULT, or on Hopper from
-    GLUON_MIN_KEYS keys on the Gluon loop (attention8_gluon) over the same pre-pass. Raises ValueError for
+    GLUON_MIN_KEYS keys the Gluon loop (attention8_gluon.RUNTIME, the same arithmetic). Raises ValueError for
     inputs it does not run (the message names what does).
     """
     problem = unsupported(q, k, v)
@@ -371,13 +371,12 @@ def attention_fp8(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     cfg = config or DEFAULT
     if Q_BLOCK % cfg.block_m or PAD % cfg.block_n:
         raise ValueError(f"block_m must divide {Q_BLOCK} and block_n divide {PAD}, got {cfg}")
-    out = torch.empty_like(q)  # keeps q's strides: (B, L, H, D) storage stays that way
-    x = quantize(q, k, v, cfg.block_n)
     if config is None and k.shape[2] >= GLUON_MIN_KEYS and _gluon_runs(q.device):
         from . import attention8_gluon  # noqa: PLC0415 - it imports this module
 
-        return attention8_gluon.attention_quantized(x, out)
-    return attention_quantized(x, out, cfg)
+        return attention8_gluon.attention_fp8_gluon(q, k, v)  # its RUNTIME config, with that config's pre-pass
+    out = torch.empty_like(q)  # keeps q's strides: (B, L, H, D) storage stays that way
+    return attention_quantized(quantize(q, k, v, cfg.block_n), out, cfg)
 
 
 @functools.cache

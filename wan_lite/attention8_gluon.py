@@ -141,6 +141,7 @@ VARIANTS = (
     GluonConfig(stages=3, warp_specialize=True, permute_v=True, overlap=True, pingpong=False),
 )
 CONFIGS = {c.name: c for c in VARIANTS}
+RUNTIME = DEFAULT  # the config attention8.attention_fp8 runs (from GLUON_MIN_KEYS keys on Hopper)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -576,12 +577,14 @@ def unsupported_device(device: torch.device) -> str | None:
 
 
 def attention_fp8_gluon(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-                        config: GluonConfig = DEFAULT) -> torch.Tensor:
+                        config: GluonConfig | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) v in FP8 on Hopper: (B, H, Lq, D) x (B, H, Lk, D) x2 -> (B, H, Lq, D).
 
     attention8.attention_fp8's contract: bf16 or fp16 in, q's dtype (and strides) out, D = 128, no mask.
-    Raises ValueError for inputs or a device it does not run (the message names what does).
+    `config`: None runs RUNTIME. Raises ValueError for inputs or a device it does not run (the message names
+    what does).
     """
+    config = config or RUNTIME
     problem = A8.unsupported(q, k, v) or unsupported_device(q.device)
     if problem:
         raise ValueError(f"fp8 gluon attention cannot run these inputs: {problem}; use attention8.attention_fp8 "
