@@ -721,7 +721,7 @@ def _sweep_length(L: int, heads: int, rep_ms: int, log, watchdog_s: float, confi
           for n, pv in {(c.block_n, c.permute_v) for c in configs} | {(A8.DEFAULT.block_n, False)}}
     x0, out = xs[A8.DEFAULT.block_n, False], torch.empty_like(q)
     ref = A8.attention_quantized(x0, torch.empty_like(q)).float()
-    base = triton.testing.do_bench(lambda: A8.launch(x0, out), warmup=1, rep=rep_ms, return_mode="median")
+    base = triton.testing.do_bench(lambda: A8.launch(x0, out, A8.DEFAULT), warmup=1, rep=rep_ms, return_mode="median")
     rows.append({"L": L, "variant": f"triton {A8.DEFAULT.name}", "ms": base, "tflops": flops / base / 1e9})
     if cudnn:
         rows[-1]["vs_cudnn"] = cudnn / base
