@@ -275,7 +275,8 @@ class T2VPipeline:
                 torch._C._host_emptyCache()  # freed pinned blocks back to the OS
         if self.read_ahead_high and (self.hosts is None or self.hosts[1].flats is None):  # high expert not in RAM yet
             spare = int((plan.host.ram_gb - plan.host.peak_gb) * GB)  # the host RAM budget the plan leaves unused
-            self.read_ahead_thread = read_ahead(self.model.high, spare, after=self._text_first(spare, plan))
+            nbytes = min(spare, sum(f.stat().st_size for f in files_to_read(self.model.high)))
+            self.read_ahead_thread = read_ahead(self.model.high, nbytes, after=self._text_first(nbytes, plan))
         if self.hosts is None:  # only opened here: `prepare` fills the RAM, after the text encoder is freed
             self.hosts = host_experts(*(open_expert(path, loras=self.loras[name], scheme=self.model.run_scheme)
                                         for name, path in (("high", self.model.high), ("low", self.model.low))),
