@@ -254,8 +254,12 @@ class T2VPipeline:
         are held (residency mode, CFG batching, compiled blocks, FFN chunks; each expert in pinned RAM or
         served from its memory-mapped file, `plan.host`). Runs before the text encoder: the experts' RAM
         is only filled by the residency's `prepare`, once the encoder has been freed; meanwhile a thread reads
-        the high expert's files into the page cache (`read_ahead`), at most what the plan leaves of its host
-        RAM budget. Without a plan (the CPU, or several GPUs) the loaded modules run as they are."""
+        the high expert's files into the page cache (`read_ahead`, after the text encoder's: `_text_first`), as
+        much as the memory available holds beside the plan's private peak. Not bounded by the plan's RAM
+        budget, which is private memory: the residency reads these same pages through the page cache during
+        the first step anyway (from the memory-mapped files, or to fill its pinned buffers); reading them
+        ahead lets the disk work while the first step compiles. Without a plan (the CPU, or several GPUs) the
+        loaded modules run as they are."""
         if plan is None or self.parallel is not None:
             return LoadedExperts(*self.load_experts())
         attention.set_backend(plan.attention, max_block_bytes=(plan.attention_block_mb or 0) * 2**20 or None)
@@ -274,9 +278,9 @@ class T2VPipeline:
             if self.device.type == "cuda":
                 torch._C._host_emptyCache()  # freed pinned blocks back to the OS
         if self.read_ahead_high and (self.hosts is None or self.hosts[1].flats is None):  # high expert not in RAM yet
-            spare = int((plan.host.ram_gb - plan.host.peak_gb) * GB)  # the host RAM budget the plan leaves unused
-            nbytes = min(spare, sum(f.stat().st_size for f in files_to_read(self.model.high)))
-            self.read_ahead_thread = read_ahead(self.model.high, nbytes, after=self._text_first(nbytes, plan))
+            room = psutil.virtual_memory().available - int(plan.host.peak_gb * GB)  # for the page cache
+            nbytes = min(room, sum(f.stat().st_size for f in files_to_read(self.model.high)))
+            self.read_ahead_thread = read_ahead(self.model.high, nbytes, after=self._text_first(nbytes, room))
         if self.hosts is None:  # only opened here: `prepare` fills the RAM, after the text encoder is freed
             self.hosts = host_experts(*(open_expert(path, loras=self.loras[name], scheme=self.model.run_scheme)
                                         for name, path in (("high", self.model.high), ("low", self.model.low))),
@@ -287,15 +291,14 @@ class T2VPipeline:
                                    compile=plan.compile, ffn_chunk=plan.ffn_chunk, measure=self.device.type == "cuda")
         return self.residency
 
-    def _text_first(self, expert_bytes: int, plan: Plan) -> tuple:
+    def _text_first(self, expert_bytes: int, room: int) -> tuple:
         """What the high expert's read-ahead waits for: the text encoder's read-ahead (the disk reads its
         weights first), and, where the page cache may not hold both (the encoder's file and `expert_bytes`
-        over the available memory less the plan's private peak), the encoder's weights loaded as well, so
-        that the expert's pages do not push out encoder pages not yet read by the load."""
+        over `room`), the encoder's weights loaded as well, so that the expert's pages do not push out
+        encoder pages the load has not read yet."""
         if self.read_ahead_text is None:
             return ()
         text_bytes = sum(f.stat().st_size for f in files_to_read(self.model.text_encoder))
-        room = psutil.virtual_memory().available - plan.host.peak_gb * GB
         return (self.read_ahead_text,) if text_bytes + expert_bytes <= room else (self.read_ahead_text,
                                                                                   self._text_done)
 
