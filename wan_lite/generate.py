@@ -329,7 +329,7 @@ def run(args: argparse.Namespace, progress: dict | None = None) -> int:
         print(f"{what} on {pipe.device}; encoding the prompt and loading the experts", file=sys.stderr)
     plan = None
     one_gpu = {"--vram-gb": args.vram_gb is not None, "--ram-gb": args.ram_gb is not None,
-               "--exact-attention": args.exact_attention, "--no-read-ahead": args.no_read_ahead}
+               "--exact-attention": args.exact_attention}
     if pipe.device.type != "cuda" and main and any(one_gpu.values()):
         print(f"note: {', '.join(k for k, v in one_gpu.items() if v)} plan a run on one GPU: ignored on "
               f"{pipe.device.type}", file=sys.stderr)
