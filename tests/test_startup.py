@@ -21,7 +21,7 @@ from builders_t2v import tiny_official_root
 from tolerance import assert_close_fp32
 
 from wan_lite import checkpoint, residency
-from wan_lite.checkpoint import READ_AHEAD_CHUNK, read_ahead
+from wan_lite.checkpoint import read_ahead
 from wan_lite.config import ModelConfig
 from wan_lite.planner import GB
 from wan_lite.residency import HostExpert, Residency, template
@@ -61,11 +61,26 @@ def test_read_ahead_reads_each_shard_in_order_up_to_the_budget(tmp_path):
     assert thread.began <= thread.ended
 
 
-def test_read_ahead_of_a_single_file_and_nothing_to_do(tmp_path):
-    file = _write(tmp_path / "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors", 3 * READ_AHEAD_CHUNK + 5)
+@pytest.mark.parametrize("how", ["sendfile", "read"])
+def test_read_ahead_of_a_single_file_and_nothing_to_do(tmp_path, monkeypatch, how):
+    """Read whole, in chunks, sent to /dev/null or (where sendfile is refused: macOS) read into a buffer."""
+    file = _write(tmp_path / "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors", 3 * 2**20 + 5)
+    monkeypatch.setattr(checkpoint, "READ_AHEAD_CHUNK", 2**20)
+    calls = []
+    sendfile = os.sendfile
+
+    def recorded(out, fd, offset, n):
+        calls.append((offset, n))
+        if how == "read":
+            raise OSError(38, "not a socket")
+        return sendfile(out, fd, offset, n)
+
+    monkeypatch.setattr(os, "sendfile", recorded)
     thread = read_ahead(file, 2**40)
     thread.join(timeout=30)
     assert thread.read == {file: file.stat().st_size}
+    chunks = [(i * 2**20, 2**20) for i in range(4)] + [(3 * 2**20 + 5, 2**20)]  # the last at the end: 0 bytes
+    assert calls == (chunks if how == "sendfile" else chunks[:1])  # refused once: read from then on
     assert read_ahead(file, 0) is None and read_ahead(tmp_path / "empty-folder", 2**40) is None
 
 
@@ -81,7 +96,7 @@ def test_a_read_error_ends_the_read_ahead_quietly(tmp_path, monkeypatch):
 
 
 def test_a_read_ahead_waits_for_what_it_comes_after_and_can_be_cancelled(tmp_path):
-    first, second = _write(tmp_path / "text.pth", 2 * READ_AHEAD_CHUNK), _write(tmp_path / "expert.safetensors", KIB)
+    first, second = _write(tmp_path / "text.pth", 2 * 2**20), _write(tmp_path / "expert.safetensors", KIB)
     gate = threading.Event()
     a = read_ahead(first, 2**40)
     b = read_ahead(second, 2**40, after=(a, gate))
