@@ -298,7 +298,15 @@ def summary_row(r: dict) -> str:
             f"later steps {', '.join(f'{s:.1f}' for s in steps)} s | VRAM {_n(r['peak_vram_allocated_gib'])} GiB "
             f"(held before decode {_n(r.get('vram_held_before_decode_gib'), '.2f')}) | "
             f"host {host['private_gb']:.1f} GB private + {host['file_gb']:.1f} file | "
-            f"stall {_n(r['swap_stall_ms'], '.0f')} ms | total {r['total_s']:.1f} s")
+            f"stall {_n(r['swap_stall_ms'], '.0f')} ms | total {r['total_s']:.1f} s" + _parts_line(r))
+
+
+def _parts_line(r: dict) -> str:
+    """'\n  parts: imports 3.1 ...; read ahead: text 2.0-11.5 s 11.4 GB ...' from generate's --stats (issue 14)."""
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in r.get("parts_s", {}).items())
+    reads = ", ".join(f"{name} {_n(w['began'])}-{_n(w['ended'])} s {w['gb']:.1f} GB"
+                      for name, w in r.get("read_ahead_s", {}).items())
+    return f"\n  parts (s): {parts}; read ahead: {reads or 'none'}" if parts else ""
 
 
 def main(argv=None) -> int:
