@@ -350,6 +350,8 @@ def test_stats_show_the_start_up_and_the_text_phase_by_part(t2v_root, tmp_path):
             "text_load", "text_encode"} <= set(parts)
     assert all(v >= 0 for v in parts.values())
     assert parts["open_root"] + parts["check_text"] + parts["check_vae"] <= parts["pipeline"]
+    began = got["parts_began_s"]
+    assert began["open_root"] <= began["check_text"] <= began["check_vae"] <= began["text_load"] <= began["text_encode"]
     text = got["read_ahead_s"]["text"]
     assert 0 <= text["began"] <= text["ended"] <= got["first_step_done_s"] and text["gb"] > 0
     assert "high" not in got["read_ahead_s"]  # no plan on the CPU: nothing read ahead for the experts

@@ -390,8 +390,8 @@ def write_stats(path, pipe, plan, result, peak, *, total: float, startup: float,
     written to a temporary name and renamed. `parts_s`: the start-up's parts (`parts`: the argument checks,
     the imports, the pipeline (`open_root`, `check_text`, `tokenizer`, `check_vae` inside it), the LoRA
     checks, the plan) and the phases' (`apply`, `text_load`, `text_encode` of the text phase; the first step's
-    `first_step_staging_wait` and `first_step_compile`); `read_ahead_s`: when each read-ahead read (seconds
-    since start-up) and how much."""
+    `first_step_staging_wait` and `first_step_compile`); `parts_began_s`: when the pipeline's parts began and
+    `read_ahead_s`: when each read-ahead read and how much (seconds since start-up), to line them up."""
     import json
 
     import torch
@@ -410,6 +410,7 @@ def write_stats(path, pipe, plan, result, peak, *, total: float, startup: float,
         "plan": plan.to_dict() if plan is not None else None, "params": result.params,
         "read_ahead": pipe.read_ahead_thread is not None,  # the high expert's files read ahead (--no-read-ahead)
         "parts_s": {**{k: round(v, 3) for k, v in (parts or {}).items()}, **result.parts},
+        "parts_began_s": {k: round(t - _STARTED, 3) for k, t in pipe.part_began.items()},  # the pipeline's
         "read_ahead_s": {name: _read_ahead_stats(thread) for name, thread in
                          (("text", pipe.read_ahead_text), ("high", pipe.read_ahead_thread)) if thread is not None},
     }  # fmt: skip

@@ -112,6 +112,7 @@ class T2VPipeline:
         self.parallel = parallel  # several GPUs (wan_lite.parallel): experts sharded there, rank 0 decodes
         self.device, self.dtype, self.vae_dtype = device, dtype, vae_dtype
         self.parts: dict[str, float] = {}  # seconds of the start-up's and the last run's parts (`_part`)
+        self.part_began: dict[str, float] = {}  # time.perf_counter() at the start of each of them
         self.text = TextEncoder(text_layout(model.text_encoder), model.text_encoder, model.tokenizer,
                                 device=text_device, dtype=text_dtype, cache_dir=cache_dir, use_cache=True,
                                 width=model.config.text_dim)
@@ -144,7 +145,7 @@ class T2VPipeline:
     @contextmanager
     def _part(self, name: str):
         """Time a part of the start-up or of a phase into `parts[name]` (seconds)."""
-        start = time.perf_counter()
+        start = self.part_began[name] = time.perf_counter()
         try:
             yield
         finally:
@@ -188,7 +189,7 @@ class T2VPipeline:
                    text_device=torch.device(text_device) if text_device is not None else device,
                    text_dtype=text_dtype, vae_dtype=vae_dtype, cache_dir=cache_dir, parallel=parallel,
                    prompts=prompts)
-        pipe.parts = {"open_root": opened, **pipe.parts}
+        pipe.parts, pipe.part_began = {"open_root": opened, **pipe.parts}, {"open_root": start, **pipe.part_began}
         pipe.text_device_from_plan = text_device is None  # on one GPU the planner may move it to the CPU
         return pipe
 
