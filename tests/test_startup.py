@@ -249,6 +249,44 @@ def test_a_cached_prompt_reads_no_text_encoder_and_the_expert_waits_for_nothing(
     assert {"apply", "text_load", "text_encode", "first_step_staging_wait"} <= set(result.parts)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("room", ["both-fit", "short"])
+def test_on_the_gpu_the_encoder_is_read_first_and_the_video_is_unchanged(t2v_root, tmp_path, monkeypatch, room):
+    """The planned one-GPU path (the encoder on the GPU; the residency's compiled blocks): with the read-aheads
+    the high expert's read begins after the encoder's ended (and after its weights reached the GPU where the
+    page cache may not hold both), the run's parts include the first step's, and the latents are those of the
+    run without read-ahead (the same kernels on the same card; fp32 tolerance)."""
+    from wan_lite import t2v
+
+    def pipe(prompts, cache):
+        return t2v.T2VPipeline.from_pretrained(t2v_root, device="cuda", dtype=torch.float32,
+                                               text_dtype=torch.float32, cache_dir=tmp_path / cache, prompts=prompts)
+
+    ref = pipe((), "cache-ref")
+    ref.read_ahead_high = False
+    plan = ref.make_plan(RUN["size"], RUN["frames"], vram_gb=24, ram_gb=64, one_run=True)
+    want = ref(PROMPT, plan=plan, **RUN)
+    if room == "short":  # room for the expert, not for both
+        text_file = t2v_root / "models_t5_umt5-xxl-enc-bf16.pth"
+        high = sum(_whole(_expert_files(t2v_root)["high"]).values())
+        available = int(plan.host.peak_gb * GB) + high + text_file.stat().st_size // 2
+        monkeypatch.setattr(t2v.psutil, "virtual_memory", lambda: SimpleNamespace(available=available))
+    loaded = _loads_recorded(monkeypatch)
+    on = pipe([PROMPT], "cache-on")
+    got = on(PROMPT, plan=plan, **RUN)
+    text, high = on.read_ahead_text, on.read_ahead_thread
+    text.join(timeout=30)
+    high.join(timeout=30)
+    assert text.bytes > 0 and high.read == _whole(_expert_files(t2v_root)["high"])
+    assert high.began >= text.ended
+    if room == "short":
+        assert high.began >= loaded[0]
+    assert {"apply", "text_load", "text_encode", "first_step_staging_wait"} <= set(got.parts)
+    assert ("first_step_compile" in got.parts) == plan.compile
+    assert_close_fp32(got.latents, want.latents)
+
+
 # ---------------------------------------------------------------------------------------------
 # one compiled graph for all blocks
 

@@ -421,7 +421,7 @@ def write_stats(path, pipe, plan, result, peak, *, total: float, startup: float,
 
 def _read_ahead_stats(thread) -> dict:
     """A read-ahead's (checkpoint.ReadAhead) window in seconds since start-up, and the GB it read."""
-    since = lambda t: None if t is None else round(t - _STARTED, 3)  # noqa: E731
+    since = lambda t: None if t is None else round(t - _STARTED, 3)
     return {"began": since(thread.began), "ended": since(thread.ended), "gb": round(thread.bytes / 1e9, 6),
             "waited_for": len(thread.after)}
 
