@@ -126,6 +126,15 @@ RUN = dict(size=(48, 32), frames=5, steps=3, seed=5)
 PROMPT = "a dog runs in snow"
 
 
+@pytest.fixture(autouse=True)
+def _available_memory(monkeypatch):
+    """64 GB available, whatever else this machine runs: the read-ahead's room is decided from it (a test
+    that wants it short sets it again)."""
+    from wan_lite import t2v
+
+    monkeypatch.setattr(t2v.psutil, "virtual_memory", lambda: SimpleNamespace(available=64 * GB))
+
+
 def _pipe(root, cache, read_ahead_high: bool, prompts=()):
     from wan_lite.t2v import T2VPipeline
 
