@@ -59,3 +59,22 @@ def test_end_to_end_tiny(tmp_path, skip_quantize):
     fraction = run["resident_before"]
     assert fraction is None or 0.0 <= fraction <= 1.0
     assert not (tmp_path / "work" / "quantized-int8").exists()  # removed without --keep
+
+
+def test_run_options_and_the_read_ahead_switch(tmp_path, monkeypatch):
+    """--run WxH:read_ahead=off runs generate with --no-read-ahead (the cold start measured without it), labelled."""
+    import argparse
+
+    assert bench_generate.parse_run("1280x720:vram=24:ram=20:cache=cold:read_ahead=off") == {
+        "size": "1280x720", "vram": "24", "ram": "20", "cache": "cold", "read_ahead": "off"}
+    for bad in ("1280x720:read_ahead=no", "1280x720:cache=hot", "1280x720:turbo=1"):
+        with pytest.raises(argparse.ArgumentTypeError, match="read_ahead=on\\|off"):
+            bench_generate.parse_run(bad)
+    argv = []
+    monkeypatch.setattr(bench_generate, "_python", lambda *args, log: (argv.append(args), (1, 0.0))[1])
+    (tmp_path / "64x64-cold.log").write_text("")  # what the mocked run wrote
+    for run in ("64x64:read_ahead=off", "64x64"):
+        argv.clear()
+        bench_generate.run_generate(tmp_path, tmp_path, bench_generate.parse_run(run), label="64x64-cold",
+                                    preset="lightning", frames=5)
+        assert ("--no-read-ahead" in argv[0]) == run.endswith("off")

@@ -83,3 +83,18 @@ def test_bad_input_and_missing_vae(vaes, tmp_path):
         vaes["official"].decode(torch.zeros(1, 16, 1, 8, 8), tile=40)
     with pytest.raises(FileNotFoundError, match="Wan2.1_VAE.pth"):
         find_vae(tmp_path)
+
+
+def test_official_names_are_the_official_models_and_diffusers_models(files):
+    """`official_names` (what `check_vae` checks a file against, without diffusers): the official `WanVAE_`'s
+    state dict (the .pth the builders write from it) and, renamed, diffusers' `AutoencoderKLWan`'s."""
+    from diffusers import AutoencoderKLWan
+
+    from wan_lite.vae import official_names, official_to_diffusers
+
+    names = official_names()
+    assert len(names) == len(set(names))
+    assert set(names) == set(torch.load(files[0], map_location="cpu", mmap=True, weights_only=True))
+    with torch.device("meta"):
+        model = AutoencoderKLWan()
+    assert set(official_to_diffusers(dict.fromkeys(names))) == set(model.state_dict())

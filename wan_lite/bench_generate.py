@@ -242,14 +242,16 @@ def resident_fraction(root: Path) -> float | None:
 
 def parse_run(text: str) -> dict:
     """'1280x720:vram=24:ram=16' -> {'size': '1280x720', 'vram': '24', 'ram': '16'}; `cache=warm` (or cold)
-    runs it only that way, whatever --warm says."""
+    runs it only that way, whatever --warm says; `read_ahead=off` runs generate with --no-read-ahead."""
     size, *opts = text.split(":")
     size_arg(size)  # a bad size is refused here, before the root is written and quantized
     run = {"size": size}
+    choices = {"cache": ("cold", "warm"), "read_ahead": ("on", "off")}
     for o in opts:
         key, _, value = o.partition("=")
-        if key not in ("vram", "ram", "cache") or not value or (key == "cache" and value not in ("cold", "warm")):
-            raise argparse.ArgumentTypeError(f"--run {text!r}: options are vram=GB, ram=GB and cache=cold|warm")
+        if key not in ("vram", "ram", *choices) or not value or value not in choices.get(key, (value,)):
+            raise argparse.ArgumentTypeError(f"--run {text!r}: options are vram=GB, ram=GB, cache=cold|warm and "
+                                             "read_ahead=on|off")
         run[key] = value
     return run
 
@@ -270,6 +272,8 @@ def run_generate(qroot: Path, work: Path, run: dict, *, label: str, preset: str,
         args += ["--vram-gb", run["vram"]]
     if "ram" in run:
         args += ["--ram-gb", run["ram"]]
+    if run.get("read_ahead") == "off":
+        args.append("--no-read-ahead")
     rc, wall = _python(*args, log=log)
     out = {"label": label, **run, "rc": rc, "wall_s": round(wall, 2), "log_tail": log.read_text()[-1500:]}
     if rc == 0:
@@ -298,7 +302,15 @@ def summary_row(r: dict) -> str:
             f"later steps {', '.join(f'{s:.1f}' for s in steps)} s | VRAM {_n(r['peak_vram_allocated_gib'])} GiB "
             f"(held before decode {_n(r.get('vram_held_before_decode_gib'), '.2f')}) | "
             f"host {host['private_gb']:.1f} GB private + {host['file_gb']:.1f} file | "
-            f"stall {_n(r['swap_stall_ms'], '.0f')} ms | total {r['total_s']:.1f} s")
+            f"stall {_n(r['swap_stall_ms'], '.0f')} ms | total {r['total_s']:.1f} s" + _parts_line(r))
+
+
+def _parts_line(r: dict) -> str:
+    """'\n  parts: imports 3.1 ...; read ahead: text 2.0-11.5 s 11.4 GB ...' from generate's --stats (issue 14)."""
+    parts = ", ".join(f"{k} {v:.1f}" for k, v in r.get("parts_s", {}).items())
+    reads = ", ".join(f"{name} {_n(w['began'])}-{_n(w['ended'])} s {w['gb']:.1f} GB"
+                      for name, w in r.get("read_ahead_s", {}).items())
+    return f"\n  parts (s): {parts}; read ahead: {reads or 'none'}" if parts else ""
 
 
 def main(argv=None) -> int:
@@ -308,7 +320,8 @@ def main(argv=None) -> int:
     p.add_argument("--scheme", default="int8", choices=("int8", "fp8"))
     p.add_argument("--skip-quantize", action="store_true", help="write the --scheme experts directly in our "
                    "quantized layout (random 8-bit weights) instead of a bf16 source quantized by the real command")
-    p.add_argument("--run", type=parse_run, action="append", help="WxH[:vram=GB][:ram=GB][:cache=cold|warm]; "
+    p.add_argument("--run", type=parse_run, action="append", help="WxH[:vram=GB][:ram=GB][:cache=cold|warm]"
+                   "[:read_ahead=on|off]; "
                    "repeatable (default: 1280x720:vram=24 and 832x480:vram=12:ram=16)")
     p.add_argument("--frames", type=int, default=81)
     p.add_argument("--preset", default="lightning", choices=("lightning", "official"))
@@ -353,7 +366,7 @@ def _runs(a: argparse.Namespace, runs: list[dict], qroot: Path, results: dict, s
     Cold: the quantized experts' pages, and the text encoder / VAE (linked from `src`), evicted first."""
     for run in runs:
         for state in (run["cache"],) if "cache" in run else ("cold", "warm") if a.warm else ("cold",):
-            label = f"{run['size']}-{state}"
+            label = f"{run['size']}-{state}" + ("-no-read-ahead" if run.get("read_ahead") == "off" else "")
             if state == "cold":
                 run_how = drop_page_cache(qroot)
                 if src is not None:

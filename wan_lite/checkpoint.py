@@ -31,6 +31,7 @@ import math
 import os
 import re
 import threading
+import time
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -449,41 +450,109 @@ def expert_config(path) -> ModelConfig:
     return open_expert(path).config
 
 
-# Bytes per read-ahead hint. Linux reads at most max(read-ahead window, largest device request) per
-# POSIX_FADV_WILLNEED call (`force_page_cache_ra`): one hint over a whole 299 MB file read 8 MiB of it here
-# (read_ahead_kb 8192, 2026-11-29). 128 KiB is the kernel's default window, so every hint is read whole;
-# 2,300 hints for 299 MB took 0.13 s of the thread's time, the disk the rest.
-READ_AHEAD_CHUNK = 128 * 2**10
+# Bytes per read of the read-ahead thread. Each read releases the GIL and takes it back after; while the main
+# thread runs Python (the start-up's imports) taking it back can wait a switch interval (5 ms): reads of 8 MiB
+# from the page cache ran at 1.5 GB/s against 10.4 GB/s with the main thread busy (this machine, 2026-12-06).
+# 64 MiB is 53 ms at the benchmark machine's 1.2 GB/s, so >= 90% of the disk's speed even then.
+READ_AHEAD_CHUNK = 64 * 2**20
 
 
-def read_ahead(path: str | os.PathLike, max_bytes: int) -> threading.Thread | None:
-    """Start reading one expert's weight files (a folder's *.safetensors shards, or the single file) into the
-    page cache on a daemon thread, the first `max_bytes` of them in file order, so that the expert's fill
-    which follows (or its memory-mapped reads) find the pages in memory. posix_fadvise(WILLNEED) hints,
-    READ_AHEAD_CHUNK bytes each: advisory, file-backed, reclaimable; nothing private is allocated. Returns
-    the thread, or None when there is nothing to do (no posix_fadvise on this platform, max_bytes <= 0).
-    An OSError ends the thread quietly: the fill reads the same files and reports it."""
+def files_to_read(path: str | os.PathLike) -> list[Path]:
+    """The weight files of a component: the file itself, or a folder's *.safetensors in name order."""
     path = Path(path)
-    files = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
-    if not hasattr(os, "posix_fadvise") or max_bytes <= 0 or not files:
-        return None
+    return [path] if path.is_file() else sorted(path.glob("*.safetensors"))
 
-    def hint() -> None:
-        left = max_bytes
+
+class ReadAhead(threading.Thread):
+    """Reads files into the page cache on a daemon thread, in order, the first `max_bytes` of them, once every
+    one of `after` (threads: joined; events: set) is done: so that two read-aheads queued one after the other
+    give the disk to the first until it is read, then to the second (the text encoder's weights before the
+    high-noise expert's, issue 14). Real reads through one reused buffer, not posix_fadvise(WILLNEED) hints:
+    gVisor, where the benchmarks run, ignores every fadvise advice ("This implementation currently ignores the
+    provided advice", its fadvise64), and a read tells the thread when the bytes are in. File-backed and
+    reclaimable; nothing private but the buffer. An OSError ends the thread quietly: the loader reads the same
+    files and reports it. `cancel()` stops it (at the next chunk, or while it waits). Each chunk is read with
+    sendfile(2) to /dev/null where the system allows it (the pages land in the page cache without a copy into
+    this process), else into one buffer."""
+
+    def __init__(self, files: Sequence[Path], max_bytes: int, after: Sequence = ()):
+        super().__init__(name="wan-lite-read-ahead", daemon=True)
+        self.files, self.max_bytes, self.after = list(files), max_bytes, tuple(after)
+        self.read: dict[Path, int] = {}  # bytes read per file, in the order read
+        self.began: float | None = None  # time.perf_counter() when the waits were over and reading began
+        self.ended: float | None = None  # ... when the last byte was read (or the thread stopped)
+        self._cancelled = threading.Event()
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.read.values())
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def _wait(self) -> bool:
+        """Wait for `after`; False when cancelled meanwhile."""
+        for other in self.after:
+            while not self._cancelled.is_set():
+                if isinstance(other, threading.Event):
+                    if other.wait(0.05):
+                        break
+                else:
+                    other.join(0.05)
+                    if not other.is_alive():
+                        break
+        return not self._cancelled.is_set()
+
+    def run(self) -> None:
+        self._null = os.open(os.devnull, os.O_WRONLY) if hasattr(os, "sendfile") else None
+        self._buffer = None
         try:
-            for file in files:
-                with open(file, "rb") as f:
-                    size = min(os.fstat(f.fileno()).st_size, left)
-                    for offset in range(0, size, READ_AHEAD_CHUNK):
-                        os.posix_fadvise(f.fileno(), offset, min(READ_AHEAD_CHUNK, size - offset),
-                                         os.POSIX_FADV_WILLNEED)
-                left -= size
-                if left <= 0:
+            if not self._wait():
+                return
+            self.began = time.perf_counter()
+            left = self.max_bytes
+            for file in self.files:
+                with open(file, "rb", buffering=0) as f:
+                    self.read[file] = 0
+                    while left > 0 and not self._cancelled.is_set():
+                        n = self._read_chunk(f, self.read[file], min(READ_AHEAD_CHUNK, left))
+                        if not n:
+                            break
+                        self.read[file] += n
+                        left -= n
+                if left <= 0 or self._cancelled.is_set():
                     return
         except OSError:
             return
+        finally:
+            self.ended = time.perf_counter()
+            if self._null is not None:
+                os.close(self._null)
+            self._buffer = None
 
-    thread = threading.Thread(target=hint, name="wan-lite-read-ahead", daemon=True)
+    def _read_chunk(self, f, offset: int, n: int) -> int:
+        """Up to `n` bytes of the open file `f` at `offset` into the page cache: sent to /dev/null, else (no
+        sendfile, or refused: macOS sends to sockets only) read into the thread's buffer."""
+        if self._null is not None:
+            try:
+                return os.sendfile(self._null, f.fileno(), offset, n)
+            except OSError:
+                os.close(self._null)
+                self._null = None
+        if self._buffer is None:
+            self._buffer = memoryview(bytearray(READ_AHEAD_CHUNK))
+        f.seek(offset)
+        return f.readinto(self._buffer[:n])
+
+
+def read_ahead(path: str | os.PathLike, max_bytes: int, after: Sequence = ()) -> ReadAhead | None:
+    """Start reading a component's weight files (`files_to_read`: one expert's shards, the text encoder's
+    .pth or folder) into the page cache, the first `max_bytes` of them in file order, once `after` (threads,
+    events) are done: see `ReadAhead`. None when there is nothing to do (max_bytes <= 0, no files)."""
+    files = files_to_read(path)
+    if max_bytes <= 0 or not files:
+        return None
+    thread = ReadAhead(files, max_bytes, after)
     thread.start()
     return thread
 

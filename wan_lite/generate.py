@@ -136,8 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "where the planner otherwise picks the FP8 attention kernel (1.17x the 720p step on an H200; "
                    "0.4%% error on concentrated attention, 5-8%% on random inputs)")
     p.add_argument("--no-read-ahead", action="store_true",
-                   help="one GPU: don't read the high-noise expert's files into the page cache while the start-up and "
-                   "the text encoder run (the read-ahead is on by default; this measures without it)")
+                   help="don't read the text encoder's weights into the page cache from the start, nor (one GPU) the "
+                   "high-noise expert's once they are read (both on by default; this measures without them)")
     p.add_argument("--parallel", default="auto", choices=("auto", "ulysses", "cfg"),
                    help="under torchrun: CFG parallel on even GPU counts (auto; Ulysses when no step runs an uncond "
                    "pass, as with --preset lightning), or Ulysses sequence parallel")
@@ -285,6 +285,8 @@ def run(args: argparse.Namespace, progress: dict | None = None) -> int:
     if args.decode:
         return decode(args)
 
+    parts = {"checks": time.perf_counter() - _STARTED}  # seconds of the start-up's parts (--stats)
+    clock = time.perf_counter()
     import torch
     from tqdm import tqdm
 
@@ -292,8 +294,10 @@ def run(args: argparse.Namespace, progress: dict | None = None) -> int:
     from .parallel import setup_from_env
     from .pipeline import needs_negative_prompt
     from .t2v import T2VPipeline
+    from .text import DEFAULT_NEGATIVE_PROMPT
     from .video import latents_path
 
+    parts["imports"] = time.perf_counter() - clock
     memory = PeakSampler().start()  # peak private and file-backed host RAM of the whole run (wan_lite.hostmem)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     mode = args.parallel
@@ -302,10 +306,16 @@ def run(args: argparse.Namespace, progress: dict | None = None) -> int:
     ctx = setup_from_env(mode, fsdp=not args.no_fsdp)  # None unless torchrun started several ranks
     main = ctx is None or ctx.is_main
 
+    prompts = [args.prompt] + ([args.negative_prompt or DEFAULT_NEGATIVE_PROMPT] if needs_negative_prompt(sampling)
+                               else [])
+    clock = time.perf_counter()
     pipe = T2VPipeline.from_pretrained(model_from_args(args), device=args.device, dtype=dtype,
                                        text_device=args.text_device, text_dtype=dtype, cache_dir=args.cache_dir,
-                                       parallel=ctx)  # every config and header checked, no weight read
+                                       parallel=ctx, prompts=prompts if main and not args.no_read_ahead else ())
+    parts["pipeline"] = time.perf_counter() - clock  # every config and header checked, no weight read
+    clock = time.perf_counter()
     pipe.set_loras(high=args.lora + args.lora_high, low=args.lora + args.lora_low)  # checked before weights load
+    parts["loras"] = time.perf_counter() - clock
     pipe.read_ahead_high = not args.no_read_ahead
     tokens = pipe.text.tokens_if_cut(args.prompt)
     if tokens and main:
@@ -319,13 +329,15 @@ def run(args: argparse.Namespace, progress: dict | None = None) -> int:
         print(f"{what} on {pipe.device}; encoding the prompt and loading the experts", file=sys.stderr)
     plan = None
     one_gpu = {"--vram-gb": args.vram_gb is not None, "--ram-gb": args.ram_gb is not None,
-               "--exact-attention": args.exact_attention, "--no-read-ahead": args.no_read_ahead}
+               "--exact-attention": args.exact_attention}
     if pipe.device.type != "cuda" and main and any(one_gpu.values()):
         print(f"note: {', '.join(k for k, v in one_gpu.items() if v)} plan a run on one GPU: ignored on "
               f"{pipe.device.type}", file=sys.stderr)
     if pipe.device.type == "cuda" and ctx is None:  # one GPU: how the run fits, decided and shown up front
+        clock = time.perf_counter()
         plan = pipe.make_plan(args.size, args.frames, args.vram_gb, ram_gb=args.ram_gb,
                               attention_8bit=False if args.exact_attention else None, one_run=True)
+        parts["plan"] = time.perf_counter() - clock
         print(plan.describe(), file=sys.stderr)
     bar = tqdm(total=sampling.steps, desc="denoise", unit="step", file=sys.stderr, disable=not main)
     progress.update(step=0, total=sampling.steps, latents=latents_path(args.out))
@@ -367,13 +379,19 @@ def run(args: argparse.Namespace, progress: dict | None = None) -> int:
     print(f"time {total:.1f}s: start-up and loading {startup:.1f}s, {phases}; {vram}peak RAM {peak.describe()}"
           f"{_swap_summary(pipe)}")
     if args.stats:
-        write_stats(args.stats, pipe, plan, result, peak, total=total, startup=startup, step_ends=step_ends)
+        write_stats(args.stats, pipe, plan, result, peak, total=total, startup=startup, step_ends=step_ends,
+                    parts=parts)
     return 0
 
 
-def write_stats(path, pipe, plan, result, peak, *, total: float, startup: float, step_ends: list[float]) -> None:
+def write_stats(path, pipe, plan, result, peak, *, total: float, startup: float, step_ends: list[float],
+                parts: dict | None = None) -> None:
     """--stats FILE: one run's numbers as JSON (seconds; GiB of VRAM as torch counts them; host RAM in GB),
-    written to a temporary name and renamed."""
+    written to a temporary name and renamed. `parts_s`: the start-up's parts (`parts`: the argument checks,
+    the imports, the pipeline (`open_root`, `check_text`, `tokenizer`, `check_vae` inside it), the LoRA
+    checks, the plan) and the phases' (`apply`, `text_load`, `text_encode` of the text phase; the first step's
+    `first_step_staging_wait` and `first_step_compile`); `parts_began_s`: when the pipeline's parts began and
+    `read_ahead_s`: when each read-ahead read and how much (seconds since start-up), to line them up."""
     import json
 
     import torch
@@ -391,10 +409,21 @@ def write_stats(path, pipe, plan, result, peak, *, total: float, startup: float,
         "swap_stall_ms": pipe.residency.swap_stall_ms() if pipe.residency is not None else None,
         "plan": plan.to_dict() if plan is not None else None, "params": result.params,
         "read_ahead": pipe.read_ahead_thread is not None,  # the high expert's files read ahead (--no-read-ahead)
+        "parts_s": {**{k: round(v, 3) for k, v in (parts or {}).items()}, **result.parts},
+        "parts_began_s": {k: round(t - _STARTED, 3) for k, t in pipe.part_began.items()},  # the pipeline's
+        "read_ahead_s": {name: _read_ahead_stats(thread) for name, thread in
+                         (("text", pipe.read_ahead_text), ("high", pipe.read_ahead_thread)) if thread is not None},
     }  # fmt: skip
     tmp = Path(f"{path}.partial")
     tmp.write_text(json.dumps(stats, indent=2, default=str) + "\n")
     os.replace(tmp, path)
+
+
+def _read_ahead_stats(thread) -> dict:
+    """A read-ahead's (checkpoint.ReadAhead) window in seconds since start-up, and the GB it read."""
+    since = lambda t: None if t is None else round(t - _STARTED, 3)
+    return {"began": since(thread.began), "ended": since(thread.ended), "gb": round(thread.bytes / 1e9, 6),
+            "waited_for": len(thread.after)}
 
 
 def _swap_summary(pipe) -> str:

@@ -519,6 +519,8 @@ class Stats:
     host_wait_s: float = 0.0  # time the calling thread spent on staging: reading units itself, or waiting for them
     staged_ahead: int = 0  # memory-mapped units the prefetch thread had read (or was reading) for the copy
     staged_inline: int = 0  # memory-mapped units read on the calling thread (no plan, or the plan changed)
+    compile_s: float | None = None  # wall time of the first compiled block's first call: the trace and the compile
+    # (torch.compile; one graph serves every block), as its kernels are queued on the GPU asynchronously
     host_waits: list = field(default_factory=list)  # (call, unit, seconds) the calling thread spent staging
     waits: list = field(default_factory=list)  # (call, unit, event pair) with measure=True
     # (call, unit, event pair) with measure=True: the end of the previous unit's work on the compute stream
@@ -792,7 +794,10 @@ class Residency:
             hs = [h for h, _ in states]
             for i, block in enumerate(model.blocks):
                 self._use(expert, i + 1)
+                start = time.perf_counter()
                 hs = [block(h, cond) for h, (_, cond) in zip(hs, states)]
+                if self.compile and self.stats.compile_s is None:
+                    self.stats.compile_s = time.perf_counter() - start
                 self._done(s, i + 1)
             self._use(expert, last)
             outs += [model.unembed(h, cond) for h, (_, cond) in zip(hs, states)]

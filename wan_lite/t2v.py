@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import torch
 
 from . import __version__, attention
@@ -32,6 +35,7 @@ from .checkpoint import (
     CheckpointError,
     ModelRoot,
     check_root,
+    files_to_read,
     load_expert,
     open_expert,
     open_root,
@@ -53,6 +57,9 @@ __all__ = ["BOUNDARY", "CheckpointError", "DecodeError", "T2VPipeline", "T2VResu
            "resolve_root", "validate", "validate_sampling"]
 
 
+STARTUP_PARTS = ("open_root", "check_text", "tokenizer", "check_vae")  # T2VPipeline.parts of the constructor
+
+
 def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -68,6 +75,8 @@ class T2VResult:
     seed: int
     params: dict  # everything that determines the video; written into the mp4 and its sidecar
     timings: dict = field(default_factory=dict)  # seconds per phase: text, load, denoise, decode, write
+    parts: dict = field(default_factory=dict)  # seconds of parts of those phases (T2VPipeline.parts), and the
+    # first step's: its staging waits and the first compile (residency stats)
     vram_peaks: dict = field(default_factory=dict)  # GiB allocated at most in each phase (CUDA runs)
     vram_held: float | None = None  # GiB still allocated once the experts are released, before the decode
     warnings: list[str] = field(default_factory=list)  # one line each, for the CLI and the app to show
@@ -97,10 +106,13 @@ class T2VPipeline:
 
     def __init__(self, model: ModelRoot, *, device: torch.device, dtype: torch.dtype,
                  text_device: torch.device, text_dtype: torch.dtype, vae_dtype: torch.dtype,
-                 cache_dir: str | os.PathLike | None, parallel: ParallelContext | None = None):
+                 cache_dir: str | os.PathLike | None, parallel: ParallelContext | None = None,
+                 prompts: Sequence[str] = ()):
         self.model = model  # the model on disk, described once (checkpoint.open_root)
         self.parallel = parallel  # several GPUs (wan_lite.parallel): experts sharded there, rank 0 decodes
         self.device, self.dtype, self.vae_dtype = device, dtype, vae_dtype
+        self.parts: dict[str, float] = {}  # seconds of the start-up's and the last run's parts (`_part`)
+        self.part_began: dict[str, float] = {}  # time.perf_counter() at the start of each of them
         self.text = TextEncoder(text_layout(model.text_encoder), model.text_encoder, model.tokenizer,
                                 device=text_device, dtype=text_dtype, cache_dir=cache_dir, use_cache=True,
                                 width=model.config.text_dim)
@@ -108,18 +120,36 @@ class T2VPipeline:
             if where.type == "cuda" and not torch.cuda.is_available():
                 why = "no GPU found" if torch.version.cuda else "a build without CUDA"
                 raise ValueError(f"CUDA is not available here (torch {torch.__version__}, {why}): use --device cpu")
-        self.text.check()  # width and every tensor name, from headers: before any model loads
-        self.text.check_tokenizer()  # a single-file encoder's tokenizer found (or downloaded) before anything loads
-        check_vae(model.vae)
+        # the disk's first job: the encoder's weights, when `prompts` (the coming run's) miss the cache; read
+        # while the checks below import transformers and open files, and before the high expert's (`_apply`)
+        self.read_ahead_text = read_ahead(model.text_encoder, 2**62) if prompts and self.text.missing(prompts) \
+            else None
+        self._text_done = threading.Event()  # set once the encoder's weights are in: the disk is the experts' then
+        with self._part("check_text"):
+            self.text.check()  # width and every tensor name, from headers: before any model loads
+        with self._part("tokenizer"):
+            self.text.check_tokenizer()  # a single-file encoder's tokenizer found (or downloaded) before anything loads
+        with self._part("check_vae"):
+            check_vae(model.vae)
         self.text_device_from_plan = False  # from_pretrained sets it when no text_device was asked for
         self.experts: tuple[torch.nn.Module, torch.nn.Module] | None = None  # loaded modules (CPU, GPUs, libraries)
         self.hosts: tuple | None = None  # one GPU: (template, high, low) in host RAM for the residency
         self.residency: Residency | None = None  # the last run's (its `stats`: copies, staging, swap stall)
         self.vae: VAE | None = None
         self._running: Experts | None = None  # the experts of the run in progress (release() frees them)
+        self._last_experts: Experts | None = None  # the last run's
         self.loras: dict[str, tuple[tuple[str, float], ...]] = {"high": (), "low": ()}  # merged at load
         self.read_ahead_high = True  # a plan applied starts reading the high expert's files ahead (off: to measure)
         self.read_ahead_thread = None  # the last run's (checkpoint.read_ahead)
+
+    @contextmanager
+    def _part(self, name: str):
+        """Time a part of the start-up or of a phase into `parts[name]` (seconds)."""
+        start = self.part_began[name] = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.parts[name] = time.perf_counter() - start
 
     # the model's description, under the names earlier releases used
     root = property(lambda self: self.model.path)
@@ -143,16 +173,23 @@ class T2VPipeline:
         vae_dtype: torch.dtype = torch.float32,
         cache_dir: str | os.PathLike | None = None,
         parallel: ParallelContext | None = None,
+        prompts: Sequence[str] = (),
     ) -> T2VPipeline:
         """Open a model root (either layout, or a quantized copy), a hub id, or a `ModelRoot` already
         described (e.g. `checkpoint.open_components` / `open_comfyui` for single files). `device` defaults
         to CUDA when present; `text_device` (default: `device`) runs the umt5 encoder; `cache_dir` holds
-        prompt embeddings."""
+        prompt embeddings. `prompts`: the first run's (prompt and negative prompt), when known: if the
+        encoder will run for them, its weights are read into the page cache from now on (`read_ahead_text`),
+        during the checks."""
+        start = time.perf_counter()
         model = path_or_hub_id if isinstance(path_or_hub_id, ModelRoot) else open_root(path_or_hub_id)
+        opened = time.perf_counter() - start
         device = parallel.device if parallel else torch.device(device) if device is not None else _default_device()
         pipe = cls(model, device=device, dtype=dtype,
                    text_device=torch.device(text_device) if text_device is not None else device,
-                   text_dtype=text_dtype, vae_dtype=vae_dtype, cache_dir=cache_dir, parallel=parallel)
+                   text_dtype=text_dtype, vae_dtype=vae_dtype, cache_dir=cache_dir, parallel=parallel,
+                   prompts=prompts)
+        pipe.parts, pipe.part_began = {"open_root": opened, **pipe.parts}, {"open_root": start, **pipe.part_began}
         pipe.text_device_from_plan = text_device is None  # on one GPU the planner may move it to the CPU
         return pipe
 
@@ -218,8 +255,12 @@ class T2VPipeline:
         are held (residency mode, CFG batching, compiled blocks, FFN chunks; each expert in pinned RAM or
         served from its memory-mapped file, `plan.host`). Runs before the text encoder: the experts' RAM
         is only filled by the residency's `prepare`, once the encoder has been freed; meanwhile a thread reads
-        the high expert's files into the page cache (`read_ahead`), at most what the plan leaves of its host
-        RAM budget. Without a plan (the CPU, or several GPUs) the loaded modules run as they are."""
+        the high expert's files into the page cache (`read_ahead`, after the text encoder's: `_text_first`), as
+        much as the memory available holds beside the plan's private peak. Not bounded by the plan's RAM
+        budget, which is private memory: the residency reads these same pages through the page cache during
+        the first step anyway (from the memory-mapped files, or to fill its pinned buffers); reading them
+        ahead lets the disk work while the first step compiles. Without a plan (the CPU, or several GPUs) the
+        loaded modules run as they are."""
         if plan is None or self.parallel is not None:
             return LoadedExperts(*self.load_experts())
         attention.set_backend(plan.attention, max_block_bytes=(plan.attention_block_mb or 0) * 2**20 or None)
@@ -238,8 +279,9 @@ class T2VPipeline:
             if self.device.type == "cuda":
                 torch._C._host_emptyCache()  # freed pinned blocks back to the OS
         if self.read_ahead_high and (self.hosts is None or self.hosts[1].flats is None):  # high expert not in RAM yet
-            spare = (plan.host.ram_gb - plan.host.peak_gb) * GB  # the host RAM budget the plan leaves unused
-            self.read_ahead_thread = read_ahead(self.model.high, int(spare))  # its pages read during the text phase
+            room = psutil.virtual_memory().available - int(plan.host.peak_gb * GB)  # for the page cache
+            nbytes = min(room, sum(f.stat().st_size for f in files_to_read(self.model.high)))
+            self.read_ahead_thread = read_ahead(self.model.high, nbytes, after=self._text_first(nbytes, room))
         if self.hosts is None:  # only opened here: `prepare` fills the RAM, after the text encoder is freed
             self.hosts = host_experts(*(open_expert(path, loras=self.loras[name], scheme=self.model.run_scheme)
                                         for name, path in (("high", self.model.high), ("low", self.model.low))),
@@ -249,6 +291,17 @@ class T2VPipeline:
                                    cfg_batched=plan.cfg_batched, slots=plan.slots if plan.mode == "streaming" else 2,
                                    compile=plan.compile, ffn_chunk=plan.ffn_chunk, measure=self.device.type == "cuda")
         return self.residency
+
+    def _text_first(self, expert_bytes: int, room: int) -> tuple:
+        """What the high expert's read-ahead waits for: the text encoder's read-ahead (the disk reads its
+        weights first), and, where the page cache may not hold both (the encoder's file and `expert_bytes`
+        over `room`), the encoder's weights loaded as well, so that the expert's pages do not push out
+        encoder pages the load has not read yet."""
+        if self.read_ahead_text is None:
+            return ()
+        text_bytes = sum(f.stat().st_size for f in files_to_read(self.model.text_encoder))
+        return (self.read_ahead_text,) if text_bytes + expert_bytes <= room else (self.read_ahead_text,
+                                                                                  self._text_done)
 
     def release(self) -> None:
         """Take every model of this pipeline off the GPU (after a failed or cancelled run; a finished run
@@ -345,11 +398,21 @@ class T2VPipeline:
         # 2. text: both prompts in one pass (or from the cache), then the encoder leaves the GPU; with
         #    guidance 1.0 on both experts (Lightning) no step runs an uncond pass: the prompt alone
         start = time.perf_counter()
-        experts = self._apply(plan)  # kernels, text device, how the experts are held: before any weights load
+        self.parts = {k: v for k, v in self.parts.items() if k in STARTUP_PARTS}  # this run's parts from here
+        self._text_done.clear()
+        with self._part("apply"):
+            experts = self._apply(plan)  # kernels, text device, how the experts are held: before any weights load
         prompts = [prompt, negative_prompt] if needs_negative_prompt(sampling) else [prompt]
         try:
-            embeddings = [e.cpu() for e in self.text.encode(prompts)] if main else None
+            with self._part("text_load"):  # the weights, from the page cache its read-ahead filled (or the disk)
+                if main and self.text.missing(prompts):
+                    self.text.load()
+            if self.text.device.type != "cpu":  # on the CPU the encode reads the memory-mapped weights
+                self._text_done.set()
+            with self._part("text_encode"):
+                embeddings = [e.cpu() for e in self.text.encode(prompts)] if main else None
         finally:  # also after an error: 13.5 GB of encoder must not stay on the GPU
+            self._text_done.set()  # the disk is the high expert's read-ahead's now
             self.text.unload()
         if self.parallel:  # every rank samples from rank 0's seed and prompt embeddings
             seed, embeddings = self.parallel.from_main((seed, embeddings))
@@ -362,7 +425,7 @@ class T2VPipeline:
         noise = self.noise(seed, size, frames)  # (1, 16, F', H/8, W/8)
         context = context.unsqueeze(0).to(self.device)  # (1, L, 4096)
         context_null = None if context_null is None else context_null.unsqueeze(0).to(self.device)
-        self._running = experts
+        self._running = self._last_experts = experts
         stats = {}
         try:
             experts.prepare(sampling)  # the experts held in RAM are filled here
@@ -416,7 +479,7 @@ class T2VPipeline:
         timings["decode"] = time.perf_counter() - start
         peaks["decode"] = self._vram_peak()
         result = T2VResult(video=video, latents=latents, seed=seed, params=params, timings=timings, warnings=warnings,
-                           vram_peaks=peaks, vram_held=held)
+                           vram_peaks=peaks, vram_held=held, parts=self._parts_of_run())
         if out is not None:
             try:
                 result.save(out, extra=extra_metadata)
@@ -424,6 +487,17 @@ class T2VPipeline:
                 if not keep_latents:
                     kept.unlink(missing_ok=True)
         return result
+
+    def _parts_of_run(self) -> dict[str, float]:
+        """`parts` (start-up and this run), with the first step's from the residency's stats: the calling
+        thread's waits for staged units (the high expert read from its files) and the first compiled call."""
+        parts = dict(self.parts)
+        if self.residency is not None and self.residency is self._last_experts:
+            stats = self.residency.stats
+            parts["first_step_staging_wait"] = sum(w for c, _, w in stats.host_waits if c == 0)
+            if stats.compile_s is not None:
+                parts["first_step_compile"] = stats.compile_s
+        return {k: round(v, 3) for k, v in parts.items()}
 
     def decode(self, latents: torch.Tensor, vae_tile: int | None | str = "auto") -> torch.Tensor:
         """Latents (1, 16, F', H/8, W/8) -> video (3, F, H, W) fp32 on the CPU with this root's VAE, on the

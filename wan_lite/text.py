@@ -145,11 +145,18 @@ def config_from_official(sd: dict[str, torch.Tensor]) -> UMT5Config:
     )
 
 
-def load_official_encoder(path: Path, dtype: torch.dtype) -> UMT5EncoderModel:
-    """Build `UMT5EncoderModel` on the meta device and assign the official .pth tensors (mmap, no copy)."""
+def open_official(path: Path) -> dict[str, torch.Tensor]:
+    """The official .pth's tensors, memory-mapped (the file's index and pickle are read, no weight)."""
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+
+
+def load_official_encoder(path: Path, dtype: torch.dtype,
+                          sd: dict[str, torch.Tensor] | None = None) -> UMT5EncoderModel:
+    """Build `UMT5EncoderModel` on the meta device and assign the official .pth tensors (mmap, no copy);
+    `sd`: the file already opened (`open_official`)."""
     from transformers import UMT5EncoderModel
 
-    sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    sd = open_official(path) if sd is None else sd
     config = config_from_official(sd)
     with torch.device("meta"):
         model = UMT5EncoderModel(config)
@@ -203,14 +210,14 @@ def _check_width(path: Path, d_model: int, width: int) -> None:
                               f"(umt5-xxl: 4096): use the umt5-xxl encoder that came with the experts")
 
 
-def check_text_encoder(layout: str, weights: Path, width: int) -> None:
+def check_text_encoder(layout: str, weights: Path, width: int, sd: dict[str, torch.Tensor] | None = None) -> None:
     """Check the umt5 encoder from its config, header or .pth index only (no weight is read): its width is
     the experts' text_dim, and its tensor names are exactly a UMT5 encoder's (a plain T5, whose blocks
     after the first have no relative attention bias, is refused). The pipeline calls this before any model
-    loads. Raises CheckpointError naming the file."""
+    loads; `sd`: the official .pth already opened (`open_official`). Raises CheckpointError naming the file."""
     weights = Path(weights)
     if layout == "official":
-        sd = torch.load(weights, map_location="cpu", mmap=True, weights_only=True)  # names and shapes only
+        sd = open_official(weights) if sd is None else sd  # names and shapes only
         try:
             config = config_from_official(sd)
             names = official_to_transformers(sd)
@@ -302,6 +309,7 @@ class TextEncoder:
         self.model: UMT5EncoderModel | None = None
         self.tokenizer = None
         self.encoder_calls = 0  # forward passes run (a cache hit runs none)
+        self._official: dict[str, torch.Tensor] | None = None  # the .pth opened once (check, dtype, load)
 
     @classmethod
     def from_pretrained(
@@ -324,8 +332,9 @@ class TextEncoder:
         from transformers import UMT5EncoderModel
 
         self._load_tokenizer()
-        if self.layout == "official":
-            model = load_official_encoder(self.weights, self.dtype)
+        if self.layout == "official":  # the opened .pth is dropped here: its mapping goes with the weights
+            model = load_official_encoder(self.weights, self.dtype, self._opened())
+            self._official = None
         elif self.layout == "file":
             model = load_encoder_file(self.weights, self.dtype, self.width)
         else:
@@ -366,12 +375,24 @@ class TextEncoder:
         the other layouts."""
         if self.layout != "official":
             return None
-        sd = torch.load(self.weights, map_location="cpu", mmap=True, weights_only=True)
-        return sd["token_embedding.weight"].dtype
+        return self._opened()["token_embedding.weight"].dtype
+
+    def _opened(self) -> dict[str, torch.Tensor]:
+        """The official .pth, memory-mapped, opened once for the check, `stored_dtype` and the load (each
+        torch.load reads the zip's index and a header per tensor: scattered reads of an 11.4 GB file)."""
+        if self._official is None:
+            self._official = open_official(self.weights)
+        return self._official
 
     def check(self) -> None:
         """The encoder's width and tensor names, from its config / header only (`check_text_encoder`)."""
-        check_text_encoder(self.layout, self.weights, self.width)
+        check_text_encoder(self.layout, self.weights, self.width,
+                           self._opened() if self.layout == "official" else None)
+
+    def missing(self, prompts: list[str]) -> list[str]:
+        """The cleaned prompts not in the embedding cache: those the encoder's weights load for."""
+        texts = {clean_text(p) for p in prompts}
+        return sorted(t for t in texts if not (self.use_cache and self._cache_path(t).is_file()))
 
     def tokens_if_cut(self, prompt: str) -> int | None:
         """The cleaned prompt's token count (the closing </s> included) when it is over TEXT_LEN and will be
@@ -387,6 +408,7 @@ class TextEncoder:
         """Free the weights (and their VRAM); the next cache miss loads them again."""
         self.model = None
         self.tokenizer = None
+        self._official = None
         if self.device.type == "cuda":
             # transformers' modules hold reference cycles: without a collection the 11.4 GB of weights stay
             # allocated until the next automatic one, under the expert that loads next (seen on the H200:

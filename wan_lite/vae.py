@@ -116,17 +116,66 @@ def check_vae_keys(sd: dict, model, path: Path) -> None:
     check_keys(model.state_dict(), found, path, "the Wan2.1 VAE (names as diffusers' AutoencoderKLWan)")
 
 
+def official_names(dim: int = 96, dim_mult=(1, 2, 4, 4), num_res_blocks: int = 2,
+                   temporal_down=(False, True, True)) -> list[str]:
+    """Every tensor name of the official `WanVAE_` (wan/modules/vae2_1.py) with the Wan2.1 configuration,
+    from its architecture: what `Wan2.1_VAE.pth` holds. Lets `check_vae` check a VAE file without importing
+    diffusers (1.2 s here, with the bitsandbytes it imports, which looks up the hub), which then loads only
+    for the decode; tests/test_vae.py checks these names against diffusers' `AutoencoderKLWan`."""
+    conv, norm = (".weight", ".bias"), (".gamma",)
+
+    def resblock(prefix: str, in_dim: int, out_dim: int) -> list[str]:
+        parts = [("residual.0", norm), ("residual.2", conv), ("residual.3", norm), ("residual.6", conv)]
+        parts += [("shortcut", conv)] if in_dim != out_dim else []
+        return [f"{prefix}.{part}{end}" for part, ends in parts for end in ends]
+
+    def middle(prefix: str, d: int) -> list[str]:
+        attn = [f"{prefix}.1.{part}{end}" for part, ends in (("norm", norm), ("to_qkv", conv), ("proj", conv))
+                for end in ends]
+        return resblock(f"{prefix}.0", d, d) + attn + resblock(f"{prefix}.2", d, d)
+
+    def resample(prefix: str, temporal: bool) -> list[str]:
+        return [f"{prefix}.resample.1{end}" for end in conv] + ([f"{prefix}.time_conv{end}" for end in conv]
+                                                                 if temporal else [])
+
+    names = [f"{top}{end}" for top in ("encoder.conv1", "conv1", "conv2", "decoder.conv1") for end in conv]
+    dims, i = [dim * m for m in (1, *dim_mult)], 0  # encoder: (in, out) per stage
+    for stage, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+        for _ in range(num_res_blocks):
+            names += resblock(f"encoder.downsamples.{i}", d_in, d_out)
+            d_in, i = d_out, i + 1
+        if stage != len(dim_mult) - 1:
+            names += resample(f"encoder.downsamples.{i}", temporal_down[stage])
+            i += 1
+    names += middle("encoder.middle", dims[-1]) + [f"encoder.head.{k}{end}" for k, ends in ((0, norm), (2, conv))
+                                                   for end in ends]
+    dims, i = [dim * m for m in (dim_mult[-1], *dim_mult[::-1])], 0  # decoder
+    temporal_up = temporal_down[::-1]
+    names += middle("decoder.middle", dims[0])
+    for stage, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+        d_in = d_in // 2 if stage in (1, 2, 3) else d_in  # the upsampler before halves the channels
+        for _ in range(num_res_blocks + 1):
+            names += resblock(f"decoder.upsamples.{i}", d_in, d_out)
+            d_in, i = d_out, i + 1
+        if stage != len(dim_mult) - 1:
+            names += resample(f"decoder.upsamples.{i}", temporal_up[stage])
+            i += 1
+    return names + [f"decoder.head.{k}{end}" for k, ends in ((0, norm), (2, conv)) for end in ends]
+
+
 def check_vae(path: str | os.PathLike) -> None:
     """Check a Wan2.1 VAE (`Wan2.1_VAE.pth`, a diffusers `vae/` folder or a single .safetensors file)
     from its config and tensor names only, no weight read: the pipeline calls this before any model
-    loads, so a wrong or incomplete VAE is not found after the denoise. Raises CheckpointError naming the
-    file: the Wan2.2 VAE (z_dim 48, TI2V-5B's), another model, a missing or unexpected key."""
+    loads, so a wrong or incomplete VAE is not found after the denoise. A file's names are checked against
+    `official_names()` (no diffusers import: it loads for the decode); a folder's against diffusers' model
+    built from its config. Raises CheckpointError naming the file: the Wan2.2 VAE (z_dim 48, TI2V-5B's),
+    another model, a missing or unexpected key."""
     import json
-
-    from diffusers import AutoencoderKLWan
 
     path = Path(path)
     if path.is_dir():
+        from diffusers import AutoencoderKLWan
+
         config_file = path / "config.json"
         if not config_file.is_file():
             raise CheckpointError(f"{path} is not a diffusers vae/ folder (no config.json): download it again")
@@ -142,8 +191,6 @@ def check_vae(path: str | os.PathLike) -> None:
         found = [name for f in files for name in read_header(f).tensors]
         check_keys(model.state_dict(), found, files[0] if len(files) == 1 else path, "the Wan2.1 VAE")
         return
-    with torch.device("meta"):
-        model = AutoencoderKLWan()  # the default config is the Wan2.1 VAE
     if path.suffix == ".safetensors":
         info, header, stored = scan(path)
         refuse(info, "vae")  # the Wan2.2 VAE, an expert, a text encoder: named
@@ -151,7 +198,7 @@ def check_vae(path: str | os.PathLike) -> None:
         names = [n for n in stored if not _is_marker(n, fp8)]  # as read_vae_file keeps them
     else:
         names = torch.load(path, map_location="cpu", mmap=True, weights_only=True)  # keys; data stays on disk
-    check_vae_keys(dict.fromkeys(names), model, path)
+    check_keys(official_names(), names, path, "the Wan2.1 VAE (official WanVAE_ names)")
 
 
 # ---------------------------------------------------------------------------------------------------
