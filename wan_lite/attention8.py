@@ -59,11 +59,12 @@ PAD = 256  # the 8-bit copies hold a multiple of this many tokens (block_n divid
 STATS_CHUNK = 1024  # tokens per partial sum in _kv_stats
 P_SHIFT = 8.0  # p is computed as 2^8 * softmax numerator: [0, 256] of e4m3's [2^-9, 448]
 MIN_CAPABILITY = (8, 9)  # FP8 e4m3 tensor cores: Ada and Hopper
-# From this many keys on, on Hopper, the default config runs attention8_gluon's loop instead of `_attn_fwd`
-# (same pre-pass and arithmetic, softmax overlapped with the next Q.K^T): H200, 2026-11-29, same run,
-# `python -m wan_lite.bench_attention`: at 75,600 keys 159.4 ms vs 167.1 ms (1.33x vs 1.27x cuDNN); at
-# 32,760 keys 29.8 ms vs 28.5 ms (Triton ahead: its 3 programs per SM beat Gluon's 2 there).
-GLUON_MIN_KEYS = 50_000
+# From this many keys on, on Hopper, the default config runs attention8_gluon's loop (its RUNTIME config: FA3's
+# ping-pong, same pre-pass and arithmetic, bit-identical output) instead of `_attn_fwd`: every length. H100,
+# 2026-12-06, same run, `python -m wan_lite.attention8_gluon`: at 32,760 keys 24.4 ms vs 27.0 ms (1.51x vs
+# 1.37x cuDNN), at 75,600 134.3 vs 163.4 ms (1.59x vs 1.31x); the 480p step ran all its attention on it,
+# the 512-key cross-attention included (BENCHMARKS.md, session 4). Raise it to keep the Triton loop below.
+GLUON_MIN_KEYS = 0
 
 
 @dataclass(frozen=True)

@@ -141,7 +141,9 @@ VARIANTS = (
     GluonConfig(stages=3, warp_specialize=True, permute_v=True, overlap=True, pingpong=False),
 )
 CONFIGS = {c.name: c for c in VARIANTS}
-RUNTIME = DEFAULT  # the config attention8.attention_fp8 runs (from GLUON_MIN_KEYS keys on Hopper)
+# the config attention8.attention_fp8 runs (from GLUON_MIN_KEYS keys on Hopper): the fastest of the sweep on an
+# H100 (2026-12-06; BENCHMARKS.md, session 4) at both lengths, its output bit-identical to the Triton loop's
+RUNTIME = CONFIGS["gluon-wspp-m128n128s2-pv"]
 
 
 # ---------------------------------------------------------------------------------------------
