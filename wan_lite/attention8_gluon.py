@@ -227,6 +227,19 @@ def _pv_acc(p, alpha, v_smem, v_bars, j, o_zero, p_layout: gl.constexpr, o_layou
 
 
 @gluon.jit
+def _loop_state(BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, D: gl.constexpr, s_layout: gl.constexpr,
+                o_layout: gl.constexpr):
+    """The online softmax's starting state: zero tiles for wgmma's unused accumulators (use_acc=False: never
+    read) of S and of P.V, the row max m = -inf, the row sum l = 0 and the output accumulator 0."""
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+    o_zero = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
+    return s_zero, o_zero, m_i, l_i, acc
+
+
+@gluon.jit
 def _attn_fwd_gluon(q_desc, k_desc, v_desc, qs, ks, vs, Out, H, Lq, Lqp, Lk, Lkp, sob, soh, sol,
                     D: gl.constexpr, BLOCK_N: gl.constexpr, Q_BLOCK: gl.constexpr, STAGES: gl.constexpr,
                     P_SHIFT: gl.constexpr, PERMUTE_V: gl.constexpr, num_warps: gl.constexpr):
@@ -263,11 +276,7 @@ def _attn_fwd_gluon(q_desc, k_desc, v_desc, qs, ks, vs, Out, H, Lq, Lqp, Lk, Lkp
 
     c_q = gl.load(qs + bh * (Lqp // Q_BLOCK) + (start_m * BLOCK_M) // Q_BLOCK)
     ks_h = ks + bh * (Lkp // BLOCK_N)
-    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)  # use_acc=False: never read
-    o_zero = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
-    l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
-    acc = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
+    s_zero, o_zero, m_i, l_i, acc = _loop_state(BLOCK_M, BLOCK_N, D, s_layout, o_layout)
 
     mbarrier.wait(q_bar, 0)
     tok = _issue_scores(q_smem, k_smem, k_bars, 0, s_zero, STAGES)
@@ -403,11 +412,7 @@ def _pp_consume(q_smem, k_smem, v_smem, q_bars, k_full, v_full, k_empty, v_empty
     n = gl.cdiv(Lk, BLOCK_N)
     c_q = gl.load(qs + bh * (Lqp // Q_BLOCK) + (start_m * 2 * BLOCK_M) // Q_BLOCK)  # both halves: one Q block
     ks_h = ks + bh * (Lkp // BLOCK_N)
-    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)  # use_acc=False: never read
-    o_zero = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, gl.SliceLayout(1, s_layout))
-    l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
-    acc = gl.zeros([BLOCK_M, D], gl.float32, o_layout)
+    s_zero, o_zero, m_i, l_i, acc = _loop_state(BLOCK_M, BLOCK_N, D, s_layout, o_layout)
     q = q_smem.index(c)
 
     mbarrier.wait(q_bars.index(c), 0)
