@@ -134,7 +134,7 @@ def test_generate_shows_the_video(server, browser):
     assert "Demo model" in page.locator("#banner").inner_text()
     page.locator("#prompt textarea").fill("a small dog runs in the snow")
     set_number(page, "frames", 41)
-    set_number(page, "steps", 60)
+    set_number(page, "steps", 100)  # the slider's end: long enough for the 0.5 s poll to catch two previews
     page.locator("#generate").click()
     # a second click in this window is not dropped silently: the button says why it is disabled
     button = page.locator("#generate")
