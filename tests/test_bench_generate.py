@@ -67,7 +67,10 @@ def test_run_options_and_the_read_ahead_switch(tmp_path, monkeypatch):
 
     assert bench_generate.parse_run("1280x720:vram=24:ram=20:cache=cold:read_ahead=off") == {
         "size": "1280x720", "vram": "24", "ram": "20", "cache": "cold", "read_ahead": "off"}
-    for bad in ("1280x720:read_ahead=no", "1280x720:cache=hot", "1280x720:turbo=1"):
+    assert bench_generate.parse_run("1280x720:steps=40:step_cache=50%") == {
+        "size": "1280x720", "steps": "40", "step_cache": "50%"}
+    for bad in ("1280x720:read_ahead=no", "1280x720:cache=hot", "1280x720:turbo=1", "1280x720:steps=0",
+                "1280x720:step_cache=150%"):
         with pytest.raises(argparse.ArgumentTypeError, match="read_ahead=on\\|off"):
             bench_generate.parse_run(bad)
     argv = []
@@ -78,3 +81,7 @@ def test_run_options_and_the_read_ahead_switch(tmp_path, monkeypatch):
         bench_generate.run_generate(tmp_path, tmp_path, bench_generate.parse_run(run), label="64x64-cold",
                                     preset="lightning", frames=5)
         assert ("--no-read-ahead" in argv[0]) == run.endswith("off")
+    argv.clear()
+    bench_generate.run_generate(tmp_path, tmp_path, bench_generate.parse_run("64x64:steps=40:step_cache=50%"),
+                                label="64x64-cold", preset="official", frames=5)
+    assert argv[0][-4:] == ("--steps", "40", "--step-cache", "50%")

@@ -242,18 +242,35 @@ def resident_fraction(root: Path) -> float | None:
 
 def parse_run(text: str) -> dict:
     """'1280x720:vram=24:ram=16' -> {'size': '1280x720', 'vram': '24', 'ram': '16'}; `cache=warm` (or cold)
-    runs it only that way, whatever --warm says; `read_ahead=off` runs generate with --no-read-ahead."""
+    runs it only that way, whatever --warm says; `read_ahead=off` runs generate with --no-read-ahead;
+    `steps=N` and `step_cache=off|N%|easycache|T` are generate's --steps and --step-cache (e.g. issue 18's
+    measured 50% run: `1280x720:vram=24:steps=40:step_cache=50%` with --preset official)."""
+    from .generate import cache_arg  # noqa: PLC0415 - generate imports the pipeline; only its parser is needed
+
     size, *opts = text.split(":")
     size_arg(size)  # a bad size is refused here, before the root is written and quantized
     run = {"size": size}
     choices = {"cache": ("cold", "warm"), "read_ahead": ("on", "off")}
+    checks = {"steps": lambda v: v.isdigit() and 1 <= int(v) <= 200, "step_cache": _step_cache_ok(cache_arg)}
     for o in opts:
         key, _, value = o.partition("=")
-        if key not in ("vram", "ram", *choices) or not value or value not in choices.get(key, (value,)):
-            raise argparse.ArgumentTypeError(f"--run {text!r}: options are vram=GB, ram=GB, cache=cold|warm and "
-                                             "read_ahead=on|off")
+        known = key in ("vram", "ram", *choices, *checks) and value
+        if not known or value not in choices.get(key, (value,)) or not checks.get(key, bool)(value):
+            raise argparse.ArgumentTypeError(f"--run {text!r}: options are vram=GB, ram=GB, cache=cold|warm, "
+                                             "read_ahead=on|off, steps=1..200 and step_cache=off|N%|easycache|T")
         run[key] = value
     return run
+
+
+def _step_cache_ok(parse):
+    def ok(value: str) -> bool:
+        try:
+            parse(value)
+        except argparse.ArgumentTypeError:
+            return False
+        return True
+
+    return ok
 
 
 def _python(*args: str, log: Path) -> tuple[int, float]:
@@ -274,6 +291,10 @@ def run_generate(qroot: Path, work: Path, run: dict, *, label: str, preset: str,
         args += ["--ram-gb", run["ram"]]
     if run.get("read_ahead") == "off":
         args.append("--no-read-ahead")
+    if "steps" in run:
+        args += ["--steps", run["steps"]]
+    if "step_cache" in run:
+        args += ["--step-cache", run["step_cache"]]
     rc, wall = _python(*args, log=log)
     out = {"label": label, **run, "rc": rc, "wall_s": round(wall, 2), "log_tail": log.read_text()[-1500:]}
     if rc == 0:
@@ -321,7 +342,7 @@ def main(argv=None) -> int:
     p.add_argument("--skip-quantize", action="store_true", help="write the --scheme experts directly in our "
                    "quantized layout (random 8-bit weights) instead of a bf16 source quantized by the real command")
     p.add_argument("--run", type=parse_run, action="append", help="WxH[:vram=GB][:ram=GB][:cache=cold|warm]"
-                   "[:read_ahead=on|off]; "
+                   "[:read_ahead=on|off][:steps=N][:step_cache=off|N%|easycache|T]; "
                    "repeatable (default: 1280x720:vram=24 and 832x480:vram=12:ram=16)")
     p.add_argument("--frames", type=int, default=81)
     p.add_argument("--preset", default="lightning", choices=("lightning", "official"))
