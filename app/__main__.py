@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(umt5_xxl_fp16.safetensors, fp8 scaled too) (default with a ComfyUI --ckpt: found in "
                    "text_encoders/)")
     p.add_argument("--vae", default=None, help="with --high/--low: the Wan2.1 VAE file (wan_2.1_vae.safetensors) "
-                   "(default with a ComfyUI --ckpt: found in vae/)")
+                   "or a diffusers vae/ folder (default with a ComfyUI --ckpt: found in vae/)")
     p.add_argument("--tokenizer", default=None, help="the google/umt5-xxl tokenizer folder for a single-file text "
                    "encoder (default: the hub id, cached or downloaded)")
     p.add_argument("--loras", default=None, metavar="DIR", help="folder of LoRA .safetensors files offered per expert "

@@ -437,3 +437,14 @@ def test_metadata_of_comfy_file_names_layers(files, state):
     with safe_open(path, "pt") as f:
         layers = json.loads(f.metadata()["_quantization_metadata"])["layers"]
     assert "model.diffusion_model.blocks.0.self_attn.q" in layers
+
+
+def test_a_diffusers_vae_file_is_refused_naming_its_folder(tmp_path):
+    """Found by a user trial: `--vae .../vae/diffusion_pytorch_model.safetensors` (diffusers names) was refused
+    with "use wan_2.1_vae.safetensors" only, though the folder beside it is taken as it is."""
+    from diffusers import AutoencoderKLWan
+
+    AutoencoderKLWan(base_dim=16).save_pretrained(tmp_path / "vae")
+    with pytest.raises(CheckpointError, match=r"not the Wan2.1 VAE: use wan_2.1_vae.safetensors \(or a diffusers "
+                                              r"vae/ folder: pass the folder, not its file\)"):
+        read_vae_file(tmp_path / "vae" / "diffusion_pytorch_model.safetensors")

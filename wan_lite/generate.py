@@ -85,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--low", help="the low-noise expert (same kinds as --high)")
     p.add_argument("--text-encoder", help="with --high/--low: the umt5-xxl encoder file (umt5_xxl_fp16.safetensors, "
                    "fp8 scaled too) or folder (default with a ComfyUI --ckpt: found in text_encoders/)")
-    p.add_argument("--vae", help="with --high/--low: the Wan2.1 VAE file (wan_2.1_vae.safetensors) (default with a "
-                   "ComfyUI --ckpt: found in vae/)")
+    p.add_argument("--vae", help="with --high/--low: the Wan2.1 VAE file (wan_2.1_vae.safetensors) or a diffusers "
+                   "vae/ folder (default with a ComfyUI --ckpt: found in vae/)")
     p.add_argument("--tokenizer", help="the google/umt5-xxl tokenizer folder for a single-file text encoder "
                    "(default: the hub id, cached or downloaded)")
     p.add_argument("--prompt", help="what the video shows (required, except with --decode); at most 512 tokens are "

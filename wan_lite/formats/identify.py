@@ -37,7 +37,7 @@ T2V_EXPERTS = ("wan2.2-t2v-a14b", "wan-t2v")  # the experts wan-lite runs
 USE_EXPERTS = ("use wan2.2_t2v_high_noise_14B_*.safetensors and wan2.2_t2v_low_noise_14B_*.safetensors "
                "(or Wan2.2-T2V-A14B-HighNoise-*.gguf / -LowNoise-*.gguf)")
 USE_TEXT = "use umt5_xxl_fp16.safetensors or umt5_xxl_fp8_e4m3fn_scaled.safetensors"
-USE_VAE = "use wan_2.1_vae.safetensors"
+USE_VAE = "use wan_2.1_vae.safetensors (or a diffusers vae/ folder: pass the folder, not its file)"
 
 MODEL_NAMES = {
     "wan2.2-t2v-a14b": "a Wan2.2 T2V-A14B expert (or Wan2.1-T2V-14B: same shapes)",
