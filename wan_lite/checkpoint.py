@@ -463,6 +463,11 @@ def files_to_read(path: str | os.PathLike) -> list[Path]:
     return [path] if path.is_file() else sorted(path.glob("*.safetensors"))
 
 
+def files_bytes(path: str | os.PathLike) -> int:
+    """The size in bytes of a component's weight files (`files_to_read`)."""
+    return sum(f.stat().st_size for f in files_to_read(path))
+
+
 class ReadAhead(threading.Thread):
     """Reads files into the page cache on a daemon thread, in order, the first `max_bytes` of them, once every
     one of `after` (threads: joined; events: set) is done: so that two read-aheads queued one after the other

@@ -35,7 +35,7 @@ from .checkpoint import (
     CheckpointError,
     ModelRoot,
     check_root,
-    files_to_read,
+    files_bytes,
     load_expert,
     open_expert,
     open_root,
@@ -280,7 +280,7 @@ class T2VPipeline:
                 torch._C._host_emptyCache()  # freed pinned blocks back to the OS
         if self.read_ahead_high and (self.hosts is None or self.hosts[1].flats is None):  # high expert not in RAM yet
             room = psutil.virtual_memory().available - int(plan.host.peak_gb * GB)  # for the page cache
-            nbytes = min(room, sum(f.stat().st_size for f in files_to_read(self.model.high)))
+            nbytes = min(room, files_bytes(self.model.high))
             self.read_ahead_thread = read_ahead(self.model.high, nbytes, after=self._text_first(nbytes, room))
         if self.hosts is None:  # only opened here: `prepare` fills the RAM, after the text encoder is freed
             self.hosts = host_experts(*(open_expert(path, loras=self.loras[name], scheme=self.model.run_scheme)
@@ -299,7 +299,7 @@ class T2VPipeline:
         encoder pages the load has not read yet."""
         if self.read_ahead_text is None:
             return ()
-        text_bytes = sum(f.stat().st_size for f in files_to_read(self.model.text_encoder))
+        text_bytes = files_bytes(self.model.text_encoder)
         return (self.read_ahead_text,) if text_bytes + expert_bytes <= room else (self.read_ahead_text,
                                                                                   self._text_done)
 
