@@ -17,6 +17,7 @@ from wan_lite.bench_profile import CATEGORIES, Activity, classify, device_activi
 # fused kernels by its naming scheme, and the library kernels as CUDA traces of torch show them.
 NAMES = {
     "linear 8-bit": [
+        "nvjet_sm90_qqtst_128x128_128x6_1x2_h_bz_ovscale_bias_TNT",  # torch._scaled_mm on H100, 2026-12-06
         "_w8a8_matmul_kernel",
         "wan_lite::linear_w8a8",
         "aten::_int_mm",

@@ -73,6 +73,7 @@ CATEGORIES = {
 
 _GEMM = r"gemm|gemv|nvjet|xmma|cutlass|Kernel2|splitKreduce|s16816|s1688"
 _EIGHT_BIT = r"e4m3|e5m2|f8f8|fp8|float8|s8s8|i8i8|int8|imma"
+_NVJET_FP8 = r"^nvjet_(sm\d+_)?qq"  # cuBLASLt's nvjet names give the A/B types first: q = e4m3 (t = bf16, h = fp16)
 _RULES = (  # (category, pattern): the first that matches wins, so the order matters
     ("copy HtoD", r"^Memcpy HtoD"),
     # Inductor's fused kernels: their names list the aten ops they fuse (_to_copy, clone, mul, ...)
@@ -83,7 +84,7 @@ _RULES = (  # (category, pattern): the first that matches wins, so the order mat
     ("attention", r"_attn_fwd|_kv_stats|_quant_q|_quant_kv|attention_fp8|sdpa|flash_fwd|flash_fprop|fmha"
                   r"|scaled_dot_product|attention"),
     ("act quant", r"quantize_rows"),
-    ("linear 8-bit", rf"_w8a8_matmul|linear_w8a8|^aten::(_int_mm|_scaled_mm)$|(?i:({_GEMM}).*({_EIGHT_BIT}))"),
+    ("linear 8-bit", rf"_w8a8_matmul|linear_w8a8|^aten::(_int_mm|_scaled_mm)$|(?i:({_GEMM}).*({_EIGHT_BIT}))|{_NVJET_FP8}"),
     ("linear float", rf"(?i:{_GEMM})|implicit_convolve|fprop|conv|^triton_tem_"
                      r"|^aten::(addmm|mm|bmm|baddbmm|matmul|linear|convolution|_convolution|conv3d)$"),
     ("elementwise", r"elementwise|reduce_kernel|(?i:norm)|softmax|SoftMax|gelu|silu|rope|Moments"
