@@ -16,7 +16,10 @@ Reported: seconds per step for each expert, the visible swap stall (time the com
 for weight copies during the first low-noise step, plus any host-side staging wait), peak VRAM
 (allocated and reserved), host RAM (private and file-backed: `host_memory` per run, `host_peak` over
 the process, sampled by wan_lite.hostmem),
-the 40-step total, and the time a plain `.to("cuda")` of one expert from pageable memory takes.
+the 40-step total, and the time a plain `.to("cuda")` of one expert from pageable memory takes. With
+several `--attention` kernels, each one after the first also reports `final_latent_drift`: the relative
+L2 difference of its final latent from the first kernel's (same experts, inputs and grid: a short
+full-size denoise across the expert switch, so `--attention sdpa-cudnn,fp8` gives FP8 attention's drift).
 `--baselines` adds, in the same process: our bf16 resident path without a cap, and diffusers'
 `WanTransformer3DModel` with block-level group offloading (use_stream=True) under the same cap.
 `--what text,vae` times the umt5 encoder and the VAE decode (random weights, real size).
@@ -149,6 +152,11 @@ def _host_memory() -> dict:
     return host_memory().to_dict()
 
 
+def relative_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """||x - ref|| / ||ref|| in float64 (the final-latent drift of one attention kernel against another)."""
+    return ((x.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
 def extrapolate(high_s: float, low_s: float, stall_s: float, sampling: SamplingConfig | None = None) -> dict:
     """The official schedule: steps with t >= boundary on the high expert (26 of 40), the rest low."""
     sampling = sampling or SamplingConfig()
@@ -220,6 +228,7 @@ def bench_ours(tmpl, hosts, *, height, width, frames, mode, cfg_batched, vram_gb
             "peak_reserved_gb": torch.cuda.max_memory_reserved() / GB,
             "finite": bool(torch.isfinite(x).all()),
         })
+        out["_final_latent"] = x.float().cpu()  # main() compares it across attention kernels, then drops it
         batch = 2 if cfg_batched else 1
         out["act_bytes_per_token_dim"] = ((out["peak_allocated_gb"] - out["weights_vram_gb"]) * GB
                                           / (batch * L * cfg.dim))
@@ -464,6 +473,7 @@ def main(argv=None) -> int:
     compile_blocks = args.compile == "yes"
     memory = PeakSampler().start()  # peak host RAM, private and file-backed, over all runs
     common = dict(height=height, width=width, frames=args.frames, steps=args.steps, ffn_chunk=chunk)
+    reference = None  # the first attention kernel's final latent and label: the others' drift is against it
     if "ours" in what:
         tmpl = runtime_template(cfg, args.scheme)
         hosts = (random_host_expert(tmpl, 1), random_host_expert(tmpl, 2))
@@ -475,6 +485,11 @@ def main(argv=None) -> int:
             run = bench_ours(tmpl, hosts, mode=mode, cfg_batched=batched, vram_gb=vram_gb,
                              label=f"wan-lite {args.scheme} {mode} attention={attn}", compile_blocks=compile_blocks,
                              **common)
+            final = run.pop("_final_latent", None)
+            if final is not None and reference is None:
+                reference = (final, run["label"])
+            elif final is not None:  # the same experts, inputs and grid: only the attention kernel differs
+                run["final_latent_drift"] = {"against": reference[1], "rel_l2": relative_l2(final, reference[0])}
             record(run)
             if compile_blocks and "error" in run and not run["error"].startswith("OOM"):  # measure eager instead
                 record(bench_ours(tmpl, hosts, mode=mode, cfg_batched=batched, vram_gb=vram_gb,
