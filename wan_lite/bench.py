@@ -15,8 +15,8 @@ timed through the sampler's callback; per-step times are extrapolated to the off
 Reported: seconds per step for each expert, the visible swap stall (time the compute stream waited
 for weight copies during the first low-noise step, plus any host-side staging wait), peak VRAM
 (allocated and reserved), host RAM (private and file-backed: `host_memory` per run, `host_peak` over
-the process, sampled by wan_lite.hostmem),
-the 40-step total, and the time a plain `.to("cuda")` of one expert from pageable memory takes. With
+the process, sampled by wan_lite.hostmem), the 40-step total (and with the fixed 50% step cache: 13 + 7
+computed steps), and the time a plain `.to("cuda")` of one expert from pageable memory takes. With
 several `--attention` kernels, each one after the first also reports `final_latent_drift`: the relative
 L2 difference of its final latent from the first kernel's (same experts, inputs and grid: a short
 full-size denoise across the expert switch, so `--attention sdpa-cudnn,fp8` gives FP8 attention's drift).
@@ -39,16 +39,17 @@ import resource
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime, timezone
 
 import psutil
 import torch
 
 from . import attention
-from .config import ModelConfig, SamplingConfig, VideoSize
+from .config import ModelConfig, SamplingConfig, StepCache, VideoSize
 from .hostmem import PeakSampler, host_memory
 from .model import WanModel
-from .pipeline import high_steps, sample, timesteps
+from .pipeline import computed_steps, high_steps, sample, timesteps
 from .planner import RESOLUTIONS, PlanError, make_plan
 from .quantized.format import quantized_linears
 from .residency import HostExpert, Layout, Residency, layouts_of, template
@@ -158,11 +159,17 @@ def relative_l2(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def extrapolate(high_s: float, low_s: float, stall_s: float, sampling: SamplingConfig | None = None) -> dict:
-    """The official schedule: steps with t >= boundary on the high expert (26 of 40), the rest low."""
+    """The official schedule: steps with t >= boundary on the high expert (26 of 40), the rest low; and
+    the same with the fixed 50% step cache (`StepCache.half()`: 13 + 7 computed steps), whose skipped steps
+    count nothing (they run no expert: a few element-wise ops on the latent, not timed here)."""
     sampling = sampling or SamplingConfig()
     n_high = high_steps(sampling)
     n_low = sampling.steps - n_high
-    return {"steps_high": n_high, "steps_low": n_low, "denoise_total_s": n_high * high_s + n_low * low_s + stall_s}
+    computed = computed_steps(replace(sampling, cache=StepCache.half()))
+    c_high, c_low = sum(computed[:n_high]), sum(computed[n_high:])
+    return {"steps_high": n_high, "steps_low": n_low, "denoise_total_s": n_high * high_s + n_low * low_s + stall_s,
+            "cache50_steps_high": c_high, "cache50_steps_low": c_low,
+            "cache50_denoise_total_s": c_high * high_s + c_low * low_s + stall_s}
 
 
 def bench_sampling(steps: int) -> SamplingConfig:
