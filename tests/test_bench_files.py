@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from argparse import Namespace
 
@@ -20,6 +21,7 @@ from wan_lite import bench_files as bf
 from wan_lite.checkpoint import load_expert, load_source, open_expert
 from wan_lite.config import ModelConfig
 from wan_lite.formats import open_expert_file
+from wan_lite.keys import CheckpointError
 from wan_lite.residency import Residency
 
 CFG = ModelConfig.tiny()
@@ -163,6 +165,24 @@ def test_write_cli(tmp_path, capsys):
     with pytest.raises(ValueError, match="unknown kind"):
         bf.write_expert("gguf-q2_k", tmp_path / "x.gguf", CFG)
     assert not list(tmp_path.glob("x*"))
+
+
+@pytest.mark.parametrize("kind", [k for k in bf.KINDS if k.startswith("gguf")])
+def test_gguf_kind_without_gguf_is_one_line_naming_the_install(tmp_path, monkeypatch, capsys, kind):
+    monkeypatch.setitem(sys.modules, "gguf", None)  # as uninstalled: find_spec gives None, import raises
+    out = tmp_path / "out" / "one.gguf"
+    assert bf.main(["write", "--kind", kind, "--out", str(out), "--config", "tiny"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1  # one line, no traceback
+    assert captured.err == ("error: writing GGUF files needs the gguf package: pip install 'wan-lite[gguf]' "
+                            "(or pip install gguf)\n")
+    assert bf.main(["suite", "--dir", str(tmp_path / "suite"), "--kinds", f"ours-int8,{kind}"]) == 2
+    assert capsys.readouterr().err == captured.err  # the suite too, before its GPU check
+    with pytest.raises(CheckpointError, match=r"pip install gguf\)$"):  # the library call, the same message
+        bf.write_expert(kind, out, CFG)
+    assert list(tmp_path.iterdir()) == []  # refused before any work: no folder, no temporary file
+    with pytest.raises(CheckpointError, match="^reading GGUF files needs the gguf package"):  # the runtime's
+        bf.require_gguf()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -67,6 +67,8 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
+from .formats.headers import require_gguf
+from .keys import CheckpointError
 from .model import WanModel
 from .quantized.format import (
     FORMAT,
@@ -412,12 +414,15 @@ def write_expert(kind: str, out, cfg: ModelConfig | None = None, seed: int = 0, 
 
     `cfg` defaults to ModelConfig.a14b(); `device` to the GPU when there is one (the random draws);
     `keep` (tiny models) receives every stored tensor's float32 value by stored name (GGUF blocks decoded
-    by the format's rule, fp8 / int8 as stored, without their scale). Raises ValueError for an unknown kind.
+    by the format's rule, fp8 / int8 as stored, without their scale). Raises ValueError for an unknown kind,
+    CheckpointError naming the install for a GGUF kind without the gguf package (both before any work).
     """
     cfg = cfg or ModelConfig.a14b()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(out)
     plan = plan_kind(kind, cfg)  # ValueError for an unknown kind, before anything is written
+    if kind.startswith("gguf"):
+        require_gguf("writing")
     out.parent.mkdir(parents=True, exist_ok=True)
     if kind in FOLDER_KINDS:
         write_folder(out, cfg, FOLDER_KINDS[kind], seed, device, keep)
@@ -779,9 +784,7 @@ def suite(directory, *, kinds=KINDS, resolutions=("480p", "720p"), frames: int =
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if any(k.startswith("gguf") for k in kinds):
-        from .formats.headers import require_gguf
-
-        require_gguf()  # CheckpointError naming the install, before any file is written
+        require_gguf("writing")  # CheckpointError naming the install, before any file is written
     need = max(kind_bytes(k, cfg) for k in kinds) * 1.01  # one file at a time
     free = shutil.disk_usage(directory).free
     if free < need:
@@ -850,6 +853,12 @@ def main(argv=None) -> int:
     s.add_argument("--keep", action="store_true", help="keep the files")
     s.add_argument("--json", help="write the results here (rewritten after each record)")
     args = p.parse_args(argv)
+    try:  # a GGUF kind without the gguf package: one line naming the install, before any work
+        if any(k.startswith("gguf") for k in ([args.kind] if args.command == "write" else args.kinds.split(","))):
+            require_gguf("writing")
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.command == "write":
         cfg = ModelConfig.tiny() if args.config == "tiny" else ModelConfig.a14b()
         if args.layers:

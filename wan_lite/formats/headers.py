@@ -101,9 +101,10 @@ def _read_safetensors(path: Path) -> Header:
 # GGUF
 
 
-def require_gguf() -> None:
+def require_gguf(action: str = "reading") -> None:
+    """CheckpointError naming the install when the gguf package is missing (`action`: reading | writing)."""
     if importlib.util.find_spec("gguf") is None:
-        raise CheckpointError("reading GGUF files needs the gguf package: pip install 'wan-lite[gguf]' "
+        raise CheckpointError(f"{action} GGUF files needs the gguf package: pip install 'wan-lite[gguf]' "
                               "(or pip install gguf)")
 
 
