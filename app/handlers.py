@@ -80,6 +80,8 @@ MAX_SEED = 2**31 - 1
 MAX_VAE_PREVIEW_EVERY = 50  # the full-VAE preview slider's end (steps)
 SMALLEST_RELEASED_DIM = 1536  # Wan2.1-T2V-1.3B: a narrower expert is a test / demo model (demo sizes offered)
 SETTINGS_FILE = "settings.json"
+LABELS = {"steps": "Steps", "shift": "Shift", "guidance_high": "High-noise guidance",
+          "guidance_low": "Low-noise guidance"}  # validate_sampling's names as the settings are labelled here
 GALLERY_LIMIT = 48
 
 
@@ -321,12 +323,6 @@ class App:
             (s.preset in PRESETS, f"Preset {s.preset!r} is unknown: choose {' or '.join(PRESETS)}."),
             (s.step_cache in STEP_CACHES, f"Step cache {s.step_cache!r} is unknown: choose one of "
                                           f"{', '.join(STEP_CACHES)}."),
-            (_is_int(s.steps) and 1 <= s.steps <= 200, f"Steps {s.steps} must be between 1 and 200 (40 is official)."),
-            (_is_num(s.guidance_high) and 0 <= s.guidance_high <= 20,
-             f"High-noise guidance {s.guidance_high} must be between 0 and 20 (4.0 is official)."),
-            (_is_num(s.guidance_low) and 0 <= s.guidance_low <= 20,
-             f"Low-noise guidance {s.guidance_low} must be between 0 and 20 (3.0 is official)."),
-            (_is_num(s.shift) and 0 < s.shift <= 100, f"Shift {s.shift} must be above 0 (12.0 is official)."),
             (s.solver in SOLVERS, f"Solver {s.solver!r} is unknown: choose {' or '.join(SOLVERS)}."),
             (s.random_seed or (_is_int(s.seed) and 0 <= s.seed <= MAX_SEED),
              f"Seed {s.seed} must be a whole number from 0 to {MAX_SEED}, or tick 'random seed'."),
@@ -342,11 +338,12 @@ class App:
         for ok, message in checks:
             if not ok:
                 raise user_error(message)
-        try:  # the CLI's validation too (the same ranges, one function: a value one accepts the other does)
+        try:  # steps, shift, guidance: the CLI's check and words (one function: a value one accepts the other does)
             validate_sampling(steps=s.steps, shift=s.shift, guidance_high=s.guidance_high,
                               guidance_low=s.guidance_low, solver=s.solver, seed=None if s.random_seed else s.seed)
-        except ValueError as e:
-            raise user_error(f"{e}.") from None
+        except ValueError as e:  # "steps 0 must be ..." -> "Steps 0 must be ...."
+            name, _, rest = str(e).partition(" ")
+            raise user_error(f"{LABELS.get(name, name[:1].upper() + name[1:])} {rest}.") from None
         if s.quantization not in self.quant_choices():
             stored = self.quant_choices()[1]
             raise user_error(f"This model's experts are stored as {stored}, so it runs them as {stored} ('auto'). "

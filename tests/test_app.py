@@ -159,7 +159,7 @@ def test_random_seed_is_reported(demo_app):
     (dict(lora_high=["x.safetensors"]), "--loras DIR"),
     (dict(lora_low_strength=9.0), "Low-noise LoRA strength"),
     (dict(size="1280x720 (720p landscape)"), "not offered for this model"),
-    (dict(steps=0), "between 1 and 200"),
+    (dict(steps=0), r"Steps 0 must be a whole number from 1 to 200 \(default 40 as official, 4 with the lightning"),
     (dict(guidance_high=-1.0), "High-noise guidance"),
     (dict(shift=0.0), "Shift"),
     (dict(solver="ddim"), "unknown"),
@@ -175,6 +175,23 @@ def test_bad_input_is_a_clear_message(demo_app, changes, message):
     assert info.value.print_exception is False  # no traceback in the terminal
     assert mp4s(demo_app.outputs) == before and not demo_app.jobs
     assert demo_app.status("bad").startswith("Not started: ")
+
+
+@pytest.mark.parametrize("field, flag, value", [("steps", "--steps", 0), ("steps", "--steps", 201),
+                                                ("shift", "--shift", 0.0), ("guidance_high", "--guidance-high", 21.0),
+                                                ("guidance_low", "--guidance-low", -1.0)])
+def test_sampling_refusals_say_what_the_cli_says(demo_app, field, flag, value):
+    from wan_lite.generate import build_parser, sampling_from_args
+
+    with pytest.raises(ValueError) as cli:
+        sampling_from_args(build_parser().parse_args(["--out", "v.mp4", flag, str(value)]))
+    with pytest.raises(gr.Error) as app:
+        demo_app.generate(tiny_settings(**{field: value}), session="bad")
+    said = str(cli.value)
+    assert said.startswith(f"{field} {value} must be ") and "(default " in said  # the range, then the default
+    label = {"steps": "Steps", "shift": "Shift", "guidance_high": "High-noise guidance",
+             "guidance_low": "Low-noise guidance"}[field]
+    assert app.value.message == f"{label}{said.removeprefix(field)}."  # the same words, under the app's label
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -113,7 +113,8 @@ def test_noise_is_the_official_draw(roots, cache):
         (dict(frames=6), r"frames 6 is not of the form 4n\+1: use 5 or 9"),
         (dict(prompt="  \n "), "prompt is empty"),
         (dict(solver="ddim"), "unknown solver 'ddim'"),
-        (dict(steps=0), "steps must be >= 1"),
+        (dict(steps=0), r"^steps 0 must be a whole number from 1 to 200 \(default 40 as official, 4 with the "),
+        (dict(shift=0.0), r"^shift 0.0 must be above 0 and at most 100 \(default 12 as official, 5 with the "),
         (dict(vae_tile=40), "vae_tile must be 'auto', None"),
     ],
 )
@@ -228,6 +229,12 @@ def test_cli_end_to_end(roots, cache, tmp_path, capsys):
         (["--solver", "heun"], "unknown solver 'heun'"),
         (["--size", "big"], "is not WIDTHxHEIGHT"),
         (["--out", "/nonexistent-wan-lite/v.mp4"], "output folder /nonexistent-wan-lite does not exist"),
+        (["--steps", "0"], "error: steps 0 must be a whole number from 1 to 200 (default 40 as official, 4 with the "
+                           "lightning preset)"),
+        (["--preset", "lightning", "--steps", "0"], "steps 0 must be a whole number from 1 to 200 (default 40"),
+        (["--shift", "0"], "shift 0.0 must be above 0 and at most 100 (default 12 as official"),
+        (["--guidance-high", "30"], "guidance_high 30.0 must be from 0 to 20 (default 4 as official, 1 with the "
+                                    "lightning preset: 1 turns classifier-free guidance off)"),
     ],
 )
 def test_cli_user_errors_are_one_line(roots, tmp_path, capsys, extra, message):

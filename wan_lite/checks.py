@@ -3,7 +3,8 @@ imports (an argument error answers in well under a second), the pipeline and the
 
 - `validate(prompt, size, frames)`: a non-empty prompt, (width, height) multiples of 16, 4n+1 frames;
 - `validate_sampling(steps=, shift=, guidance_high=, guidance_low=, solver=, seed=)`: the ranges the
-  CLI and the app both accept (one function, so the two cannot disagree);
+  CLI and the app both accept (one function, so the two cannot disagree); each refusal names the range
+  and the default (`defaults`);
 - `resolve_seed(seed)`: None or a negative seed draws one (as the official generate.py does), anything
   outside what `torch.Generator.manual_seed` takes (0 .. 2**64-1) is refused up front;
 - `clean_text(text)`: the official prompt cleaning (ftfy, HTML unescape, whitespace);
@@ -20,7 +21,7 @@ from pathlib import Path
 import ftfy
 import regex as re
 
-from .config import VideoSize
+from .config import SamplingConfig, VideoSize
 
 SOLVERS = ("unipc", "euler")
 MAX_STEPS = 200  # more is never useful (the official run is 40); a typo like 4000 would run for days
@@ -28,6 +29,7 @@ MAX_GUIDANCE = 20.0  # CFG scales above this only burn the image; 0 .. 20 as the
 MAX_SHIFT = 100.0
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64-1 (a larger int: "Overflow when unpacking")
 RANDOM_SEEDS = 2**31 - 1  # a drawn seed is below this (short enough to type back in)
+OFFICIAL, LIGHTNING = SamplingConfig(), SamplingConfig.lightning()  # the presets' defaults, named in refusals
 
 
 def clean_text(text: str) -> str:
@@ -49,18 +51,24 @@ def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and value == value  # not NaN
 
 
+def defaults(name: str) -> str:
+    """How a refusal names a sampling setting's default, from the presets themselves:
+    defaults("steps") -> "default 40 as official, 4 with the lightning preset"."""
+    return f"default {getattr(OFFICIAL, name):g} as official, {getattr(LIGHTNING, name):g} with the lightning preset"
+
+
 def validate_sampling(*, steps: int, shift: float, guidance_high: float, guidance_low: float,
                       solver: str = "unipc", seed: int | None = None) -> None:
     """Raise ValueError naming the accepted range for a sampling setting outside it (the CLI and the app
     both call this): steps 1..200, shift in (0, 100], guidance 0..20 per expert, a known solver, and a
-    seed that `resolve_seed` takes."""
+    seed that `resolve_seed` takes. Call it before building a SamplingConfig (whose own checks are terse)."""
     if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= MAX_STEPS:
-        raise ValueError(f"steps {steps!r} must be a whole number from 1 to {MAX_STEPS} (40 is official)")
+        raise ValueError(f"steps {steps!r} must be a whole number from 1 to {MAX_STEPS} ({defaults('steps')})")
     if not _is_number(shift) or not 0 < shift <= MAX_SHIFT:
-        raise ValueError(f"shift {shift!r} must be above 0 and at most {MAX_SHIFT:g} (12 is official)")
-    for name, value, official in (("guidance_high", guidance_high, 4.0), ("guidance_low", guidance_low, 3.0)):
+        raise ValueError(f"shift {shift!r} must be above 0 and at most {MAX_SHIFT:g} ({defaults('shift')})")
+    for name, value in (("guidance_high", guidance_high), ("guidance_low", guidance_low)):
         if not _is_number(value) or not 0 <= value <= MAX_GUIDANCE:
-            raise ValueError(f"{name} {value!r} must be from 0 to {MAX_GUIDANCE:g} ({official:g} is official; "
+            raise ValueError(f"{name} {value!r} must be from 0 to {MAX_GUIDANCE:g} ({defaults(name)}: "
                              "1 turns classifier-free guidance off)")
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}: choose one of {', '.join(SOLVERS)}")

@@ -157,11 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingConfig:
-    """The preset with every explicitly given flag on top (raises ValueError on a bad value)."""
+    """The preset with every explicitly given flag on top; a value out of range raises validate_sampling's
+    ValueError (naming the range and the default), before SamplingConfig's own terser checks."""
     preset = PRESETS[args.preset]
     given = {"steps": args.steps, "shift": args.shift, "guidance_high": args.guidance_high,
              "guidance_low": args.guidance_low, "solver": args.solver}
-    return dataclasses.replace(preset, **{k: v for k, v in given.items() if v is not None})
+    values = {k: getattr(preset, k) if v is None else v for k, v in given.items()}
+    validate_sampling(**values)
+    return dataclasses.replace(preset, **values)
 
 
 def model_from_args(args: argparse.Namespace):
@@ -223,9 +226,7 @@ def check_args(args: argparse.Namespace) -> SamplingConfig:
     if args.prompt is None:
         raise ValueError("give --prompt (what the video shows), or --decode LATENTS to decode a run's latents")
     validate(args.prompt, args.size, args.frames)
-    sampling = sampling_from_args(args)  # raises on an unknown solver, steps < 1
-    validate_sampling(steps=sampling.steps, shift=sampling.shift, guidance_high=sampling.guidance_high,
-                      guidance_low=sampling.guidance_low, solver=sampling.solver, seed=args.seed)
+    sampling = sampling_from_args(args)  # raises naming the range for a value out of it
     args.random_seed = args.seed is None or args.seed < 0
     args.seed = resolve_seed(args.seed)  # drawn here when random: printed when the run starts
     if renamed:  # said once every check has passed

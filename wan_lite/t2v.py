@@ -374,10 +374,10 @@ class T2VPipeline:
         # 1. everything that can be wrong with the request fails here, before any weights load
         size = tuple(size)
         validate(prompt, size, frames)
+        validate_sampling(steps=steps, shift=shift, guidance_high=guidance_high, guidance_low=guidance_low,
+                          solver=solver, seed=seed)  # the ranges the CLI and the app accept, before SamplingConfig's
         sampling = SamplingConfig(steps=steps, shift=shift, boundary=self.boundary, guidance_high=guidance_high,
                                   guidance_low=guidance_low, solver=solver, grid=grid, cache=cache or StepCache())
-        validate_sampling(steps=steps, shift=shift, guidance_high=guidance_high, guidance_low=guidance_low,
-                          solver=solver, seed=seed)  # the ranges the CLI and the app accept
         if sampling.cache.mode == "pattern":
             computed_steps(sampling)  # a malformed pattern fails here, before any weights load
         if out is not None:
