@@ -10,7 +10,7 @@ from tolerance import assert_close_fp32
 
 from wan_lite.checkpoint import load_expert
 from wan_lite.config import SamplingConfig, StepCache
-from wan_lite.generate import main
+from wan_lite.generate import cache_arg, main
 from wan_lite.pipeline import computed_steps, sample
 from wan_lite.residency import Residency, host_experts
 from wan_lite.video import read_metadata
@@ -61,7 +61,18 @@ def test_cli_step_cache_in_the_metadata(root, tmp_path):
     assert meta["passes"] == {k: 2 * v for k, v in meta["computed"].items()}
 
 
-def test_cli_bad_step_cache_is_one_line(root, tmp_path, capsys):
+@pytest.mark.parametrize("value", ["bogus", "150%", "-1", "nan", "50 %"])
+def test_cli_bad_step_cache_is_one_line(root, tmp_path, capsys, value):
     with pytest.raises(SystemExit) as e:
-        main(["--ckpt", str(root), "--prompt", "a", "--step-cache", "150%", "--out", str(tmp_path / "x.mp4")])
-    assert e.value.code == 2 and "--step-cache '150%'" in capsys.readouterr().err
+        main(["--ckpt", str(root), "--prompt", "a", "--step-cache", value, "--out", str(tmp_path / "x.mp4")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("--step-cache") == 1  # one sentence, the flag named once (by argparse)
+    assert err == (f"error: argument --step-cache: {value!r} is not a step cache setting: use off, N% (0% to 100%, "
+                   "e.g. 50%), easycache, or a threshold number of 0 or more (e.g. 0.06) (see --help)\n")
+
+
+def test_step_cache_forms_the_refusal_names():
+    assert cache_arg("off") == StepCache()
+    assert cache_arg("50%") == StepCache.half()
+    assert cache_arg("easycache") == StepCache.easycache()
+    assert cache_arg("0.06") == StepCache(mode="threshold", threshold=0.06)

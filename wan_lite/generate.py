@@ -35,7 +35,8 @@ SWAP_STALL_MS = 50  # a visible stall at the boundary above this is reported as 
 
 
 def cache_arg(text: str) -> StepCache:
-    """off | N% | easycache | a threshold number -> StepCache (argparse type)."""
+    """off | N% | easycache | a threshold number -> StepCache (argparse type). Anything else is refused in one
+    sentence naming the accepted forms (argparse puts "argument --step-cache: " before it)."""
     try:
         if text == "off":
             return StepCache()
@@ -45,8 +46,8 @@ def cache_arg(text: str) -> StepCache:
             return StepCache(mode="pattern", pattern=text)
         return StepCache(mode="threshold", threshold=float(text))
     except ValueError as e:
-        raise argparse.ArgumentTypeError(f"--step-cache {text!r}: {e}; use off, 50%, easycache or a threshold "
-                                         "such as 0.06") from e
+        raise argparse.ArgumentTypeError(f"{text!r} is not a step cache setting: use off, N% (0% to 100%, e.g. 50%), "
+                                         "easycache, or a threshold number of 0 or more (e.g. 0.06)") from e
 
 
 def lora_arg(text: str) -> tuple[str, float]:
