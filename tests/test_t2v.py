@@ -18,8 +18,9 @@ from builders_t2v import add_t2v_components
 from tolerance import assert_close_fp32
 
 import wan_lite.t2v as t2v
-from wan_lite.config import ModelConfig
+from wan_lite.config import ModelConfig, SamplingConfig, StepCache
 from wan_lite.generate import main
+from wan_lite.pipeline import computed_steps, step_experts, timesteps
 from wan_lite.t2v import T2VPipeline, check_root
 from wan_lite.text import DEFAULT_NEGATIVE_PROMPT
 from wan_lite.video import read_metadata
@@ -103,6 +104,28 @@ def test_noise_is_the_official_draw(roots, cache):
     g = torch.Generator(device="cpu").manual_seed(42)
     expected = torch.randn(16, 2, 4, 6, dtype=torch.float32, generator=g, device="cpu")
     assert torch.equal(pipe.noise(42, SIZE, FRAMES)[0], expected)
+
+
+@pytest.mark.parametrize("cache", [None, StepCache.half()], ids=["every-step", "step-cache-50%"])
+def test_callback_counts_steps_from_zero_on_the_demo_model(tmp_path_factory, cache):
+    """The callback as documented (README "Python API", T2VPipeline.__call__, pipeline.sample): step 0 after
+    the first step, total - 1 after the last, total = steps, t the step's timestep, steps the step cache
+    skips called back too."""
+    from app.demo import ensure_demo_checkpoint
+
+    root = ensure_demo_checkpoint(tmp_path_factory.getbasetemp() / "demo-cache")
+    pipe = T2VPipeline.from_pretrained(root, device="cpu", dtype=torch.float32, text_dtype=torch.float32,
+                                       cache_dir=tmp_path_factory.getbasetemp() / "demo-text")
+    steps, calls = 6, []
+    result = pipe("a cat walks on the beach", size=(64, 64), frames=5, steps=steps, seed=1, cache=cache,
+                  callback=lambda *args: calls.append(args))
+    sampling = SamplingConfig(steps=steps, boundary=pipe.boundary, cache=cache or StepCache())
+    assert [c[0] for c in calls] == list(range(steps))  # from 0 to steps - 1
+    assert {c[1] for c in calls} == {steps}
+    assert [c[2] for c in calls] == timesteps(sampling) and calls[0][2] == 999
+    assert [c[3] for c in calls] == step_experts(sampling) and {"high", "low"} <= {c[3] for c in calls}
+    if cache is not None:  # fewer steps ran the expert than were called back
+        assert sum(result.params["step_cache"]["computed"].values()) == sum(computed_steps(sampling)) < steps
 
 
 @pytest.mark.parametrize(

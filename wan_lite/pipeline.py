@@ -26,7 +26,9 @@ class Cancelled(Exception):
     the run (the saved latents too) and re-raises it unchanged, never as a failure."""
 
 
-Callback = Callable[[int, int, float, str], None]  # (step, total, t, expert "high" | "low")
+# callback(step, total, t, expert) after each step: step counts from 0 (0 after the first, total - 1 after
+# the last: show step + 1 of total), total = sampling.steps, t the step's timestep, expert "high" | "low".
+Callback = Callable[[int, int, float, str], None]
 
 
 def combine_guidance(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -233,6 +235,10 @@ def sample(high, low, noise: torch.Tensor, context: torch.Tensor, context_null: 
     `context` / `context_null` are (B, L, text_dim) prompt and negative-prompt embeddings; context_null
     may be None when `needs_negative_prompt(sampling)` is False. Returns float32 latents of noise's shape.
     A `stats` dict gets the steps and model passes each expert computed (`Reuse.stats`).
+    `callback(step, total, t, expert)` runs after each step, `step` counting from 0: 0 after the first step,
+    total - 1 after the last (a progress display shows step + 1 of total). `total` is `sampling.steps`, and
+    a step the step cache skips is called back too; `t` is the step's timestep (999 first on the official
+    grid), `expert` "high" or "low".
     `preview(x)` gets the current latents (B, 16, F, H, W) float32 after each step (the app's live preview).
     """
     sigmas, timesteps = grid(sampling)

@@ -367,7 +367,9 @@ class T2VPipeline:
         `vram_gb`, or for the free memory; a plan given on the CPU runs the same path there); the plan
         goes into the metadata.
 
-        callback(step, total, t, expert) runs after each denoising step (expert is "high" or "low");
+        callback(step, total, t, expert) runs after each denoising step: `step` counts from 0 (0 after the
+        first step, steps - 1 after the last: show step + 1 of total), `total` is `steps` (a step the step
+        cache skips is called back too), `t` the step's timestep, `expert` "high" or "low";
         preview(latents) then gets the current latents (1, 16, F', H/8, W/8) float32 on the device.
         Over several GPUs (`parallel`) every rank calls it; only rank 0 decodes, writes and gets a result.
         """
