@@ -2,12 +2,10 @@
 
 `select_kernel(device, scheme, override)` returns "w8a8" or "w8a16":
 
-- w8a8 (int8: Ampere+; fp8 e4m3: Ada sm89, Hopper sm90): per-token activation scales, then an 8-bit
-  GEMM whose epilogue applies scale_a (x) scale_b and the bias and writes bf16. Run eagerly, the scales
-  come from a fused Triton kernel (one read of each row of x, one write of the 8-bit row and its scale;
-  ~3 TB/s on H100, the copy bandwidth); inside a compiled block, from the same arithmetic in torch ops
-  (`quantize_rows_traced`) that Inductor fuses into the kernel producing x, so x's bf16 copy is never
-  written and read back (WAN_LITE_FUSED_QUANT=0: the Triton kernel there too). The GEMM:
+- w8a8 (int8: Ampere+; fp8 e4m3: Ada sm89, Hopper sm90): per-token activation scales by a fused
+  Triton kernel (one read of each row of x, one write of the 8-bit row and its scale; ~3 TB/s on
+  H100, the copy bandwidth), then an 8-bit GEMM whose epilogue applies scale_a (x) scale_b and the
+  bias and writes bf16:
   - fp8: torch._scaled_mm with rowwise scales (scale_a (M, 1), scale_b (1, N), fp32) and fast
     accumulation (FP8_FAST_ACCUM; WAN_LITE_FP8_FAST_ACCUM=0 turns it off). The weight is stored
     row-major (N, K); `w.t()` is the column-major operand it wants. Shapes it refuses (K or N not a
