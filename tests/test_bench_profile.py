@@ -20,7 +20,6 @@ NAMES = {
         "nvjet_sm90_qqtst_128x128_128x6_1x2_h_bz_ovscale_bias_TNT",  # torch._scaled_mm on H100, 2026-12-06
         "_w8a8_matmul_kernel",
         "wan_lite::linear_w8a8",
-        "wan_lite::gemm_w8a8",
         "aten::_int_mm",
         "aten::_scaled_mm",
         "sm90_xmma_gemm_e4m3bf16_e4m3f32_f32_tn_n_tilesize128x128x128_warpgroupsize1x1x1_execute_segment_k_off"

@@ -57,9 +57,6 @@ PAD_M = 16  # rows of the quantized activations: _scaled_mm wants M % 16 == 0, _
 # fp8 tensor-core accumulation without periodic fp32 promotion: faster, and on Wan shapes its error is
 # lost in the e4m3 rounding (bench_linear shows both). WAN_LITE_FP8_FAST_ACCUM=0 turns it off.
 FP8_FAST_ACCUM = os.environ.get("WAN_LITE_FP8_FAST_ACCUM", "1") != "0"
-# inside compiled blocks, quantize activations in torch ops that Inductor fuses into their producer
-# (linear_w8a8); WAN_LITE_FUSED_QUANT=0 runs the Triton kernel there instead
-FUSED_QUANT = os.environ.get("WAN_LITE_FUSED_QUANT", "1") != "0"
 GEMMS = ("grouped", "wide", "persistent", "tma", "tma-persistent")  # the Triton 8-bit GEMM's variants
 GEMM_ENV_VAR = "WAN_LITE_W8A8_GEMM"
 # "grouped": 1,280 int8 TOPS on the H200 in the 720p profile (BENCHMARKS.md, Run 3), ~65% of the dense peak,
@@ -463,68 +460,25 @@ def fp8_matmul(xq, x_scale, w, w_scale, bias, out_dtype=torch.bfloat16, fast_acc
                             use_fast_accum=FP8_FAST_ACCUM if fast_accum is None else fast_accum)
 
 
-def quantize_rows_traced(x: torch.Tensor, scheme: str, smooth: torch.Tensor | None = None, pad_to: int = PAD_M):
-    """`quantize_rows` written in torch ops, for a compiled block: Inductor fuses it into the kernel that
-    makes x (the LayerNorm and modulation before q/k/v and the FFN, the GELU between the FFN's Linears), so
-    x is never written in bf16 and read back, and the three quantizations of q, k and v's shared input are
-    one (the graph's common subexpressions are merged). Same arithmetic as `quantize_rows_reference`;
-    Inductor's kernels may round the per-row reciprocal differently from the Triton kernel's IEEE one.
-
-    Returns (q (Mp, K), scale (Mp, 1) float32), Mp as quantize_rows; padded rows are zeros.
-    """
-    m = x.shape[0]
-    mp = max(-(-m // pad_to) * pad_to, 32)
-    if mp > m:
-        x = F.pad(x, (0, 0, 0, mp - m))
-    return quantize_rows_reference(x, scheme, smooth)
-
-
-def gemm_w8a8(xq, x_scale, w, w_scale, bias, out_dtype=torch.bfloat16):
-    """The 8-bit GEMM with the dequantizing epilogue on already quantized rows: xq (Mp, K) -> (Mp, N).
+def linear_w8a8(x2, w, w_scale, bias, smooth, scheme, out_dtype=torch.bfloat16):
+    """Fused activation quantization + 8-bit GEMM with the dequantizing epilogue: x2 (M, K) -> (M, N).
 
     fp8 runs torch._scaled_mm where its shape rules hold (K, N multiples of 16): on H100 it beat the
     Triton fp8 GEMM on 5 of the 6 Wan shapes (bench_linear, 2026-11-26); int8 runs the Triton GEMM.
     """
-    if xq.dtype == torch.float8_e4m3fn and xq.shape[1] % 16 == 0 and w.shape[0] % 16 == 0:
-        return fp8_matmul(xq, x_scale, w, w_scale, bias).to(out_dtype)  # rowwise _scaled_mm: bf16 out
-    return w8a8_matmul(xq, x_scale, w, w_scale, bias, out_dtype)
-
-
-@torch.library.custom_op("wan_lite::gemm_w8a8", mutates_args=())
-def gemm_w8a8_op(xq: torch.Tensor, x_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
-                 bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
-    """`gemm_w8a8` as one opaque op for torch.compile (dynamo cannot trace the Triton autotuner)."""
-    return gemm_w8a8(xq, x_scale, w, w_scale, bias, out_dtype)
-
-
-@gemm_w8a8_op.register_fake
-def _(xq, x_scale, w, w_scale, bias, out_dtype):
-    return xq.new_empty(xq.shape[0], w.shape[0], dtype=out_dtype)
-
-
-def linear_w8a8(x2, w, w_scale, bias, smooth, scheme, out_dtype=torch.bfloat16):
-    """Per-token activation quantization + 8-bit GEMM with the dequantizing epilogue: x2 (M, K) -> (M, N).
-
-    Run eagerly, the quantization is the fused Triton kernel (`quantize_rows`: one read of x). Inside a
-    compiled block it is `quantize_rows_traced`, which Inductor fuses into the op that made x, unless
-    WAN_LITE_FUSED_QUANT=0 (then the Triton kernel runs there too, behind one opaque op).
-    """
-    m = x2.shape[0]
-    if torch.compiler.is_compiling() and FUSED_QUANT:
-        xq, x_scale = quantize_rows_traced(x2, scheme, smooth)
-        return gemm_w8a8_op(xq, x_scale, w, w_scale, bias, out_dtype)[:m]
-    if torch.compiler.is_compiling():
-        return linear_w8a8_op(x2, w, w_scale, bias, smooth, scheme, out_dtype)
+    m, n = x2.shape[0], w.shape[0]
     xq, x_scale = quantize_rows(x2, scheme, smooth)
-    return gemm_w8a8(xq, x_scale, w, w_scale, bias, out_dtype)[:m]
+    if scheme == "fp8" and x2.shape[1] % 16 == 0 and n % 16 == 0:
+        return fp8_matmul(xq, x_scale, w, w_scale, bias).to(out_dtype)[:m]  # rowwise _scaled_mm: bf16 out
+    return w8a8_matmul(xq, x_scale, w, w_scale, bias, out_dtype)[:m]
 
 
 @torch.library.custom_op("wan_lite::linear_w8a8", mutates_args=())
 def linear_w8a8_op(x2: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                    smooth: torch.Tensor | None, scheme: str, out_dtype: torch.dtype) -> torch.Tensor:
-    """`linear_w8a8` (the Triton quantization, then the GEMM) as one opaque op for torch.compile."""
-    xq, x_scale = quantize_rows(x2, scheme, smooth)
-    return gemm_w8a8(xq, x_scale, w, w_scale, bias, out_dtype)[:x2.shape[0]]
+    """`linear_w8a8` as one opaque op, so torch.compile of a block keeps it whole (dynamo cannot trace
+    the Triton autotuner) and still fuses the elementwise work around it."""
+    return linear_w8a8(x2, w, w_scale, bias, smooth, scheme, out_dtype)
 
 
 @linear_w8a8_op.register_fake
@@ -536,7 +490,7 @@ def quant_linear(x: torch.Tensor, w, w_scale, bias, smooth, scheme: str, kernel:
     """y = (x / smooth) @ (w * w_scale)^T + bias for x (..., K) -> (..., N) in `dtype`."""
     x2 = x.reshape(-1, x.shape[-1])  # (M, K)
     if kernel == "w8a8":
-        y = linear_w8a8(x2, w, w_scale, bias, smooth, scheme, dtype)
+        y = linear_w8a8_op(x2, w, w_scale, bias, smooth, scheme, dtype)
     else:
         y = linear_w8a16(x2, w, w_scale, bias, smooth, dtype)
     return y.view(*x.shape[:-1], w.shape[0])  # (..., N)
