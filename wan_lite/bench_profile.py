@@ -84,7 +84,8 @@ _RULES = (  # (category, pattern): the first that matches wins, so the order mat
     ("attention", r"_attn_fwd|_kv_stats|_quant_q|_quant_kv|attention_fp8|sdpa|flash_fwd|flash_fprop|fmha"
                   r"|scaled_dot_product|attention"),
     ("act quant", r"quantize_rows"),
-    ("linear 8-bit", rf"_w8a8_matmul|linear_w8a8|^aten::(_int_mm|_scaled_mm)$|(?i:({_GEMM}).*({_EIGHT_BIT}))|{_NVJET_FP8}"),
+    ("linear 8-bit", rf"_w8a8_matmul|linear_w8a8|^aten::(_int_mm|_scaled_mm)$|{_NVJET_FP8}"
+                     rf"|(?i:({_GEMM}).*({_EIGHT_BIT}))"),
     ("linear float", rf"(?i:{_GEMM})|implicit_convolve|fprop|conv|^triton_tem_"
                      r"|^aten::(addmm|mm|bmm|baddbmm|matmul|linear|convolution|_convolution|conv3d)$"),
     ("elementwise", r"elementwise|reduce_kernel|(?i:norm)|softmax|SoftMax|gelu|silu|rope|Moments"
