@@ -245,3 +245,14 @@ def test_bad_settings_name_the_fix(kw, message):
 def test_defaults_are_off():
     assert SamplingConfig().cache == StepCache() and StepCache().mode == "off"
     assert StepCache(mode="pattern", pattern=[7, 0, 3]).pattern == (0, 3, 7)  # hashable, sorted
+
+
+def test_bench_totals_the_50_percent_cache_from_the_computed_steps():
+    """bench's 40-step totals: 26 + 14 steps without a cache, and with StepCache.half() exactly the steps
+    `computed_steps` runs (13 high + 7 low); skipped steps add nothing."""
+    from wan_lite.bench import extrapolate
+
+    out = extrapolate(high_s=2.0, low_s=1.0, stall_s=0.5)
+    assert (out["steps_high"], out["steps_low"], out["denoise_total_s"]) == (26, 14, 26 * 2.0 + 14 * 1.0 + 0.5)
+    assert (out["cache50_steps_high"], out["cache50_steps_low"]) == (13, 7)
+    assert out["cache50_denoise_total_s"] == 13 * 2.0 + 7 * 1.0 + 0.5
