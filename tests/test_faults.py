@@ -124,7 +124,10 @@ def test_decode_failure_keeps_latents_and_decode_finishes_later(roots, cache, tm
     # decoded later (the VAE read from the file's header): the mp4 a normal run writes
     c = tmp_path / "c.mp4"
     assert run_cli(["--decode", str(kept), "--out", str(c), "--device", "cpu", "--vae-tile", "0"]) == 0
-    assert np.array_equal(frames_of(c), frames_of(a))
+    # the same latents through the VAE and the h264 encoder twice: near-identical frames, not bit for bit (a
+    # CI run once saw one pixel off by 12 levels, the encoder amplifying a last-bit difference)
+    frames_c, frames_a = frames_of(c).astype(np.int16), frames_of(a).astype(np.int16)
+    assert frames_c.shape == frames_a.shape and np.abs(frames_c - frames_a).mean() < 0.5
     assert read_metadata(c) == read_metadata(a)
 
     # without --keep-latents a finished run leaves only the mp4 and its sidecar
