@@ -209,3 +209,24 @@ def test_a_folder_of_the_two_experts_only_says_how_to_run_it(tmp_path):
     with pytest.raises(CheckpointError, match=r"holds the two experts only .* pass --high .*high_noise_model "
                                               r"--low .*low_noise_model --text-encoder FILE --vae FILE"):
         open_root(tmp_path)
+
+
+def test_a_folder_without_tokenizer_files_is_named_as_such(tmp_path):
+    """Found by a user trial: --tokenizer pointing at a folder without tokenizer files (a VAE folder) ended with
+    transformers' "You need to have sentencepiece or tiktoken installed", with sentencepiece installed. The
+    error now names the folder and what it must hold."""
+    from wan_lite import text
+
+    folder = tmp_path / "vae"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (tmp_path / "umt5.safetensors").write_bytes(b"0" * 64)  # never read: only the tokenizer loads
+    enc = text.TextEncoder("file", tmp_path / "umt5.safetensors", folder, device="cpu", dtype=torch.float32,
+                           cache_dir=tmp_path / "cache", use_cache=False)
+    with pytest.raises(FileNotFoundError, match=r"vae is not a umt5 tokenizer folder .*pass --tokenizer DIR"):
+        enc.check_tokenizer()
+    make_tokenizer(tmp_path / "tok")  # a real tokenizer folder still loads
+    enc = text.TextEncoder("file", tmp_path / "umt5.safetensors", tmp_path / "tok", device="cpu",
+                           dtype=torch.float32, cache_dir=tmp_path / "cache", use_cache=False)
+    enc.check_tokenizer()
+    assert enc.tokenizer is not None

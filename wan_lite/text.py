@@ -349,6 +349,15 @@ class TextEncoder:
     def _load_tokenizer(self):
         from transformers import AutoTokenizer
 
+        if self.tokenizer is None and Path(self.tokenizer_path).is_dir():
+            try:
+                self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+            except (OSError, ValueError) as e:  # a folder without the files: transformers asks for sentencepiece
+                raise FileNotFoundError(
+                    f"{self.tokenizer_path} is not a umt5 tokenizer folder (transformers cannot load a tokenizer "
+                    f"from it: {type(e).__name__}): pass --tokenizer DIR, a folder with google/umt5-xxl's tokenizer "
+                    "files (tokenizer.json or spiece.model, with tokenizer_config.json), e.g. `hf download "
+                    "google/umt5-xxl --include '*token*' 'spiece.model' --local-dir DIR`") from e
         if self.tokenizer is None and not Path(self.tokenizer_path).is_dir():
             try:  # a hub id: the local cache first, without network retries
                 self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path, local_files_only=True)
