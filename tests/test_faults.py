@@ -470,3 +470,20 @@ def test_a_mistyped_local_path_is_not_taken_for_a_hub_id(tmp_path, capsys, monke
     assert main(["--ckpt", "mymodels/Wan2.2", "--prompt", "a cat", "--out", str(tmp_path / "v.mp4")]) == 2
     assert capsys.readouterr().err.strip().endswith("the model folder (--ckpt) mymodels/Wan2.2 does not exist: "
                                                    "check the path")
+
+
+def test_ctrl_c_during_the_decode_gives_the_command_that_finishes_this_video(roots, cache, tmp_path, capsys,
+                                                                              monkeypatch):
+    """Found by a user trial: the line said `--out OUT.mp4`; it now names the run's own output."""
+    from wan_lite import vae
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vae.VAE, "decode", interrupted)
+    out = tmp_path / "v.mp4"
+    assert run_cli(argv(roots["official"], cache, out, "--seed", "1")) == 130
+    last = capsys.readouterr().err.rstrip().splitlines()[-1]
+    latents = tmp_path / "v.latents.safetensors"
+    assert latents.exists()
+    assert last.endswith(f"python -m wan_lite.generate --decode {latents} --out {out}"), last

@@ -278,7 +278,7 @@ def decode(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace, progress: dict | None = None) -> int:
-    progress = {} if progress is None else progress  # step / total / latents: what a cancel reports
+    progress = {} if progress is None else progress  # step / total / latents / out: what a cancel reports
     sampling = check_args(args)  # before torch is imported: an argument error answers at once
     if args.preset == "lightning" and not (args.lora or args.lora_high or args.lora_low):
         print("note: --preset lightning (4 steps, guidance 1) needs step-distilled experts: the Lightning LoRA pair "
@@ -342,7 +342,7 @@ def run(args: argparse.Namespace, progress: dict | None = None) -> int:
         parts["plan"] = time.perf_counter() - clock
         print(plan.describe(), file=sys.stderr)
     bar = tqdm(total=sampling.steps, desc="denoise", unit="step", file=sys.stderr, disable=not main)
-    progress.update(step=0, total=sampling.steps, latents=latents_path(args.out))
+    progress.update(step=0, total=sampling.steps, latents=latents_path(args.out), out=args.out)
 
     step_ends = []  # seconds since start-up at the end of each step (the first includes loading the high expert)
 
@@ -443,7 +443,7 @@ def _cancelled(progress: dict) -> str:
     latents = progress.get("latents")
     if latents is not None and Path(latents).exists():
         return (f"cancelled during the decode; the denoised latents are kept in {latents}: decode them with "
-                f"python -m wan_lite.generate --decode {latents} --out OUT.mp4")
+                f"python -m wan_lite.generate --decode {latents} --out {progress.get('out') or 'OUT.mp4'}")
     if progress.get("total"):
         return f"cancelled at step {progress['step']}/{progress['total']}; nothing written"
     return "cancelled before the denoise; nothing written"
