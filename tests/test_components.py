@@ -189,6 +189,7 @@ def test_an_uncached_hub_tokenizer_offline_fails_at_once(monkeypatch, capsys):
     with pytest.raises(FileNotFoundError, match=r"pass --tokenizer DIR"):
         text.TextEncoder._load_tokenizer(enc)
     assert calls == [True]  # the local cache only: no download tried
+    assert "downloading" not in capsys.readouterr().err  # nothing announced that is not tried
 
 
 def test_hub_offline_setting_is_honoured(monkeypatch):

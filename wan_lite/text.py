@@ -362,14 +362,15 @@ class TextEncoder:
             try:  # a hub id: the local cache first, without network retries
                 self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path, local_files_only=True)
             except OSError:
-                print(f"the {self.tokenizer_path} tokenizer is not cached: downloading it (offline, pass "
-                      "--tokenizer DIR)", file=sys.stderr)
+                pass
         if self.tokenizer is None:
             try:
-                if not Path(self.tokenizer_path).is_dir() and not _hub_reachable():  # offline: no minute of retries
+                if not _hub_reachable():  # offline: no minute of retries, and no "downloading" line before the error
                     raise OSError("the Hugging Face hub cannot be reached")
+                print(f"the {self.tokenizer_path} tokenizer is not cached: downloading it (offline, pass "
+                      "--tokenizer DIR)", file=sys.stderr)
                 self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
-            except OSError as e:  # a hub id offline, or a folder without the files
+            except OSError as e:  # a hub id offline
                 raise FileNotFoundError(
                     f"cannot load the umt5 tokenizer from {self.tokenizer_path} (not a tokenizer folder, not "
                     f"cached, and the download failed: {type(e).__name__}): "
