@@ -285,6 +285,12 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     except OSError:
         return False
 
+# what --tokenizer wants, in both refusals of _load_tokenizer
+TOKENIZER_FOLDER = ("a folder with google/umt5-xxl's tokenizer files (tokenizer.json or spiece.model, with "
+                    "tokenizer_config.json), e.g. `hf download google/umt5-xxl --include '*token*' 'spiece.model' "
+                    "--local-dir DIR`")
+
+
 class TextEncoder:
     """Prompts -> list of [L_i, dim] embeddings (L_i = real token count, at most 512), cached on disk."""
 
@@ -349,34 +355,33 @@ class TextEncoder:
     def _load_tokenizer(self):
         from transformers import AutoTokenizer
 
-        if self.tokenizer is None and Path(self.tokenizer_path).is_dir():
+        if self.tokenizer is not None:
+            return self.tokenizer
+        if Path(self.tokenizer_path).is_dir():
             try:
                 self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
             except (OSError, ValueError) as e:  # a folder without the files: transformers asks for sentencepiece
                 raise FileNotFoundError(
                     f"{self.tokenizer_path} is not a umt5 tokenizer folder (transformers cannot load a tokenizer "
-                    f"from it: {type(e).__name__}): pass --tokenizer DIR, a folder with google/umt5-xxl's tokenizer "
-                    "files (tokenizer.json or spiece.model, with tokenizer_config.json), e.g. `hf download "
-                    "google/umt5-xxl --include '*token*' 'spiece.model' --local-dir DIR`") from e
-        if self.tokenizer is None and not Path(self.tokenizer_path).is_dir():
-            try:  # a hub id: the local cache first, without network retries
-                self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path, local_files_only=True)
-            except OSError:
-                pass
-        if self.tokenizer is None:
-            try:
-                if not _hub_reachable():  # offline: no minute of retries, and no "downloading" line before the error
-                    raise OSError("the Hugging Face hub cannot be reached")
-                print(f"the {self.tokenizer_path} tokenizer is not cached: downloading it (offline, pass "
-                      "--tokenizer DIR)", file=sys.stderr)
-                self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
-            except OSError as e:  # a hub id offline
-                raise FileNotFoundError(
-                    f"cannot load the umt5 tokenizer from {self.tokenizer_path} (not a tokenizer folder, not "
-                    f"cached, and the download failed: {type(e).__name__}): "
-                    "a single-file text encoder holds no tokenizer; pass --tokenizer DIR (a folder with "
-                    "google/umt5-xxl's tokenizer files, e.g. `hf download google/umt5-xxl --include '*token*' "
-                    "'spiece.model' --local-dir DIR`), or go online once so google/umt5-xxl is cached") from e
+                    f"from it: {type(e).__name__}): pass --tokenizer DIR, {TOKENIZER_FOLDER}") from e
+            return self.tokenizer
+        try:  # a hub id: the local cache first, without network retries
+            self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path, local_files_only=True)
+            return self.tokenizer
+        except OSError:
+            pass
+        try:
+            if not _hub_reachable():  # offline: no minute of retries, and no "downloading" line before the error
+                raise OSError("the Hugging Face hub cannot be reached")
+            print(f"the {self.tokenizer_path} tokenizer is not cached: downloading it (offline, pass "
+                  "--tokenizer DIR)", file=sys.stderr)
+            self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+        except OSError as e:  # a hub id offline
+            raise FileNotFoundError(
+                f"cannot load the umt5 tokenizer from {self.tokenizer_path} (not a tokenizer folder, not "
+                f"cached, and the download failed: {type(e).__name__}): "
+                f"a single-file text encoder holds no tokenizer; pass --tokenizer DIR ({TOKENIZER_FOLDER}), "
+                "or go online once so google/umt5-xxl is cached") from e
         return self.tokenizer
 
     @functools.cached_property
