@@ -187,11 +187,14 @@ def build_ui(app: App) -> gr.Blocks:
         gen.then(after_run, None, [generate, gallery, shown], concurrency_limit=None, show_progress="hidden")
         cancel.click(stop, None, status, concurrency_limit=None, show_progress="hidden")
         timer.tick(poll, None, [status, preview, vae_image], concurrency_limit=None, show_progress="hidden")
-        c["preset"].input(fill_preset, set(controls), [*(c[n] for n in PRESET_FIELDS), plan], concurrency_limit=None)
+        # trigger_mode="always_last": gradio drops an .input made while the last one's update is pending
+        # ("once", its default for .input), which left the plan showing the first of quick edits
+        c["preset"].input(fill_preset, set(controls), [*(c[n] for n in PRESET_FIELDS), plan], concurrency_limit=None,
+                          trigger_mode="always_last")
         # .input (a person's edit), not .change: a preset's or a model load's own update of these fields
         # already carries its plan, and a .change per filled field would race it with half-updated data
         gr.on([c[n].input for n in PLAN_INPUTS if n != "preset"], show_plan, set(controls), plan,
-              concurrency_limit=None, show_progress="hidden")
+              concurrency_limit=None, show_progress="hidden", trigger_mode="always_last")
         refresh.click(listing, None, [gallery, shown], concurrency_limit=None)
         gallery.select(open_item, shown, [video, params, status], concurrency_limit=None)
         after_load = [banner, model, c["size"], c["frames"], c["steps"], c["quantization"], plan, status]

@@ -9,6 +9,7 @@ denoising and while decoding, and the error states (none of which may leave a re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
@@ -38,13 +39,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """`python -m app` on the demo model; yields (url, outputs folder)."""
-    outputs, cache = tmp_path_factory.mktemp("outputs"), tmp_path_factory.mktemp("cache")
+@contextlib.contextmanager
+def app_server(tmp_path_factory, program: list[str], outputs: Path):
+    """Runs `python PROGRAM --port P --outputs OUTPUTS ...` on the demo model until the block ends; yields its url."""
+    cache = tmp_path_factory.mktemp("cache")
     port = free_port()
     log = open(tmp_path_factory.mktemp("log") / "app.log", "w+")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([sys.executable, "-m", "app", "--port", str(port), "--outputs", str(outputs),
+    proc = subprocess.Popen([sys.executable, *program, "--port", str(port), "--outputs", str(outputs),
                              "--cache-dir", str(cache), "--device", "cpu"], cwd=REPO, stdout=log,
                             stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
@@ -53,7 +54,7 @@ def server(tmp_path_factory):
         while True:
             if proc.poll() is not None:
                 log.seek(0)
-                pytest.fail(f"python -m app exited with {proc.returncode}:\n{log.read()}")
+                pytest.fail(f"python {' '.join(program)} exited with {proc.returncode}:\n{log.read()}")
             try:
                 with urllib.request.urlopen(url, timeout=2) as r:
                     if r.status == 200:
@@ -62,7 +63,7 @@ def server(tmp_path_factory):
                 pass
             assert time.monotonic() < end, "the app did not answer within 180 s"
             time.sleep(0.5)
-        yield url, outputs
+        yield url
     finally:
         proc.terminate()
         try:
@@ -71,6 +72,14 @@ def server(tmp_path_factory):
             proc.kill()
             proc.wait()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`python -m app` on the demo model; yields (url, outputs folder)."""
+    outputs = tmp_path_factory.mktemp("outputs")
+    with app_server(tmp_path_factory, ["-m", "app"], outputs) as url:
+        yield url, outputs
 
 
 @pytest.fixture(scope="module")
