@@ -228,19 +228,21 @@ def _model_picker(app: App) -> dict:
                                                placeholder="/path/on/this/computer")
             m["load_files"] = gr.Button("Load files", elem_id="load_files")
         with gr.Tab("ComfyUI models folder", id="comfyui"):
-            names = app.comfyui_experts(f.comfyui) if f.comfyui else []
-            m["comfyui"] = gr.Textbox(f.comfyui, label="ComfyUI models/ folder (Enter lists its diffusion_models/; "
+            comfy = f if f.comfyui else ModelFiles()  # expert paths given without --ckpt fill the other tab
+            names = app.comfyui_experts(comfy.comfyui) if comfy.comfyui else []
+            m["comfyui"] = gr.Textbox(comfy.comfyui, label="ComfyUI models/ folder (Enter lists its diffusion_models/; "
                                       "the text encoder and VAE are found in text_encoders/ and vae/)",
                                       elem_id="comfyui", placeholder="/path/to/ComfyUI/models")
             with gr.Row():
                 for name, expert in (("high", "High-noise"), ("low", "Low-noise")):
-                    m[f"comfyui_{name}"] = gr.Dropdown(names, value=getattr(f, name) or None, elem_id=f"comfyui_{name}",
-                                                       label=f"{expert} expert (in diffusion_models/ or unet/)")
-            m["comfyui_tokenizer"] = gr.Textbox(f.tokenizer if f.comfyui else "", elem_id="comfyui_tokenizer",
+                    m[f"comfyui_{name}"] = gr.Dropdown(names, value=getattr(comfy, name) or None,
+                                                       label=f"{expert} expert (in diffusion_models/ or unet/)",
+                                                       elem_id=f"comfyui_{name}")
+            m["comfyui_tokenizer"] = gr.Textbox(comfy.tokenizer, elem_id="comfyui_tokenizer",
                                                 label="Tokenizer folder (google/umt5-xxl; empty: the hub id, "
                                                 "downloaded once)")
             m["load_comfyui"] = gr.Button("Load ComfyUI model", elem_id="load_comfyui")
-            m["comfyui_listed"] = gr.State(f.comfyui or None)  # the folder the dropdowns were filled from
+            m["comfyui_listed"] = gr.State(comfy.comfyui or None)  # the folder the dropdowns were filled from
     return m
 
 
