@@ -244,6 +244,7 @@ class App:
                                                cache_dir=self.cache_dir / "text" if self.cache_dir else None)
         except (CheckpointError, FileNotFoundError, ValueError) as e:
             raise user_error(str(e)) from None
+        is_demo = is_demo and pipe.scheme == "none"  # a quantized copy links the marker but is its own model
         old, self.pipe, self.is_demo, self.files, self.decode_rate = self.pipe, pipe, is_demo, files, None
         del old
         free_memory()

@@ -23,7 +23,7 @@ import torch
 
 from app import demo
 from app.__main__ import main
-from app.handlers import MAX_FRAMES, App, Settings
+from app.handlers import DEMO_SIZE_PRESETS, MAX_FRAMES, App, Settings
 from app.jobs import Job, decoder_calls, watch_decode
 from app.options import PRESETS
 from app.preview import WAN21_RGB_BIAS, WAN21_RGB_FACTORS, Preview, latent_to_rgb
@@ -328,6 +328,20 @@ def test_load_another_root(tmp_path, cache):
     copy = Path(shutil.copytree(demo.demo_root(cache), tmp_path / "copy"))
     assert "Demo model" in app.load_model(copy)
     assert app.pipe.root == copy
+
+
+def test_a_quantized_copy_of_the_demo_is_named_by_its_folder(tmp_path, cache):
+    """`python -m wan_lite.quantize` links the demo's marker file into its copy; the copy is not "the
+    built-in model" of the banner ("No checkpoint was given"): it is named by its folder and weights, and
+    keeps the demo's small sizes (a test-size model)."""
+    from quant.convert import convert_checkpoint
+
+    quantized = convert_checkpoint(demo.demo_root(cache), tmp_path / "demo-int8", "int8", progress=False)
+    assert demo.is_demo(quantized)  # the marker came along
+    app = App(tmp_path / "out", cache_dir=cache, device="cpu")
+    banner = app.load_model(quantized)
+    assert "Demo model" not in banner and str(quantized) in banner and "int8" in banner
+    assert not app.is_demo and app.size_presets() == DEMO_SIZE_PRESETS
 
 
 def test_share_allows_only_listed_roots(tmp_path, cache):
