@@ -78,7 +78,6 @@ MAX_FRAMES = 161  # the frames slider's end: 10 s at 16 fps
 MAX_LORA_STRENGTH = 4.0
 MAX_SEED = 2**31 - 1
 MAX_VAE_PREVIEW_EVERY = 50  # the full-VAE preview slider's end (steps)
-SMALLEST_RELEASED_DIM = 1536  # Wan2.1-T2V-1.3B: a narrower expert is a test / demo model (demo sizes offered)
 SETTINGS_FILE = "settings.json"
 LABELS = {"steps": "Steps", "shift": "Shift", "guidance_high": "High-noise guidance",
           "guidance_low": "Low-noise guidance"}  # validate_sampling's names as the settings are labelled here
@@ -236,7 +235,7 @@ class App:
         """Make the pipeline of a checked root folder or ModelRoot and make it the loaded model."""
         is_demo = isinstance(model, Path) and demo.is_demo(model)
         config = model.config if isinstance(model, ModelRoot) else None
-        small = is_demo or (config is not None and config.dim < SMALLEST_RELEASED_DIM)
+        small = is_demo or (config is not None and config.is_test_size)
         # a tiny model in float32 on a CPU; on a GPU bf16, which every fused attention kernel takes
         dtype = torch.float32 if small and self.device.type == "cpu" else torch.bfloat16
         try:
@@ -253,7 +252,7 @@ class App:
     @property
     def is_small(self) -> bool:
         """A demo / test-size model (narrower than any released Wan expert): the tiny demo sizes are offered."""
-        return self.is_demo or self.pipe.expert_config().dim < SMALLEST_RELEASED_DIM
+        return self.is_demo or self.pipe.expert_config().is_test_size
 
     def root_value(self) -> str | None:
         """The model-folder field's value: the loaded root, or None when the model was opened from files."""

@@ -435,7 +435,8 @@ def test_run_options_are_checked_before_the_run(tmp_path, capsys, args, message)
 
 def test_help_shows_the_defaults():
     text = " ".join(build_parser().format_help().split())
-    for expected in ("4n+1 frames at 16 fps (default: 81)", "(default: 1280x720)", "40 official, 4 lightning",
+    for expected in ("4n+1 frames at 16 fps (default: 81; 9 for a test-size model)", "(default: 1280x720; 64x64 for a",
+                     "40 official, 4 lightning",
                      "12 official, 5 lightning", "4.0 official, 1.0 lightning", "3.0 official, 1.0 lightning",
                      "unipc official", "(default: bf16)", "(default: official)", "0 to 2**64-1"):
         assert expected in text, expected

@@ -19,7 +19,7 @@ from tolerance import assert_close_fp32
 
 import wan_lite.t2v as t2v
 from wan_lite.config import ModelConfig, SamplingConfig, StepCache
-from wan_lite.generate import main
+from wan_lite.generate import build_parser, main, video_defaults
 from wan_lite.pipeline import computed_steps, step_experts, timesteps
 from wan_lite.t2v import T2VPipeline, check_root
 from wan_lite.text import DEFAULT_NEGATIVE_PROMPT
@@ -241,6 +241,21 @@ def test_cli_end_to_end(roots, cache, tmp_path, capsys):
     frames, (_, fps, width, height) = read_frames(out)
     assert frames.shape[0] == 5 and (fps, width, height) == (16, 48, 32)
     assert read_metadata(out)["seed"] == 11 and read_metadata(out)["solver"] == "euler"
+
+
+def test_cli_defaults_to_a_tiny_video_on_a_test_size_model(roots, cache, tmp_path, capsys):
+    """Without --size / --frames a test-size model (the tiny roots, like the app's demo) makes 64x64 x 9, not the
+    official 1280x720 x 81 (over ten minutes of noise on a CPU), and says so; a given --frames is kept."""
+    out = tmp_path / "tiny.mp4"
+    argv = ["--ckpt", str(roots["official"]), "--prompt", "a red fox", "--steps", "1", "--device", "cpu",
+            "--dtype", "fp32", "--cache-dir", str(cache), "--out", str(out)]
+    assert main([*argv, "--frames", "5"]) == 0
+    assert "a test-size model (dim " in capsys.readouterr().err
+    frames, (_, _, width, height) = read_frames(out)
+    assert frames.shape[0] == 5 and (width, height) == (64, 64)
+    args = build_parser().parse_args(["--prompt", "p", "--out", "v.mp4"])
+    video_defaults(args, ModelConfig.a14b(), say=False)  # a released model keeps the official video
+    assert (args.size, args.frames) == ((1280, 720), 81)
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,9 @@ GRIDS = ("official", "lightning")
 CACHE_MODES = ("off", "threshold", "pattern")
 
 
+SMALLEST_RELEASED_DIM = 1536  # Wan2.1-T2V-1.3B's width; A14B's experts are 5,120 wide
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     dim: int = 5120  # hidden width of the residual stream
@@ -44,6 +47,12 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
+
+    @property
+    def is_test_size(self) -> bool:
+        """Narrower than any released Wan expert (Wan2.1-T2V-1.3B, dim 1,536, is the narrowest): a test or demo
+        model, whose random weights make noise at any size, so the CLI and the app default to a tiny video."""
+        return self.dim < SMALLEST_RELEASED_DIM
 
     @property
     def rope_split(self) -> tuple[int, int, int]:

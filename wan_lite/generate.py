@@ -27,11 +27,13 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from .checks import looks_like_hub_id, resolve_seed, validate, validate_sampling  # noqa: E402  (torch-free)
-from .config import SamplingConfig, StepCache, size_arg  # noqa: E402
+from .config import ModelConfig, SamplingConfig, StepCache, size_arg  # noqa: E402
 
 DTYPES = ("bf16", "fp32")  # torch.bfloat16, torch.float32
 PRESETS = {"official": SamplingConfig(), "lightning": SamplingConfig.lightning()}
 SWAP_STALL_MS = 50  # a visible stall at the boundary above this is reported as such
+VIDEO_DEFAULT = (1280, 720), 81  # --size, --frames: the official 720p video
+TEST_SIZE_DEFAULT = (64, 64), 9  # the same for a test-size model (the app's demo): its video is noise at any size
 
 
 def cache_arg(text: str) -> StepCache:
@@ -93,9 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="what the video shows (required, except with --decode); at most 512 tokens are "
                    "read (a longer prompt is cut, with a warning)")
     p.add_argument("--negative-prompt", default=None, help="default: the official Chinese negative prompt")
-    p.add_argument("--size", type=size_arg, default=(1280, 720), help="WIDTHxHEIGHT, multiples of 16 "
-                   "(default: 1280x720)")
-    p.add_argument("--frames", type=int, default=81, help="4n+1 frames at 16 fps")
+    p.add_argument("--size", type=size_arg, help="WIDTHxHEIGHT, multiples of 16 (default: 1280x720; 64x64 for a "
+                   "test-size model such as the app's demo)")
+    p.add_argument("--frames", type=int, help="4n+1 frames at 16 fps (default: 81; 9 for a test-size model)")
     p.add_argument("--preset", choices=PRESETS, default="official",
                    help="sampling defaults: official (40 UniPC steps, shift 12, guidance 4/3) or lightning (4 Euler "
                    "steps on the float grid, shift 5, guidance 1/1: one pass per step; use the Lightning LoRAs)")
@@ -226,7 +228,7 @@ def check_args(args: argparse.Namespace) -> SamplingConfig:
         return PRESETS[args.preset]
     if args.prompt is None:
         raise ValueError("give --prompt (what the video shows), or --decode LATENTS to decode a run's latents")
-    validate(args.prompt, args.size, args.frames)
+    validate(args.prompt, args.size or VIDEO_DEFAULT[0], VIDEO_DEFAULT[1] if args.frames is None else args.frames)
     sampling = sampling_from_args(args)  # raises naming the range for a value out of it
     args.random_seed = args.seed is None or args.seed < 0
     args.seed = resolve_seed(args.seed)  # drawn here when random: printed when the run starts
@@ -234,6 +236,17 @@ def check_args(args: argparse.Namespace) -> SamplingConfig:
         print(f"{args.out} exists: writing {out} instead (--overwrite replaces it)", file=sys.stderr)
     args.out = str(out)
     return sampling
+
+
+def video_defaults(args: argparse.Namespace, config: ModelConfig, say: bool = True) -> None:
+    """Fill --size / --frames left out: the official 1280x720 x 81, or 64x64 x 9 for a test-size model
+    (`ModelConfig.is_test_size`, e.g. the app's demo), whose 720p run on a CPU took over ten minutes of noise."""
+    size, frames = TEST_SIZE_DEFAULT if config.is_test_size else VIDEO_DEFAULT
+    if config.is_test_size and (args.size is None or args.frames is None) and say:
+        print(f"a test-size model (dim {config.dim}): {size[0]}x{size[1]}, {frames} frames unless --size / --frames "
+              "say otherwise", file=sys.stderr)
+    args.size = args.size or size
+    args.frames = frames if args.frames is None else args.frames
 
 
 def check_stats_path(path: Path) -> None:
@@ -324,6 +337,7 @@ def run(args: argparse.Namespace, progress: dict | None = None) -> int:
         print(f"warning: {pipe.prompt_warning(tokens)}", file=sys.stderr)
     if pipe.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(pipe.device)
+    video_defaults(args, pipe.expert_config(), say=main)
     if main and args.random_seed:
         print(f"seed {args.seed} (random)", file=sys.stderr)
     if main:
