@@ -243,6 +243,21 @@ def test_cli_end_to_end(roots, cache, tmp_path, capsys):
     assert read_metadata(out)["seed"] == 11 and read_metadata(out)["solver"] == "euler"
 
 
+def test_cli_shows_no_transformers_loading_bar(roots, tmp_path, capsys):
+    """A diffusers root's umt5 encoder loads through transformers inside the run, while the denoise bar is on
+    the terminal: transformers' "Loading weights" bar is off for that load (two bars garbled one line), and
+    on again after it."""
+    from transformers.utils import logging as hf_logging
+
+    argv = ["--ckpt", str(roots["diffusers"]), "--prompt", "a red fox", "--size", "48x32", "--frames", "5",
+            "--steps", "1", "--device", "cpu", "--dtype", "fp32", "--cache-dir", str(tmp_path / "fresh-cache"),
+            "--out", str(tmp_path / "v.mp4")]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "denoise" in err and "Loading weights" not in err
+    assert hf_logging.is_progress_bar_enabled()
+
+
 def test_cli_defaults_to_a_tiny_video_on_a_test_size_model(roots, cache, tmp_path, capsys):
     """Without --size / --frames a test-size model (the tiny roots, like the app's demo) makes 64x64 x 9, not the
     official 1280x720 x 81 (over ten minutes of noise on a CPU), and says so; a given --frames is kept."""

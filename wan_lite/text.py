@@ -344,7 +344,7 @@ class TextEncoder:
         elif self.layout == "file":
             model = load_encoder_file(self.weights, self.dtype, self.width)
         else:
-            model = UMT5EncoderModel.from_pretrained(self.weights, dtype=self.dtype)
+            model = _quietly(UMT5EncoderModel.from_pretrained, self.weights, dtype=self.dtype)
         self.model = model.to(self.device).eval().requires_grad_(False)
 
     def check_tokenizer(self) -> None:
@@ -477,3 +477,18 @@ class TextEncoder:
         except BaseException:  # a full disk or an interrupt leaves no stray file in the cache
             tmp.unlink(missing_ok=True)
             raise
+
+
+def _quietly(load, *args, **kwargs):
+    """transformers' `from_pretrained` without its "Loading weights" bar: the load runs inside a generate
+    run whose denoise bar is already on the terminal, and two bars on one line garble both (the text phase
+    is timed in the run's summary instead). The bar's previous setting is restored."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return load(*args, **kwargs)
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
