@@ -180,6 +180,8 @@ def test_gguf_kind_without_gguf_is_one_line_naming_the_install(tmp_path, monkeyp
     assert capsys.readouterr().err == captured.err  # the suite too, before its GPU check
     with pytest.raises(CheckpointError, match=r"pip install gguf\)$"):  # the library call, the same message
         bf.write_expert(kind, out, CFG)
+    with pytest.raises(CheckpointError, match=r"pip install gguf\)$"):  # the suite called from Python
+        bf.suite(tmp_path / "suite", kinds=("ours-int8", kind), cfg=CFG)
     assert list(tmp_path.iterdir()) == []  # refused before any work: no folder, no temporary file
     with pytest.raises(CheckpointError, match="^reading GGUF files needs the gguf package"):  # the runtime's
         bf.require_gguf()

@@ -782,9 +782,9 @@ def suite(directory, *, kinds=KINDS, resolutions=("480p", "720p"), frames: int =
     it). A run that would end past `time_limit` seconds is skipped and recorded so. Returns the results."""
     cfg = cfg or ModelConfig.a14b()
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     if any(k.startswith("gguf") for k in kinds):
-        require_gguf("writing")  # CheckpointError naming the install, before any file is written
+        require_gguf("writing")  # CheckpointError naming the install, before any file or folder is written
+    directory.mkdir(parents=True, exist_ok=True)
     need = max(kind_bytes(k, cfg) for k in kinds) * 1.01  # one file at a time
     free = shutil.disk_usage(directory).free
     if free < need:
