@@ -266,12 +266,12 @@ class App:
                     "download Wan2.2-T2V-A14B and run `python -m app --ckpt /path/to/Wan2.2-T2V-A14B`, or pick "
                     "its folder under *Model* below.")
         p = self.pipe
+        small = " A test-size model (narrower than any released expert): the demo sizes are offered." \
+            if self.is_small else ""  # e.g. a quantized copy of the demo
         if self.files is not None:
-            small = " A test-size model (narrower than any released expert): the demo sizes are offered." \
-                if self.is_small else ""
             return (f"**Model:** single files, {FILE_WEIGHTS.get(p.scheme, p.scheme)} weights, on {self.device.type}: "
                     f"{describe_files(p.model)}.{small}")
-        return f"**Model:** `{p.root}` ({p.layout} layout, weights {p.quantization}) on {self.device.type}."
+        return f"**Model:** `{p.root}` ({p.layout} layout, weights {p.quantization}) on {self.device.type}.{small}"
 
     def size_presets(self) -> dict[str, tuple[int, int]]:
         """The sizes offered for the loaded model: the tiny demo sizes, or the official ones."""

@@ -175,7 +175,9 @@ def build_ui(app: App) -> gr.Blocks:
 
         def initial():
             s = app.settings()
-            ready = f"Ready: {'demo model' if app.is_demo else app.pipe.root.name} on {app.device.type}."
+            # single files are named by their file names, as on the terminal (their folder's name says nothing)
+            name = app.pipe.root.name if app.files is None else app.pipe.model_name
+            ready = f"Ready: {'demo model' if app.is_demo else name} on {app.device.type}."
             values = {n: getattr(s, n) for n in SETTING_NAMES}
             values["quantization"] = gr.Dropdown(choices=app.quant_choices(), value=s.quantization)
             for name in ("lora_high", "lora_low"):  # files copied into the LoRA folder since the start

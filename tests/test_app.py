@@ -101,6 +101,14 @@ def test_demo_checkpoint_is_a_complete_root(demo_app, cache):
     assert "base_dim 16" in demo_app.banner()  # the shrunk VAE is said
 
 
+def test_building_the_demo_draws_no_progress_bar(tmp_path, capfd):
+    """The app's first start builds the demo: transformers' "Writing model shards" bar is not printed
+    above the app's own lines."""
+    demo.ensure_demo_checkpoint(tmp_path)
+    out, err = capfd.readouterr()
+    assert "Writing model shards" not in out + err and "it/s]" not in out + err
+
+
 # ---------------------------------------------------------------------------------------------------
 # a run
 
@@ -336,11 +344,12 @@ def test_a_quantized_copy_of_the_demo_is_named_by_its_folder(tmp_path, cache):
     keeps the demo's small sizes (a test-size model)."""
     from quant.convert import convert_checkpoint
 
-    quantized = convert_checkpoint(demo.demo_root(cache), tmp_path / "demo-int8", "int8", progress=False)
+    quantized = convert_checkpoint(demo.ensure_demo_checkpoint(cache), tmp_path / "demo-int8", "int8", progress=False)
     assert demo.is_demo(quantized)  # the marker came along
     app = App(tmp_path / "out", cache_dir=cache, device="cpu")
     banner = app.load_model(quantized)
     assert "Demo model" not in banner and str(quantized) in banner and "int8" in banner
+    assert "test-size model" in banner  # why only the demo sizes are offered
     assert not app.is_demo and app.size_presets() == DEMO_SIZE_PRESETS
 
 

@@ -130,6 +130,9 @@ def test_a_comfyui_folder_opens_as_the_cli_opens_it(files_app, comfy):
     assert files_app.is_small and not files_app.is_demo and "64x64 (demo)" in files_app.size_presets()
     banner = files_app.banner()
     assert all(name in banner for name in (HIGH, LOW, TEXT, VAE_FILE)) and "test-size model" in banner
+    fns = {fn.name: fn.fn for fn in build_ui(files_app).fns.values()}
+    ready = fns["initial"]()[-1]  # the status line names the expert files, not their folder (diffusion_models)
+    assert ready.startswith("Ready:") and HIGH in ready and LOW in ready and "diffusion_models on" not in ready
 
 
 @pytest.mark.parametrize("pair, scheme, menu", [(FP8, "fp8", "fp8"), (GGUF, "int8", "int8"), ((HIGH, LOW), "none",

@@ -180,6 +180,14 @@ def test_gguf_to_int8_is_what_the_runtime_computes_at_load(tmp_path, high_state,
     assert read_meta(dst / "high_noise_model")["source"]["container"] == "gguf"
 
 
+def test_gguf_to_fp8_notes_the_second_rounding_without_int8s_figure(tmp_path, high_state, capsys):
+    """The 9e-3 figure was measured for int8: a GGUF converted to fp8 is told of the second rounding only."""
+    path, _ = write_gguf(high_state, tmp_path / "Wan2.2-T2V-A14B-HighNoise-Q8_0.gguf", qtype="Q8_0")
+    assert quantize(["--high", str(path), "--out", str(tmp_path / "q"), "--scheme", "fp8", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "quantized to fp8: they are rounded a second time" in err and "int8" not in err
+
+
 # ---------------------------------------------------------------------------------------------
 # a ComfyUI models/ folder, end to end through generate
 

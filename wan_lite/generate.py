@@ -347,8 +347,9 @@ def run(args: argparse.Namespace, progress: dict | None = None) -> int:
     one_gpu = {"--vram-gb": args.vram_gb is not None, "--ram-gb": args.ram_gb is not None,
                "--exact-attention": args.exact_attention}
     if pipe.device.type != "cuda" and main and any(one_gpu.values()):
-        print(f"note: {', '.join(k for k, v in one_gpu.items() if v)} plan a run on one GPU: ignored on "
-              f"{pipe.device.type}", file=sys.stderr)
+        given = [k for k, v in one_gpu.items() if v]
+        print(f"note: {', '.join(given)} {'applies' if len(given) == 1 else 'apply'} only to a run on one GPU: "
+              f"ignored on {pipe.device.type}", file=sys.stderr)
     if pipe.device.type == "cuda" and ctx is None:  # one GPU: how the run fits, decided and shown up front
         clock = time.perf_counter()
         plan = pipe.make_plan(args.size, args.frames, args.vram_gb, ram_gb=args.ram_gb,

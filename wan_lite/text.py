@@ -480,7 +480,8 @@ class TextEncoder:
 
 
 def _quietly(load, *args, **kwargs):
-    """transformers' `from_pretrained` without its "Loading weights" bar: the load runs inside a generate
+    """transformers' `from_pretrained` without its "Loading weights" bar (also `save_pretrained` without its
+    "Writing model shards" bar, when the app builds its demo): the load runs inside a generate
     run whose denoise bar is already on the terminal, and two bars on one line garble both (the text phase
     is timed in the run's summary instead). The bar's previous setting is restored."""
     from transformers.utils import logging as hf_logging
