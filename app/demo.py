@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from wan_lite.config import ModelConfig
-from wan_lite.text import _quietly, write_small_tokenizer
+from wan_lite.text import without_progress_bar, write_small_tokenizer
 
 DEMO_VERSION = 1  # bump when the demo's contents change: a new cache folder is built
 DEMO_MARKER = "wan_lite_demo.json"
@@ -101,7 +101,7 @@ def _write_text_encoder(vocab: int, dim: int, folder: Path) -> None:
     config = UMT5Config(vocab_size=vocab, d_model=dim, d_kv=dim // 4, d_ff=2 * dim, num_layers=2, num_heads=4,
                         relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", dropout_rate=0.0,
                         is_encoder_decoder=False, use_cache=False, tie_word_embeddings=False)
-    _quietly(UMT5EncoderModel(config).save_pretrained, folder)  # no "Writing model shards" bar at the app's start
+    without_progress_bar(UMT5EncoderModel(config).save_pretrained, folder)  # no "Writing model shards" bar
 
 
 def _write_vae(folder: Path) -> None:

@@ -22,7 +22,7 @@ from wan_lite.config import ModelConfig, SamplingConfig, StepCache
 from wan_lite.generate import build_parser, main, video_defaults
 from wan_lite.pipeline import computed_steps, step_experts, timesteps
 from wan_lite.t2v import T2VPipeline, check_root
-from wan_lite.text import DEFAULT_NEGATIVE_PROMPT
+from wan_lite.text import DEFAULT_NEGATIVE_PROMPT, TextEncoder
 from wan_lite.video import read_metadata
 
 SIZE, FRAMES, STEPS = (48, 32), 5, 3  # (width, height): latents (1, 16, 2, 4, 6); t = 999, 959 (high), 856 (low)
@@ -271,6 +271,17 @@ def test_cli_defaults_to_a_tiny_video_on_a_test_size_model(roots, cache, tmp_pat
     args = build_parser().parse_args(["--prompt", "p", "--out", "v.mp4"])
     video_defaults(args, ModelConfig.a14b(), say=False)  # a released model keeps the official video
     assert (args.size, args.frames) == ((1280, 720), 81)
+
+
+def test_the_api_defaults_follow_the_model(roots, cache):
+    """The Python API as the CLI: size / frames left out are the experts' `default_video` (a test-size model:
+    64x64 x 9); the text encoder picks the CPU where torch has no CUDA, as the pipeline does."""
+    pipe = open_pipe(roots["official"], cache)
+    result = pipe("a fox", steps=1, seed=0)
+    assert tuple(result.video.shape[-2:]) == (64, 64) and result.video.shape[-3] == 9
+    assert (result.params["width"], result.params["height"], result.params["frames"]) == (64, 64, 9)
+    encoder = TextEncoder.from_pretrained(roots["official"])
+    assert encoder.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.mark.parametrize(

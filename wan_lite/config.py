@@ -20,6 +20,8 @@ CACHE_MODES = ("off", "threshold", "pattern")
 
 
 SMALLEST_RELEASED_DIM = 1536  # Wan2.1-T2V-1.3B's width; A14B's experts are 5,120 wide
+VIDEO_DEFAULT = (1280, 720), 81  # (width, height), frames: the official 720p video
+TEST_SIZE_VIDEO_DEFAULT = (64, 64), 9  # the same for a test-size model: its random weights make noise at any size
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,12 @@ class ModelConfig:
         """Narrower than any released Wan expert (Wan2.1-T2V-1.3B, dim 1,536, is the narrowest): a test or demo
         model, whose random weights make noise at any size, so the CLI and the app default to a tiny video."""
         return self.dim < SMALLEST_RELEASED_DIM
+
+    @property
+    def default_video(self) -> tuple[tuple[int, int], int]:
+        """((width, height), frames) when a caller gives none: the official 1280x720 x 81, or 64x64 x 9 for a
+        test-size model (a 720p run of the app's demo on a CPU took over ten minutes of noise)."""
+        return TEST_SIZE_VIDEO_DEFAULT if self.is_test_size else VIDEO_DEFAULT
 
     @property
     def rope_split(self) -> tuple[int, int, int]:

@@ -27,13 +27,11 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from .checks import looks_like_hub_id, resolve_seed, validate, validate_sampling  # noqa: E402  (torch-free)
-from .config import ModelConfig, SamplingConfig, StepCache, size_arg  # noqa: E402
+from .config import VIDEO_DEFAULT, ModelConfig, SamplingConfig, StepCache, size_arg  # noqa: E402
 
 DTYPES = ("bf16", "fp32")  # torch.bfloat16, torch.float32
 PRESETS = {"official": SamplingConfig(), "lightning": SamplingConfig.lightning()}
 SWAP_STALL_MS = 50  # a visible stall at the boundary above this is reported as such
-VIDEO_DEFAULT = (1280, 720), 81  # --size, --frames: the official 720p video
-TEST_SIZE_DEFAULT = (64, 64), 9  # the same for a test-size model (the app's demo): its video is noise at any size
 
 
 def cache_arg(text: str) -> StepCache:
@@ -239,9 +237,9 @@ def check_args(args: argparse.Namespace) -> SamplingConfig:
 
 
 def video_defaults(args: argparse.Namespace, config: ModelConfig, say: bool = True) -> None:
-    """Fill --size / --frames left out: the official 1280x720 x 81, or 64x64 x 9 for a test-size model
-    (`ModelConfig.is_test_size`, e.g. the app's demo), whose 720p run on a CPU took over ten minutes of noise."""
-    size, frames = TEST_SIZE_DEFAULT if config.is_test_size else VIDEO_DEFAULT
+    """Fill --size / --frames left out with the model's `ModelConfig.default_video` (64x64 x 9 for a test-size
+    model such as the app's demo, said on stderr; else the official 1280x720 x 81)."""
+    size, frames = config.default_video
     if config.is_test_size and (args.size is None or args.frames is None) and say:
         print(f"a test-size model (dim {config.dim}): {size[0]}x{size[1]}, {frames} frames unless --size / --frames "
               "say otherwise", file=sys.stderr)

@@ -336,8 +336,8 @@ class T2VPipeline:
         self,
         prompt: str,
         negative_prompt: str | None = None,
-        size: tuple[int, int] = (1280, 720),
-        frames: int = 81,
+        size: tuple[int, int] | None = None,
+        frames: int | None = None,
         steps: int = 40,
         seed: int | None = None,
         shift: float = 12.0,
@@ -355,8 +355,9 @@ class T2VPipeline:
         vram_gb: float | None = None,
         keep_latents: bool = False,
     ) -> T2VResult | None:
-        """Generate one video. size is (width, height); seed None (or negative) draws one (0 .. 2**64-1
-        are taken as given); `out` also writes the mp4.
+        """Generate one video. size is (width, height); size / frames None: the experts'
+        `ModelConfig.default_video` (1280x720 x 81; 64x64 x 9 for a test-size model such as the app's demo);
+        seed None (or negative) draws one (0 .. 2**64-1 are taken as given); `out` also writes the mp4.
 
         With `out`, the denoised latents are written to `<stem>.latents.safetensors` beside it (the run's
         parameters in the header) before the VAE decode, and removed once the mp4 is written unless
@@ -374,7 +375,9 @@ class T2VPipeline:
         Over several GPUs (`parallel`) every rank calls it; only rank 0 decodes, writes and gets a result.
         """
         # 1. everything that can be wrong with the request fails here, before any weights load
-        size = tuple(size)
+        default_size, default_frames = self.expert_config().default_video
+        size = tuple(size) if size is not None else default_size
+        frames = default_frames if frames is None else frames
         validate(prompt, size, frames)
         validate_sampling(steps=steps, shift=shift, guidance_high=guidance_high, guidance_low=guidance_low,
                           solver=solver, seed=seed)  # the ranges the CLI and the app accept, before SamplingConfig's

@@ -300,7 +300,7 @@ class TextEncoder:
         weights: Path,
         tokenizer: Path | str,
         *,
-        device: str | torch.device,
+        device: str | torch.device | None,
         dtype: torch.dtype,
         cache_dir: str | os.PathLike | None,
         use_cache: bool,
@@ -308,7 +308,8 @@ class TextEncoder:
     ):
         self.layout, self.weights, self.tokenizer_path = layout, weights, tokenizer
         self.width = width  # d_model the experts read (their text_dim): a single file is checked against it
-        self.device, self.dtype = torch.device(device), dtype
+        self.device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = dtype
         self.cache_dir = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser()
         self.use_cache = use_cache
         self.fingerprint = _fingerprint(weights, tokenizer, dtype)
@@ -322,12 +323,13 @@ class TextEncoder:
         cls,
         root: str | os.PathLike,
         *,
-        device: str | torch.device = "cuda",
+        device: str | torch.device | None = None,
         dtype: torch.dtype = torch.bfloat16,
         cache_dir: str | os.PathLike | None = None,
         use_cache: bool = True,
     ) -> TextEncoder:
-        """Find the encoder in a model root of either layout; the weights load on the first cache miss."""
+        """Find the encoder in a model root of either layout; the weights load on the first cache miss.
+        `device` None: CUDA when present, else the CPU."""
         layout, weights, tokenizer = find_text_encoder(root)
         return cls(layout, weights, tokenizer, device=device, dtype=dtype, cache_dir=cache_dir, use_cache=use_cache)
 
@@ -344,7 +346,7 @@ class TextEncoder:
         elif self.layout == "file":
             model = load_encoder_file(self.weights, self.dtype, self.width)
         else:
-            model = _quietly(UMT5EncoderModel.from_pretrained, self.weights, dtype=self.dtype)
+            model = without_progress_bar(UMT5EncoderModel.from_pretrained, self.weights, dtype=self.dtype)
         self.model = model.to(self.device).eval().requires_grad_(False)
 
     def check_tokenizer(self) -> None:
@@ -479,17 +481,17 @@ class TextEncoder:
             raise
 
 
-def _quietly(load, *args, **kwargs):
-    """transformers' `from_pretrained` without its "Loading weights" bar (also `save_pretrained` without its
-    "Writing model shards" bar, when the app builds its demo): the load runs inside a generate
-    run whose denoise bar is already on the terminal, and two bars on one line garble both (the text phase
-    is timed in the run's summary instead). The bar's previous setting is restored."""
+def without_progress_bar(call, *args, **kwargs):
+    """call(*args, **kwargs) with transformers' progress bars off, then their previous setting back: the
+    encoder's `from_pretrained` ("Loading weights") runs inside a generate run whose denoise bar is already on
+    the terminal, and two bars on one line garble both (the text phase is timed in the run's summary); the
+    app's demo build calls `save_pretrained` ("Writing model shards") at start-up."""
     from transformers.utils import logging as hf_logging
 
     enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        return load(*args, **kwargs)
+        return call(*args, **kwargs)
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
