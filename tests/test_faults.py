@@ -169,16 +169,18 @@ def test_existing_output_is_not_replaced_silently(roots, cache, tmp_path, capsys
 
     seen = []
 
-    def stop(model, **kwargs):  # the run would start here: record the output it was given
+    def stop(pipe, *args, **kwargs):  # the run would start here, the model opened
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(T2VPipeline, "from_pretrained", stop)
+    monkeypatch.setattr(T2VPipeline, "__call__", stop)
     for extra in ([], ["--overwrite"]):
         assert run_cli(argv(roots["official"], cache, out, *extra)) == 130
         seen.append(capsys.readouterr().err)
     assert f"{out} exists: writing {tmp_path / 'v-2.mp4'} instead (--overwrite replaces it)" in seen[0]
     assert "exists" not in seen[1]
     assert out.read_bytes() == b"an earlier video"
+    assert run_cli(argv(tmp_path / "no-such-model", cache, out)) == 2  # a refused model: no word of a new name
+    assert "exists" not in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------

@@ -198,7 +198,8 @@ def model_from_args(args: argparse.Namespace):
 def check_args(args: argparse.Namespace) -> SamplingConfig:
     """Everything the arguments alone decide, before torch is imported: the output (a free name unless
     --overwrite, and creatable), prompt, size, frames, the sampling ranges, the seed, the VAE tile.
-    Sets args.out (maybe renamed) and args.seed (drawn when random). Raises ValueError / OSError."""
+    Sets args.out (maybe renamed: args.renamed_from holds the name asked for, said once the model has opened)
+    and args.seed (drawn when random). Raises ValueError / OSError."""
     from .video import check_writable, free_name
 
     out = Path(args.out).expanduser()
@@ -206,6 +207,7 @@ def check_args(args: argparse.Namespace) -> SamplingConfig:
     if renamed:
         out = free_name(out)
     check_writable(out)
+    args.renamed_from = str(Path(args.out).expanduser()) if renamed else None
     if args.stats and Path(args.stats).expanduser().resolve() in (out.resolve(), out.with_suffix(".json").resolve()):
         raise ValueError(f"--stats {args.stats} would overwrite the video or its .json sidecar: give another name, "
                          f"e.g. {out.with_suffix('.stats.json')}")
@@ -230,10 +232,14 @@ def check_args(args: argparse.Namespace) -> SamplingConfig:
     sampling = sampling_from_args(args)  # raises naming the range for a value out of it
     args.random_seed = args.seed is None or args.seed < 0
     args.seed = resolve_seed(args.seed)  # drawn here when random: printed when the run starts
-    if renamed:  # said once every check has passed
-        print(f"{args.out} exists: writing {out} instead (--overwrite replaces it)", file=sys.stderr)
     args.out = str(out)
     return sampling
+
+
+def say_renamed(args: argparse.Namespace) -> None:
+    """Once the model has opened (a refused model writes nothing, so there is nothing to say)."""
+    if args.renamed_from:
+        print(f"{args.renamed_from} exists: writing {args.out} instead (--overwrite replaces it)", file=sys.stderr)
 
 
 def video_defaults(args: argparse.Namespace, config: ModelConfig, say: bool = True) -> None:
@@ -277,6 +283,7 @@ def decode(args: argparse.Namespace) -> int:
     """--decode LATENTS: the VAE decode of a run's saved latents into --out, and nothing else."""
     from .t2v import decode_latents
 
+    say_renamed(args)
     vae = args.vae
     if vae is None and args.ckpt is not None:
         from .checkpoint import open_root
@@ -336,6 +343,8 @@ def run(args: argparse.Namespace, progress: dict | None = None) -> int:
     if pipe.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(pipe.device)
     video_defaults(args, pipe.expert_config(), say=main)
+    if main:
+        say_renamed(args)
     if main and args.random_seed:
         print(f"seed {args.seed} (random)", file=sys.stderr)
     if main:
