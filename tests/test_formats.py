@@ -389,6 +389,17 @@ def test_refuses_truncated_file(files, state, container):
         identify(truncate(full, files / f"stub.{container}", 6))  # cut inside the header
 
 
+def test_refuses_an_empty_or_tiny_file(files):
+    empty, note = files / "empty.safetensors", files / "note.safetensors"
+    empty.write_bytes(b"")
+    note.write_text("hello")
+    with pytest.raises(CheckpointError, match=r"empty.safetensors is empty: download it again$"):
+        identify(empty)
+    with pytest.raises(CheckpointError, match=r"note.safetensors \(5 bytes\) is too short to be a safetensors or GGUF "
+                                              r"file: pass the weights file"):
+        identify(note)
+
+
 def test_refuses_lora_as_expert(files):
     path = write_lora(files / "wan2.2_t2v_lightx2v_4steps_lora_high_noise.safetensors")
     assert identify(path).kind == "lora"

@@ -75,9 +75,10 @@ def _read_safetensors(path: Path) -> Header:
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path} ({size} bytes) is neither a safetensors nor a GGUF file: "
-                                  f"it is empty or cut short, {REDOWNLOAD}")
+        if len(head) < 8:  # both formats start with an 8-byte length or magic + version
+            raise CheckpointError(f"{path} is empty: {REDOWNLOAD}" if size == 0 else
+                                  f"{path} ({size} bytes) is too short to be a safetensors or GGUF file: pass the "
+                                  f"weights file (or, if this is one cut short, {REDOWNLOAD})")
         (n,) = struct.unpack("<Q", head)
         if 8 + n > size:
             raise truncated(path, 8 + n, size) if n < 100 << 20 else CheckpointError(
