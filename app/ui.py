@@ -207,7 +207,7 @@ def build_ui(app: App) -> gr.Blocks:
         m["load_comfyui"].click(load_comfyui, comfyui, after_load, concurrency_limit=None, show_progress="hidden")
         gr.on([m["comfyui"].submit, m["comfyui"].blur], list_comfyui, [m["comfyui"], m["comfyui_listed"]],
               [m["comfyui_high"], m["comfyui_low"], status, m["comfyui_listed"]], concurrency_limit=None,
-              show_progress="hidden")
+              show_progress="hidden", trigger_mode="always_last")  # leaving the field after Enter lists again
         blocks.load(initial, None, [*controls, plan, gallery, shown, status], concurrency_limit=None)
     return blocks
 

@@ -1,34 +1,37 @@
-"""Quick edits in a real browser while the plan is still being computed: the plan must end on the last edit.
+"""Quick events in a real browser while the handler of an earlier one is still running: the last one wins.
 
-gradio's default for an `.input` listener ("once") drops an edit made while the previous edit's update is
-pending, so three quick edits left the plan showing the first one (a CI run on a loaded 2-core machine hit
-it: `steps` and `vae_preview_every` were typed while the `frames` plan was pending). To make the race
-certain rather than load-dependent, the app here is `python -m app` with `App.plan` slowed by 1.5 s.
-Same requirements and skip as tests/test_app_browser.py.
+gradio's default trigger mode ("once" for .input, .submit, .blur) drops an event made while the listener's
+previous call is pending. Two CI runs on a loaded 2-core machine hit it: three quick edits left the plan
+showing the first one, and an Enter in the ComfyUI folder field was dropped behind a pending listing of the
+still-empty field ("No folder given"). To make the races certain rather than load-dependent, the app here is
+`python -m app` with `App.plan` and `App.comfyui_experts` slowed by 1.5 s. Same requirements and skip as
+tests/test_app_browser.py.
 """
 
 from __future__ import annotations
 
 import pytest
-from test_app_browser import CHROMIUM, app_server, open_page, set_number
+from test_app_browser import CHROMIUM, app_server, open_page, set_number, wait_status
 from test_app_browser import browser as browser  # noqa: F401 - the fixture, shared
+from test_app_files import make_comfyui_folder
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(),
                                 reason="needs Debian's Chromium at /usr/bin/chromium: apt-get install -y chromium")
 
-SLOW_PLAN_APP = """
+SLOW_APP = """
 import sys, time
 from app import handlers
 from app.__main__ import main
-plan = handlers.App.plan
+plan, experts = handlers.App.plan, handlers.App.comfyui_experts
 handlers.App.plan = lambda self, s: (time.sleep(1.5), plan(self, s))[1]
+handlers.App.comfyui_experts = lambda self, folder: (time.sleep(1.5), experts(self, folder))[1]
 sys.exit(main(sys.argv[1:]))
 """
 
 
 @pytest.fixture(scope="module")
 def slow_server(tmp_path_factory):
-    with app_server(tmp_path_factory, ["-c", SLOW_PLAN_APP], tmp_path_factory.mktemp("outputs")) as url:
+    with app_server(tmp_path_factory, ["-c", SLOW_APP], tmp_path_factory.mktemp("outputs")) as url:
         yield url
 
 
@@ -42,3 +45,15 @@ def test_the_plan_ends_on_the_last_of_quick_edits(slow_server, browser):  # noqa
                            timeout=60_000)
     plan = page.locator("#plan textarea").input_value()
     assert " 3 steps " in plan, plan
+
+
+def test_an_enter_behind_a_pending_listing_is_not_lost(slow_server, browser, tmp_path):  # noqa: F811 - fixture
+    models, _ = make_comfyui_folder(tmp_path / "models", tmp_path / "cache")
+    page = open_page(browser, slow_server)
+    page.get_by_role("tab", name="ComfyUI models folder").click()
+    folder = page.locator("#comfyui textarea, #comfyui input").first
+    folder.click()
+    page.locator("#comfyui_tokenizer textarea, #comfyui_tokenizer input").first.click()  # leaves it empty: a listing
+    folder.fill(str(models))
+    folder.press("Enter")  # while the empty field's listing is still running
+    wait_status(page, r"^8 expert file\(s\) in ", timeout=60_000)
