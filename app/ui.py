@@ -198,7 +198,8 @@ def build_ui(app: App) -> gr.Blocks:
         gr.on([c[n].input for n in PLAN_INPUTS if n != "preset"], show_plan, set(controls), plan,
               concurrency_limit=None, show_progress="hidden", trigger_mode="always_last")
         refresh.click(listing, None, [gallery, shown], concurrency_limit=None)
-        gallery.select(open_item, shown, [video, params, status], concurrency_limit=None)
+        gallery.select(open_item, shown, [video, params, status], concurrency_limit=None,
+                       trigger_mode="always_last")  # a second pick while the first opens is shown, not dropped
         after_load = [banner, model, c["size"], c["frames"], c["steps"], c["quantization"], plan, status]
         load.click(load_model, model, after_load, concurrency_limit=None, show_progress="hidden")
         pieces = [m[f"file_{n}"] for n in FILE_FIELDS]
