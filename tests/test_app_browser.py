@@ -107,6 +107,18 @@ def set_number(page, elem_id: str, value: int) -> None:
     box.press("Enter")
 
 
+def fill_kept(page, box, text: str) -> None:
+    """Fill `box` and check, two animation frames later, that the page kept the text; fill again if not. A tab's
+    fields are mounted on its first click, and on a loaded CI machine the page's own first update of a new
+    field can land after Playwright's fill and empty it (an Enter then sent an empty folder)."""
+    for _ in range(5):
+        box.fill(text)
+        page.evaluate("() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))")
+        if box.input_value() == text:
+            return
+    raise AssertionError(f"the page did not keep {text!r} in the field")
+
+
 def status(page) -> str:
     return page.locator("#status textarea").input_value()
 

@@ -13,7 +13,17 @@ import json
 import re
 
 import pytest
-from test_app_browser import CHROMIUM, error_badges, frame_count, open_page, set_number, shot, status, wait_status
+from test_app_browser import (
+    CHROMIUM,
+    error_badges,
+    fill_kept,
+    frame_count,
+    open_page,
+    set_number,
+    shot,
+    status,
+    wait_status,
+)
 from test_app_browser import browser as browser  # noqa: F401 - the fixture, shared
 from test_app_browser import server as server  # noqa: F401
 from test_app_files import FP8, HIGH, LORA, LOW, TEXT, VAE_FILE, make_comfyui_folder
@@ -41,10 +51,11 @@ def test_a_comfyui_folder_is_picked_and_generates(server, browser, comfy):  # no
     page = open_page(browser, url)
     page.get_by_role("tab", name="ComfyUI models folder").click()
     folder = page.locator("#comfyui textarea, #comfyui input").first
-    folder.fill(str(models))
+    fill_kept(page, folder, str(models))  # the tab's fields were mounted by the click just now
     folder.press("Enter")  # lists diffusion_models/ into the two dropdowns
+    folder.press("Tab")  # and leaves the field, as a person does: listed again only if the Enter's listing missed
     wait_status(page, r"^8 expert file\(s\) in ", timeout=30_000)
-    page.locator("#comfyui_tokenizer textarea, #comfyui_tokenizer input").first.fill(str(tokenizer))
+    fill_kept(page, page.locator("#comfyui_tokenizer textarea, #comfyui_tokenizer input").first, str(tokenizer))
 
     # a LoRA picked as an expert: wan_lite's message in the status, the typed folder and choices stay
     pick(page, "comfyui_high", LORA)

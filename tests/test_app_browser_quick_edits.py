@@ -11,7 +11,7 @@ tests/test_app_browser.py.
 from __future__ import annotations
 
 import pytest
-from test_app_browser import CHROMIUM, app_server, open_page, set_number, wait_status
+from test_app_browser import CHROMIUM, app_server, fill_kept, open_page, set_number, wait_status
 from test_app_browser import browser as browser  # noqa: F401 - the fixture, shared
 from test_app_files import make_comfyui_folder
 
@@ -54,6 +54,6 @@ def test_an_enter_behind_a_pending_listing_is_not_lost(slow_server, browser, tmp
     folder = page.locator("#comfyui textarea, #comfyui input").first
     folder.click()
     page.locator("#comfyui_tokenizer textarea, #comfyui_tokenizer input").first.click()  # leaves it empty: a listing
-    folder.fill(str(models))
+    fill_kept(page, folder, str(models))
     folder.press("Enter")  # while the empty field's listing is still running
     wait_status(page, r"^8 expert file\(s\) in ", timeout=60_000)
