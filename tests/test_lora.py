@@ -373,17 +373,26 @@ def test_8bit_weight_and_scale_come_from_one_requantization(tmp_path, tiny_cfg, 
     module = "blocks.1.cross_attn.q"
     w = base.tensor(f"{module}.weight").float() * base.tensor(f"{module}.weight_scale")[:, None]
     want_q, want_s = quantize_linear_weight(w + delta(f"{module}.weight", lora, 0.9), scheme)
+    # this test's merge (a matmul of the factors) and LoRASource's are two code paths: a value on a rounding
+    # boundary may land one 8-bit step away, the scales a float rounding away
+    step = want_s[:, None] * (1.0 if scheme == "int8" else 32.0)  # e4m3's widest step, at 256..448
+
+    def requantized(q: torch.Tensor) -> None:
+        assert q.dtype == want_q.dtype and ((q.float() - want_q.float()).abs() * want_s[:, None] <= step).all()
+        assert (q.float() == want_q.float()).float().mean() > 0.99
+
     for order in (("weight", "weight_scale"), ("weight_scale", "weight")):
         src = LoRASource(base, [(lora, 0.9)])
         base.reads.clear()
         got = {leaf: src.tensor(f"{module}.{leaf}") for leaf in order}
-        assert got["weight"].dtype == want_q.dtype and torch.equal(got["weight"].float(), want_q.float())
-        assert torch.equal(got["weight_scale"], want_s)
+        requantized(got["weight"])
+        torch.testing.assert_close(got["weight_scale"], want_s, rtol=1e-6, atol=0)
         assert base.reads == [f"{module}.weight", f"{module}.weight_scale"]  # dequantized once for both
         assert src._pending == {}
     src = LoRASource(base, [(lora, 0.9)])
-    assert torch.equal(src.tensor(f"{module}.weight").float(), want_q.float())
-    assert torch.equal(src.tensor(f"{module}.weight").float(), want_q.float())  # a second read recomputes
+    first = src.tensor(f"{module}.weight")
+    requantized(first)
+    assert torch.equal(src.tensor(f"{module}.weight").float(), first.float())  # a second read recomputes the same
     only_a = LoRASource(base, [(read_lora(write_lightx2v(tmp_path / "d.safetensors",
                                                          {"blocks.0.ffn.0.bias": torch.ones(64)}), tiny_cfg), 1.0)])
     for name in ("blocks.0.ffn.0.weight", "blocks.0.ffn.0.weight_scale"):  # the base's, not requantized

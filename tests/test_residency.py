@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from builders import random_expert
-from tolerance import assert_close_fp32
+from tolerance import FP32_RTOL, assert_close_fp32, rel_error
 
 from wan_lite.checkpoint import find_experts, load_expert
 from wan_lite.config import ModelConfig, SamplingConfig
@@ -215,7 +215,7 @@ def test_gpu_swap_and_streaming_match_plain(mode, batched):
                                     mode="resident", cfg_batched=True), name).guided(x, tt, ctx, ctx_null, 4.0)
         else:
             ref = plain_guided(model, x, tt, ctx, ctx_null, 4.0)
-        assert torch.equal(got, ref), (mode, t)
+        assert rel_error(got, ref) < FP32_RTOL, (mode, t)  # the same kernels may see other alignments
     first = len(cfg.num_layers * [0]) + 2 if mode == "resident" else 4
     assert res.stats.misses == first  # the first load only: every later copy was sent ahead
     # measure=True: one GPU gap per unit but the first, per sweep; the swap's stall is the gaps of the two calls
