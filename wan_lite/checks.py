@@ -21,15 +21,14 @@ from pathlib import Path
 import ftfy
 import regex as re
 
-from .config import SamplingConfig, VideoSize
+from .config import SOLVERS, SamplingConfig, VideoSize
 
-SOLVERS = ("unipc", "euler")
 MAX_STEPS = 200  # more is never useful (the official run is 40); a typo like 4000 would run for days
 MAX_GUIDANCE = 20.0  # CFG scales above this only burn the image; 0 .. 20 as the app offers
 MAX_SHIFT = 100.0
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64-1 (a larger int: "Overflow when unpacking")
 RANDOM_SEEDS = 2**31 - 1  # a drawn seed is below this (short enough to type back in)
-OFFICIAL, LIGHTNING = SamplingConfig(), SamplingConfig.lightning()  # the presets' defaults, named in refusals
+PRESETS = {"official": SamplingConfig(), "lightning": SamplingConfig.lightning()}  # --preset; refusals name them
 
 
 def clean_text(text: str) -> str:
@@ -54,7 +53,8 @@ def _is_number(value) -> bool:
 def defaults(name: str) -> str:
     """How a refusal names a sampling setting's default, from the presets themselves:
     defaults("steps") -> "default 40 as official, 4 with the lightning preset"."""
-    return f"default {getattr(OFFICIAL, name):g} as official, {getattr(LIGHTNING, name):g} with the lightning preset"
+    official, lightning = (getattr(PRESETS[p], name) for p in ("official", "lightning"))
+    return f"default {official:g} as official, {lightning:g} with the lightning preset"
 
 
 def validate_sampling(*, steps: int, shift: float, guidance_high: float, guidance_low: float,

@@ -26,11 +26,10 @@ import re  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from .checks import looks_like_hub_id, resolve_seed, validate, validate_sampling  # noqa: E402  (torch-free)
+from .checks import PRESETS, looks_like_hub_id, resolve_seed, validate, validate_sampling  # noqa: E402  (torch-free)
 from .config import VIDEO_DEFAULT, ModelConfig, SamplingConfig, StepCache, size_arg  # noqa: E402
 
 DTYPES = ("bf16", "fp32")  # torch.bfloat16, torch.float32
-PRESETS = {"official": SamplingConfig(), "lightning": SamplingConfig.lightning()}
 SWAP_STALL_MS = 50  # a visible stall at the boundary above this is reported as such
 
 
